@@ -1,0 +1,233 @@
+"""The PCI device model and the one-round-trip inventory of a host.
+
+`read_inventory(host)` runs INVENTORY_SCRIPT on the target once and returns an
+`Inventory`: every PCI device with its IDs, driver, override, IOMMU group, SR-IOV
+state and network interfaces, the IOMMU groups, `/dev/vfio`, and the devices the
+host itself needs (default-route NIC, SSH NIC, disks backing mounted filesystems).
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .errors import AddressError, DeviceNotFound
+
+_ADDR_RE = re.compile(r"^(?:(?P<dom>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[01][0-9a-fA-F])\.(?P<fn>[0-7])$")
+
+
+class PciAddress(str):
+    """A normalised PCI address `dddd:bb:dd.f`. `01:00.1` gets domain 0000."""
+
+    def __new__(cls, text):
+        if isinstance(text, PciAddress):
+            return text
+        m = _ADDR_RE.match(str(text).strip())
+        if not m:
+            raise AddressError(
+                f"{text!r} is not a PCI address",
+                hint="give it as DDDD:BB:DD.F or BB:DD.F, e.g. 0000:01:00.1 (see `vfiotest devices`)")
+        return super().__new__(cls, f"{(m['dom'] or '0000').lower()}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}")
+
+    @classmethod
+    def is_valid(cls, text):
+        return bool(_ADDR_RE.match(str(text).strip()))
+
+
+SYS_PCI = "/sys/bus/pci"
+
+# Runs on the target with python3 (argv[1] = sysroot, "" on a real host). Reads
+# everything in one process so that a host with hundreds of VFs costs one round trip.
+INVENTORY_SCRIPT = r"""
+import json, os, re, socket, subprocess, sys
+R = sys.argv[1] if len(sys.argv) > 1 else ""
+BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+def rd(p):
+    try:
+        with open(p) as f: return f.read().strip()
+    except OSError: return None
+def link(p):
+    try: return os.path.basename(os.readlink(p))
+    except OSError: return None
+def bdfs_in(p):
+    try: real = os.path.realpath(p)
+    except OSError: return []
+    return [c for c in real.split("/") if BDF.match(c)]
+devs = {}
+base = R + "/sys/bus/pci/devices"
+for a in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+    d = base + "/" + a
+    names = os.listdir(d)
+    dev = {"address": a, "vendor": rd(d + "/vendor"), "device": rd(d + "/device"), "class": rd(d + "/class"),
+           "driver": link(d + "/driver"), "driver_override": rd(d + "/driver_override"),
+           "iommu_group": link(d + "/iommu_group"), "physfn": link(d + "/physfn"),
+           "net": sorted(os.listdir(d + "/net")) if "net" in names else [],
+           "virtfns": {n[6:]: link(d + "/" + n) for n in names if n.startswith("virtfn")}}
+    if dev["driver_override"] in ("(null)", ""): dev["driver_override"] = None
+    if "sriov_totalvfs" in names:
+        dev["sriov"] = {"totalvfs": int(rd(d + "/sriov_totalvfs") or 0), "numvfs": int(rd(d + "/sriov_numvfs") or 0),
+                        "drivers_autoprobe": rd(d + "/sriov_drivers_autoprobe") == "1"}
+    devs[a] = dev
+groups = {}
+gbase = R + "/sys/kernel/iommu_groups"
+for g in os.listdir(gbase) if os.path.isdir(gbase) else []:
+    groups[g] = sorted(os.listdir(gbase + "/" + g + "/devices"))
+vfio = {}
+vbase = R + "/dev/vfio"
+for n in os.listdir(vbase) if os.path.isdir(vbase) else []:
+    st = os.stat(vbase + "/" + n)
+    vfio[n] = "char" if (st.st_mode & 0o170000) == 0o020000 else "file"
+drivers = sorted(os.listdir(R + "/sys/bus/pci/drivers")) if os.path.isdir(R + "/sys/bus/pci/drivers") else []
+# What the host itself needs: the default-route NIC, the NIC of this SSH session, mounted disks.
+protected = {}
+def protect(bdfs, why):
+    for b in bdfs: protected.setdefault(b, why)
+for line in (rd(R + "/proc/net/route") or "").splitlines()[1:]:
+    f = line.split()
+    if len(f) > 2 and f[1] == "00000000":
+        protect(bdfs_in(R + "/sys/class/net/" + f[0]), "carries the default route (" + f[0] + ")")
+for line in (rd(R + "/proc/net/ipv6_route") or "").splitlines():
+    f = line.split()
+    if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
+        protect(bdfs_in(R + "/sys/class/net/" + f[9]), "carries the IPv6 default route (" + f[9] + ")")
+ssh = os.environ.get("SSH_CONNECTION", "").split()
+if len(ssh) == 4 and not R:
+    try:
+        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) > 3 and f[3].split("/")[0] == ssh[2]:
+                protect(bdfs_in("/sys/class/net/" + f[1]), "carries this SSH session (" + f[1] + ")")
+    except (OSError, subprocess.SubprocessError):
+        pass
+for line in (rd(R + "/proc/mounts") or "").splitlines():
+    src, mnt = line.split()[:2]
+    if src.startswith("/dev/"):
+        blk = R + "/sys/class/block/" + os.path.basename(os.path.realpath(src) if not R else src)
+        paths = [blk] + [blk + "/slaves/" + s for s in (os.listdir(blk + "/slaves") if os.path.isdir(blk + "/slaves") else [])]
+        for p in paths:
+            protect(bdfs_in(p), "backs the mounted filesystem " + mnt + " (" + src + ")")
+ident = {"hostname": rd(R + "/proc/sys/kernel/hostname") or socket.gethostname(),
+         "machine_id": rd(R + "/etc/machine-id"), "boot_id": rd(R + "/proc/sys/kernel/random/boot_id")}
+print(json.dumps({"devices": devs, "groups": groups, "vfio": vfio, "drivers": drivers,
+                  "protected": protected, "identity": ident}))
+"""
+
+
+@dataclass
+class SriovState:
+    totalvfs: int
+    numvfs: int
+    drivers_autoprobe: bool = True
+
+
+@dataclass
+class PciDevice:
+    address: PciAddress
+    vendor: str
+    device: str
+    pci_class: str
+    driver: Optional[str]
+    driver_override: Optional[str]
+    iommu_group: Optional[str]
+    physfn: Optional[PciAddress] = None
+    virtfns: Dict[int, PciAddress] = field(default_factory=dict)
+    sriov: Optional[SriovState] = None
+    net: List[str] = field(default_factory=list)
+
+    @property
+    def vendor_device(self):
+        """`8086:10ca` (no 0x)."""
+        return f"{self.vendor[2:] if self.vendor.startswith('0x') else self.vendor}:" \
+               f"{self.device[2:] if self.device.startswith('0x') else self.device}"
+
+    @property
+    def is_vf(self):
+        return self.physfn is not None
+
+    @property
+    def is_pf(self):
+        return self.sriov is not None
+
+    @property
+    def is_bridge(self):
+        return (self.pci_class or "").startswith("0x0604")
+
+
+@dataclass
+class Inventory:
+    """A snapshot of a host's PCI state. Compare two with `diff()`."""
+
+    devices: Dict[str, PciDevice]
+    groups: Dict[str, List[str]]
+    vfio: Dict[str, str]
+    drivers: List[str]
+    protected: Dict[str, str]
+    identity: Dict[str, Optional[str]]
+
+    @classmethod
+    def from_json(cls, data):
+        devs = {}
+        for a, d in data["devices"].items():
+            s = d.get("sriov")
+            devs[a] = PciDevice(
+                address=PciAddress(a), vendor=d["vendor"] or "", device=d["device"] or "", pci_class=d["class"] or "",
+                driver=d["driver"], driver_override=d["driver_override"], iommu_group=d["iommu_group"],
+                physfn=PciAddress(d["physfn"]) if d.get("physfn") else None,
+                virtfns={int(k): PciAddress(v) for k, v in d.get("virtfns", {}).items() if v},
+                sriov=SriovState(**s) if s else None, net=d.get("net", []))
+        return cls(devs, data["groups"], data["vfio"], data["drivers"], data["protected"], data["identity"])
+
+    def device(self, address):
+        addr = PciAddress(address)
+        try:
+            return self.devices[addr]
+        except KeyError:
+            raise DeviceNotFound(f"no PCI device {addr} on {self.identity.get('hostname') or 'the target'}",
+                                 hint="list the devices with `vfiotest devices`") from None
+
+    def group_of(self, address):
+        """The addresses in the IOMMU group of `address` (itself included)."""
+        dev = self.device(address)
+        if dev.iommu_group is None:
+            return [dev.address]
+        return [PciAddress(a) for a in self.groups.get(dev.iommu_group, [dev.address])]
+
+    def vfs_of(self, pf):
+        return [self.devices[a] for _, a in sorted(self.device(pf).virtfns.items()) if a in self.devices]
+
+    def state(self):
+        """What the host state guard compares: drivers, overrides, VF counts, groups, /dev/vfio."""
+        return {
+            "devices": {a: {"driver": d.driver, "driver_override": d.driver_override,
+                            "numvfs": d.sriov.numvfs if d.sriov else None,
+                            "drivers_autoprobe": d.sriov.drivers_autoprobe if d.sriov else None,
+                            "iommu_group": d.iommu_group}
+                        for a, d in sorted(self.devices.items())},
+            "vfio": dict(sorted(self.vfio.items())),
+        }
+
+    def diff(self, other):
+        """Readable lines saying how `other` differs from this snapshot; [] when equal."""
+        a, b = self.state(), other.state()
+        lines = []
+        for addr in sorted(set(a["devices"]) | set(b["devices"])):
+            x, y = a["devices"].get(addr), b["devices"].get(addr)
+            if x is None:
+                lines.append(f"{addr}: appeared ({y['driver'] or 'no driver'})")
+            elif y is None:
+                lines.append(f"{addr}: disappeared (was on {x['driver'] or 'no driver'})")
+            else:
+                for k in x:
+                    if x[k] != y[k]:
+                        lines.append(f"{addr}: {k} was {x[k]!r}, now {y[k]!r}")
+        for g in sorted(set(a["vfio"]) | set(b["vfio"])):
+            if a["vfio"].get(g) != b["vfio"].get(g):
+                lines.append(f"/dev/vfio/{g}: was {a['vfio'].get(g) or 'absent'}, now {b['vfio'].get(g) or 'absent'}")
+        return lines
+
+
+def read_inventory(host, timeout=30):
+    """The whole PCI state of `host`, in one round trip."""
+    res = host.python(INVENTORY_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="PCI inventory")
+    return Inventory.from_json(json.loads(res.stdout))
