@@ -1,0 +1,52 @@
+"""Turning a --target value into a Host: `virtual`, `local`, or `ssh://user@host[:port]`."""
+
+import os
+
+from .errors import TargetError
+from .host import LocalHost
+
+TARGET_ENV = "VFIOTEST_TARGET"
+PROFILE_ENV = "VFIOTEST_PROFILE"
+
+
+def target_spec(value=None):
+    """The target asked for: the value given, else $VFIOTEST_TARGET, else `virtual`."""
+    spec = (value or os.environ.get(TARGET_ENV) or "virtual").strip()
+    if spec in ("virtual", "local") or spec.startswith("ssh://"):
+        return spec
+    raise TargetError(f"unknown target {spec!r}",
+                      hint="use --target virtual, --target local, or --target ssh://user@host[:port]")
+
+
+def default_profile(spec, value=None):
+    return value or os.environ.get(PROFILE_ENV) or ("emulated" if spec == "virtual" else "seed")
+
+
+def open_host(spec, progress=None):
+    """A connected Host for `spec`, and a `close()` that undoes what opening did
+    (for `virtual`: stops the runner if this call booted it)."""
+    spec = target_spec(spec)
+    if spec == "local":
+        host = LocalHost()
+        return host, host.close
+    if spec.startswith("ssh://"):
+        from .sshhost import SshHost
+
+        host = SshHost.from_target(spec)
+        host.connect()
+        return host, host.close
+    from .runner import Runner  # the emulated runner
+
+    runner = Runner.default()
+    booted = False
+    if not runner.is_up():
+        runner.up(progress=progress)
+        booted = True
+    host = runner.host()
+
+    def close():
+        host.close()
+        if booted:
+            runner.down()
+
+    return host, close
