@@ -1,0 +1,141 @@
+"""Host prerequisites for VFIO passthrough: gathered in one round trip, judged per profile.
+
+`gather(host)` returns the raw facts; `check_all(facts, inventory, profile)` turns them
+into `Check`s, each with a status (ok / missing / info), what was seen, and the fix.
+The `host_prereqs` suite asserts them; `vfiotest doctor` prints them.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+OK, MISSING, INFO = "ok", "missing", "info"
+
+FACTS_SCRIPT = r"""
+import json, os, resource, shutil, subprocess, sys
+def rd(p):
+    try:
+        with open(p) as f: return f.read().strip()
+    except OSError: return None
+def ver(cmd):
+    if not shutil.which(cmd[0]): return None
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr).strip() else ""
+    except (OSError, subprocess.SubprocessError) as e:
+        return "error: %s" % e
+def modstate(name):
+    if os.path.isdir("/sys/module/" + name): return "loaded"
+    if not shutil.which("modinfo"): return "unknown"
+    p = subprocess.run(["modinfo", "-n", name], capture_output=True, text=True, timeout=10)
+    return "available" if p.returncode == 0 else "absent"
+cg = "unknown"
+mounts = rd("/proc/mounts") or ""
+types = {l.split()[1]: l.split()[2] for l in mounts.splitlines() if len(l.split()) > 2}
+if types.get("/sys/fs/cgroup") == "cgroup2": cg = "unified"
+elif "/sys/fs/cgroup/unified" in types: cg = "hybrid"
+elif any(m.startswith("/sys/fs/cgroup/") and t == "cgroup" for m, t in types.items()): cg = "legacy"
+soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+interrupts = rd("/proc/interrupts") or ""
+print(json.dumps({
+  "cmdline": rd("/proc/cmdline") or "",
+  "kernel": os.uname().release,
+  "iommu_groups": len(os.listdir("/sys/kernel/iommu_groups")) if os.path.isdir("/sys/kernel/iommu_groups") else 0,
+  "iommu_units": sorted(os.listdir("/sys/class/iommu")) if os.path.isdir("/sys/class/iommu") else [],
+  "irq_remapping": "IR-" in interrupts,
+  "unsafe_interrupts": rd("/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts"),
+  "cgroup_mode": cg,
+  "selinux": (None if rd("/sys/fs/selinux/enforce") is None else ("enforcing" if rd("/sys/fs/selinux/enforce") == "1" else "permissive")),
+  "modules": {m: modstate(m) for m in ("vfio", "vfio_iommu_type1", "vfio_pci")},
+  "memlock": [soft, hard],
+  "uid": os.getuid(),
+  "podman": ver(["podman", "--version"]),
+  "runc": ver(["runc", "--version"]),
+  "kata_runtime": ver(["kata-runtime", "--version"]),
+  "os_release": dict(l.split("=", 1) for l in (rd("/etc/os-release") or "").splitlines() if "=" in l),
+}))
+"""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    seen: str
+    fix: str = ""
+    #: kernel arguments that would fix it (for --allow-reboot)
+    kernel_args: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self):
+        return self.status != MISSING
+
+    def line(self):
+        fix = f"  -> {self.fix}" if self.status == MISSING and self.fix else ""
+        return f"[{self.status:^7}] {self.name}: {self.seen}{fix}"
+
+
+def gather(host, timeout=60):
+    """Facts about the target's kernel, modules, limits and tools (one round trip)."""
+    return host.python(FACTS_SCRIPT, timeout=timeout, check=True, what="prerequisite facts").json()
+
+
+def iommu_kernel_arg(facts):
+    vendor = "amd" if any(u.startswith("ivhd") for u in facts["iommu_units"]) else "intel"
+    return "amd_iommu=on" if vendor == "amd" else "intel_iommu=on"
+
+
+def check_all(facts, inventory, profile):
+    """Every prerequisite as a Check, in the order a user would fix them."""
+    checks = []
+    cmd = facts["cmdline"].split()
+    iommu_on = facts["iommu_groups"] > 0 and bool(facts["iommu_units"])
+    arg = iommu_kernel_arg(facts)
+    checks.append(Check(
+        "IOMMU enabled", OK if iommu_on else MISSING,
+        f"{facts['iommu_groups']} IOMMU groups, units {facts['iommu_units'] or 'none'}, "
+        f"cmdline {'has' if any(a.startswith(('intel_iommu=', 'amd_iommu=', 'iommu=')) for a in cmd) else 'lacks'} an iommu argument",
+        fix=f"boot with {arg} (and enable VT-d/AMD-Vi in firmware); --allow-reboot applies it on a bare-metal runner",
+        kernel_args=[] if iommu_on else [arg]))
+    unsafe = facts["unsafe_interrupts"] in ("Y", "1")
+    checks.append(Check(
+        "interrupt remapping", OK if facts["irq_remapping"] or unsafe else MISSING,
+        "active (IR- vectors in /proc/interrupts)" if facts["irq_remapping"]
+        else ("off, but vfio_iommu_type1 allow_unsafe_interrupts=1 is set" if unsafe else "off"),
+        fix="enable interrupt remapping in firmware, or (less safe) "
+            "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf"))
+    want = profile.cgroup_mode
+    cg_ok = want in (None, "any") or facts["cgroup_mode"] == want or (want == "legacy" and facts["cgroup_mode"] == "hybrid")
+    checks.append(Check(
+        "cgroup mode", OK if cg_ok else MISSING,
+        f"{facts['cgroup_mode']} (profile {profile.name} wants {want or 'any'})",
+        fix="boot with systemd.unified_cgroup_hierarchy=0" if want in ("legacy", "hybrid") else "boot with systemd.unified_cgroup_hierarchy=1",
+        kernel_args=[] if cg_ok else (["systemd.unified_cgroup_hierarchy=0"] if want in ("legacy", "hybrid") else ["systemd.unified_cgroup_hierarchy=1"])))
+    se = facts["selinux"]
+    checks.append(Check("SELinux permissive or absent", MISSING if se == "enforcing" else OK,
+                        se or "absent", fix="setenforce 0 (and SELINUX=permissive in /etc/selinux/config)"))
+    mods = facts["modules"]
+    bad = [m for m, s in mods.items() if s == "absent"]
+    checks.append(Check("VFIO modules available", MISSING if bad else OK,
+                        ", ".join(f"{m} {s}" for m, s in mods.items()),
+                        fix=f"install a kernel with {', '.join(bad)} (CONFIG_VFIO_PCI)"))
+    soft, hard = facts["memlock"]
+    unlimited = soft < 0 or soft >= 2 ** 62
+    checks.append(Check(
+        "memlock and CAP_IPC_LOCK", INFO,
+        f"RLIMIT_MEMLOCK {'unlimited' if unlimited else f'{soft // 1024} KiB'} for uid {facts['uid']}; "
+        "containers need --cap-add CAP_IPC_LOCK (or a memlock ulimit as large as their DMA mappings) to map DMA through VFIO"))
+    checks.append(Check("podman present", OK if facts["podman"] else MISSING, facts["podman"] or "not installed",
+                        fix="apt-get install podman runc (or dnf install podman)"))
+    kata = facts["kata_runtime"]
+    checks.append(Check("Kata runtime present", INFO if not kata else OK, kata or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
+    pfs = [d for d in inventory.devices.values() if d.is_pf and d.vendor_device in profile.allowed_ids]
+    checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,
+                        ", ".join(f"{d.address} ({d.vendor_device}, {d.driver or 'no driver'}, {d.sriov.totalvfs} VFs max)" for d in pfs)
+                        or f"none of {sorted(profile.allowed_ids)}",
+                        fix=f"use a runner with one of the profile {profile.name}'s devices, or --profile"))
+    return checks
+
+
+def missing_kernel_args(checks):
+    return [a for c in checks if c.status == MISSING for a in c.kernel_args]
