@@ -1,0 +1,134 @@
+"""What runs inside the runner VM before sshd: the initramfs `/init` and the second stage.
+
+`/init` (busybox, in the initramfs) loads the few modules needed to reach the root,
+mounts the controller's root (9p, read-only) under a tmpfs overlay, adds the
+writable mounts, the kernel's modules from the asset cache, the SSH keys and
+config, sets up the network, and switches root to busybox `init`, which runs
+STAGE2 once and keeps sshd running (and reaps orphans, as PID 1 must).
+
+Values come from the kernel command line (`vfiotest.*=`), so the initramfs does
+not depend on the runner's state directory and can be cached by content.
+"""
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+say() { echo "vfiotest-init: $*"; }
+die() { echo "vfiotest-init: FAILED: $*"; echo "vfiotest-init: powering off"; sleep 1; poweroff -f; }
+
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        vfiotest.state=*) STATE="${a#*=}" ;;
+        vfiotest.modules=*) KMODS="${a#*=}" ;;
+        vfiotest.tag=*) TAG="${a#*=}" ;;
+        vfiotest.overlay=*) OVSIZE="${a#*=}" ;;
+    esac
+done
+KVER=$(uname -r)
+[ -n "$STATE" ] && [ -n "$KMODS" ] && [ -n "$TAG" ] || die "vfiotest.state, vfiotest.modules, vfiotest.tag missing from the kernel command line"
+
+for k in $(cat /etc/vfiotest-modules); do insmod "$k" || die "insmod $k"; done
+say "modules loaded"
+
+mkdir -p /lower /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=mmap "$TAG" /lower || die "mount 9p root $TAG"
+mount -t tmpfs -o mode=0755,size="${OVSIZE:-1g}" rootrw /rw || die "tmpfs for the overlay"
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot || die "overlay root"
+R=/newroot
+[ -x $R/usr/sbin/sshd ] || die "no /usr/sbin/sshd in the controller's root: install openssh-server"
+
+mount -t tmpfs -o mode=0755,nosuid,nodev run $R/run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp
+for d in /var/lib/containers /var/lib/vfiotest /var/log/vfiotest; do
+    mkdir -p $R$d && mount -t tmpfs -o mode=0755 vfiotest-rw $R$d || die "tmpfs on $d"
+done
+mkdir -p $R/usr/lib/modules/$KVER
+mount --bind $R$KMODS $R/usr/lib/modules/$KVER || die "bind the kernel modules from $KMODS"
+
+# The controller's ~/.bashrc may be slow (pyenv init): every SSH command would pay for it.
+: > $R/root/.bashrc
+echo vfiotest-runner > $R/etc/hostname
+hostname vfiotest-runner
+
+mkdir -p -m 0755 $R/run/sshd $R/run/vfiotest
+mkdir -p -m 0700 $R/run/vfiotest/ssh
+cp /lower$STATE/ssh/host_ed25519_key $R/run/vfiotest/ssh/host_ed25519_key || die "copy the host key from $STATE/ssh"
+cp /lower$STATE/ssh/client_ed25519_key.pub $R/run/vfiotest/ssh/authorized_keys || die "copy the client key from $STATE/ssh"
+chmod 0600 $R/run/vfiotest/ssh/*
+cp /etc/vfiotest-sshd_config $R/run/vfiotest/sshd_config
+cp /etc/vfiotest-stage2 $R/run/vfiotest/stage2
+cp /bin/busybox $R/run/vfiotest/busybox
+chmod 0755 $R/run/vfiotest/stage2
+cat > $R/etc/inittab <<'EOF'
+::sysinit:/run/vfiotest/busybox sh /run/vfiotest/stage2
+::respawn:/usr/sbin/sshd -D -e -f /run/vfiotest/sshd_config
+EOF
+
+ip link set lo up
+ip link set eth0 up || die "no eth0 (virtio-net)"
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+
+mount --move /dev $R/dev
+mount --move /proc $R/proc
+mount --move /sys $R/sys
+say "switching root"
+exec switch_root $R /run/vfiotest/busybox init
+"""
+
+STAGE2 = r"""
+B=/run/vfiotest/busybox
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+exec </dev/console >/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm /dev/mqueue
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+mount -t mqueue mqueue /dev/mqueue
+# cgroup v1 (hybrid), the layout `systemd.unified_cgroup_hierarchy=0` gives
+mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
+for c in $($B awk '!/^#/ && $4 == 1 {print $1}' /proc/cgroups); do
+    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
+mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+# Drivers: no udev here, so load what the suites use; VFs probe against loaded drivers.
+for m in vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay bridge veth br_netfilter tun \
+         nf_tables nft_compat nft_chain_nat xt_MASQUERADE xt_conntrack xt_addrtype iptable_nat iptable_filter; do
+    modprobe -q $m || echo "vfiotest-stage2: modprobe $m failed"
+done
+case $($B grep -m1 vendor_id /proc/cpuinfo) in
+    *AuthenticAMD*) modprobe kvm_amd nested=1 || echo "vfiotest-stage2: kvm_amd failed" ;;
+    *) modprobe kvm_intel nested=1 || echo "vfiotest-stage2: kvm_intel failed" ;;
+esac
+echo "vfiotest-stage2: ready"
+"""
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 0.0.0.0
+HostKey /run/vfiotest/ssh/host_ed25519_key
+AuthorizedKeysFile /run/vfiotest/ssh/authorized_keys
+PidFile /run/sshd.pid
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+UseDNS no
+StrictModes yes
+MaxSessions 64
+MaxStartups 32:50:100
+SetEnv PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+# Modules the initramfs loads before the root is mounted (dependencies are added).
+INITRAMFS_MODULES = ["virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay", "virtio_rng"]

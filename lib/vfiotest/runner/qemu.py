@@ -1,0 +1,79 @@
+"""The QEMU side of the runner: what this QEMU can do, and the command line."""
+
+import functools
+import re
+import shutil
+import subprocess
+
+from ..errors import ProvisionError
+
+QEMU_ENV = "VFIOTEST_QEMU"
+IGB_MIN_VERSION = (8, 0)
+ROOT_TAG = "vfiotest-root"
+
+# PCI IDs of the emulated PFs, as the guest sees them
+PF_IDS = {"igb": ("8086", "10c9"), "nvme": ("1b36", "0010")}
+
+
+def find_qemu(explicit=None):
+    import os
+
+    path = explicit or os.environ.get(QEMU_ENV) or shutil.which("qemu-system-x86_64")
+    if not path:
+        raise ProvisionError("qemu-system-x86_64 is not installed: the virtual runner cannot boot",
+                             hint="apt-get install qemu-system-x86 (from bookworm-backports for igb; ci/setup does it), "
+                                  "or use --target local / ssh://...")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_version(path):
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if not m:
+        raise ProvisionError(f"cannot read the version of {path}: {out.strip()[:200]!r}",
+                             hint="check the QEMU installation")
+    return int(m.group(1)), int(m.group(2))
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_devices(path):
+    out = subprocess.run([path, "-nodefaults", "-machine", "none", "-device", "help"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return set(re.findall(r'^name "([^"]+)"', out, re.M))
+
+
+def has_igb(path):
+    """igb SR-IOV needs QEMU 8.0 or later (Debian 12: bookworm-backports)."""
+    return qemu_version(path) >= IGB_MIN_VERSION and "igb" in qemu_devices(path)
+
+
+def command(qemu, *, kernel, initrd, append, port, console_log, pidfile, nvme_image,
+            memory_mb=3072, cpus=2, igb=True, name="vfiotest-runner"):
+    """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates."""
+    argv = [
+        qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-smp", str(cpus), "-m", str(memory_mb),
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-kernel", kernel, "-initrd", initrd, "-append", append,
+        "-serial", f"file:{console_log}", "-no-reboot",
+        "-pidfile", pidfile, "-daemonize",
+        # management: user networking, SSH forwarded from localhost only
+        "-netdev", f"user,id=mgmt,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device", "virtio-net-pci,netdev=mgmt,addr=0x3",
+        "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-rng-pci,addr=0x5",
+        # SR-IOV PFs, each behind its own root port (its own IOMMU group)
+        "-device", "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10",
+        "-device", "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0,addr=0x11",
+        "-device", "nvme-subsys,id=nvmesubsys0,nqn=vfiotest-runner",
+        "-device", "nvme,id=nvme0,serial=vfiotest0,subsys=nvmesubsys0,bus=rp2,"
+                   "sriov_max_vfs=4,sriov_vq_flexible=8,sriov_vi_flexible=4",
+        "-drive", f"file={nvme_image},if=none,id=nvm0,format=raw,cache=unsafe",
+        "-device", "nvme-ns,drive=nvm0,bus=nvme0,nsid=1",
+    ]
+    if igb:
+        argv += ["-netdev", "user,id=igbnet,restrict=on",
+                 "-device", "igb,netdev=igbnet,bus=rp1"]
+    return argv

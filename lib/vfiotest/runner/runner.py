@@ -1,0 +1,458 @@
+"""The emulated SR-IOV runner: one QEMU VM per state directory, reached over SSH.
+
+Lifecycle: `up()` boots (or reuses) the VM, `host()` gives an SshHost pinned to
+its key, `release()` lets go (stopping it when this process was its last user
+and nobody asked to keep it), `down()` stops it unconditionally.
+
+A runner is *kept* when `runner up` started it (persistent) or while any process
+that booted or used it is alive. A runner whose users are all gone (a killed
+session) is *orphaned*: `is_up()` says False, and the next `up()` or `down()`
+stops it. QEMU's own PID is in the pidfile QEMU writes itself; every QEMU whose
+command line names that pidfile belongs to this runner.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import filelock
+
+from ..errors import ProvisionError, TargetError
+from ..sshhost import SshHost, wait_for_ssh_banner
+from . import assets, qemu
+
+STATE_ENV = "VFIOTEST_STATE_DIR"
+DEFAULT_STATE_DIR = "/var/lib/vfiotest"
+BOOT_TIMEOUT_ENV = "VFIOTEST_RUNNER_BOOT_TIMEOUT"
+DEFAULT_BOOT_TIMEOUT = 240.0
+CONSOLE_TAIL = 40
+NVME_IMAGE_BYTES = 64 << 20
+
+
+def _proc_start(pid):
+    """Start time of `pid` in clock ticks (tells a live process from a reused PID), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(ident):
+    pid, start = ident
+    return _proc_start(pid) == start
+
+
+def _me():
+    return (os.getpid(), _proc_start(os.getpid()))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    """The runner VM that lives in `state_dir`."""
+
+    def __init__(self, state_dir, *, memory_mb=3072, cpus=2, boot_timeout=None, qemu_path=None):
+        self.state_dir = state_dir
+        self.memory_mb, self.cpus = memory_mb, cpus
+        self.boot_timeout = float(boot_timeout or os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
+        self._qemu_path = qemu_path
+        self.ssh_dir = os.path.join(state_dir, "ssh")
+        self.pidfile = os.path.join(state_dir, "qemu.pid")
+        self.state_file = os.path.join(state_dir, "state.json")
+        self.console_log = os.path.join(state_dir, "console.log")
+        self.known_hosts = os.path.join(state_dir, "known_hosts")
+        self.users_dir = os.path.join(state_dir, "users")
+        self.nvme_image = os.path.join(state_dir, "nvme0.img")
+
+    @classmethod
+    def default(cls, **kw):
+        base = os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
+        return cls(os.path.join(base, "runner"), **kw)
+
+    def __repr__(self):
+        return f"<Runner {self.state_dir}>"
+
+    # -- facts -------------------------------------------------------------------
+    @property
+    def qemu(self):
+        return qemu.find_qemu(self._qemu_path)
+
+    @property
+    def qemu_has_igb(self):
+        """Whether this QEMU can emulate the igb PF (8.0 or later)."""
+        try:
+            return qemu.has_igb(self.qemu)
+        except ProvisionError:
+            return False
+
+    def _lock(self, timeout=None):
+        os.makedirs(self.state_dir, exist_ok=True)
+        return filelock.FileLock(os.path.join(self.state_dir, "runner.lock"),
+                                 timeout=timeout if timeout is not None else self.boot_timeout + 900)
+
+    def _read_state(self):
+        try:
+            with open(self.state_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, st):
+        tmp = self.state_file + f".tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(st, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.state_file)
+
+    def qemu_pids(self):
+        """PIDs of the QEMU processes of this runner (normally one): found by their pidfile argument."""
+        pids = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                exe = os.path.basename(os.readlink(f"/proc/{name}/exe"))
+                if not exe.startswith("qemu-system"):
+                    continue
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if self.pidfile.encode() in args:
+                pids.append(int(name))
+        return sorted(pids)
+
+    def _users(self):
+        """Live users (pid, start), pruning dead ones."""
+        live = []
+        try:
+            names = os.listdir(self.users_dir)
+        except FileNotFoundError:
+            return live
+        for n in names:
+            try:
+                pid, start = map(int, n.split("-"))
+            except ValueError:
+                continue
+            if _alive((pid, start)):
+                live.append((pid, start))
+            else:
+                try:
+                    os.remove(os.path.join(self.users_dir, n))
+                except OSError:
+                    pass
+        return sorted(live)
+
+    def _add_user(self, ident=None):
+        pid, start = ident or _me()
+        os.makedirs(self.users_dir, exist_ok=True)
+        open(os.path.join(self.users_dir, f"{pid}-{start}"), "w").close()
+
+    def _drop_user(self, ident=None):
+        pid, start = ident or _me()
+        try:
+            os.remove(os.path.join(self.users_dir, f"{pid}-{start}"))
+        except FileNotFoundError:
+            pass
+
+    def _orphaned(self, st):
+        return not st.get("persistent") and not self._users()
+
+    def is_up(self):
+        """True when this runner's QEMU runs, is kept by someone, and answers on SSH."""
+        if not self.qemu_pids():
+            return False
+        st = self._read_state()
+        if not st.get("port") or self._orphaned(st):
+            return False
+        return wait_for_ssh_banner("127.0.0.1", st["port"], timeout=3)
+
+    @property
+    def port(self):
+        return self._read_state().get("port")
+
+    def pfs(self):
+        """kind -> PCI address of the SR-IOV PFs in the VM, e.g. {"igb": "0000:01:00.0", "nvme": "0000:02:00.0"}."""
+        return dict(self._read_state().get("pfs") or {})
+
+    def status(self):
+        st = self._read_state()
+        pids = self.qemu_pids()
+        up = bool(pids) and bool(st.get("port"))
+        info = {
+            "state_dir": self.state_dir,
+            "running": bool(pids),
+            "pid": pids[0] if pids else None,
+            "ssh_port": st.get("port") if up else None,
+            "uptime_s": round(time.time() - st["started"], 1) if up and st.get("started") else None,
+            "console_log": self.console_log,
+            "pfs": st.get("pfs") if up else None,
+            "igb": st.get("igb") if up else self.qemu_has_igb,
+            "persistent": bool(st.get("persistent")) if up else False,
+            "users": [p for p, _ in self._users()] if up else [],
+            "kernel": st.get("kernel") if up else None,
+            "ssh_ready": False,
+        }
+        if up:
+            info["orphaned"] = self._orphaned(st)
+            info["ssh_ready"] = wait_for_ssh_banner("127.0.0.1", st["port"], timeout=2)
+            info["rss_bytes"] = qemu_rss(pids[0])
+        return info
+
+    # -- the SSH side -----------------------------------------------------------------
+    def host(self, register=True):
+        """An SshHost for the VM, its host key pinned in this runner's known_hosts.
+        Registers this process as a user of the runner (see `release`)."""
+        st = self._read_state()
+        if not st.get("port") or not self.qemu_pids():
+            raise TargetError(f"the runner in {self.state_dir} is not running",
+                              hint="start it: `vfiotest runner up` (or let the test session boot it)")
+        if register:
+            self._add_user()
+        return SshHost("127.0.0.1", st["port"], "root",
+                       key_filename=os.path.join(self.ssh_dir, "client_ed25519_key"),
+                       known_hosts=self.known_hosts, name="runner")
+
+    def ssh_argv(self, command=()):
+        """argv for the system ssh client into the VM (for `vfiotest runner ssh`)."""
+        st = self._read_state()
+        if not st.get("port") or not self.qemu_pids():
+            raise TargetError("the runner is not running", hint="start it: `vfiotest runner up`")
+        return ["ssh", "-p", str(st["port"]), "-i", os.path.join(self.ssh_dir, "client_ed25519_key"),
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                "root@127.0.0.1", *command]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def up(self, progress=None, persistent=False):
+        """Boot the runner, or reuse a running one that someone keeps. Returns self.
+
+        `persistent` (the CLI's `runner up`) keeps it up until `down()`.
+        Safe to call from several processes at once (a file lock serialises them).
+        """
+        say = progress or (lambda text: None)
+        with self._lock():
+            st = self._read_state()
+            pids = self.qemu_pids()
+            if pids:
+                if st.get("port") and not self._orphaned(st) and wait_for_ssh_banner("127.0.0.1", st["port"], timeout=5):
+                    if persistent and not st.get("persistent"):
+                        st["persistent"] = True
+                        self._write_state(st)
+                    self._add_user()
+                    say(f"runner: reusing the runner already up (pid {pids[0]}, ssh port {st['port']})")
+                    return self
+                why = "whose users are all gone" if self._orphaned(st) else "that does not answer on SSH"
+                say(f"runner: stopping a runner {why} (QEMU pid {', '.join(map(str, pids))})")
+                self._stop(pids)
+            self._boot(say, persistent)
+            return self
+
+    def release(self):
+        """This process no longer uses the runner: stop it if nobody else does and it is not persistent."""
+        with self._lock():
+            self._drop_user()
+            st = self._read_state()
+            if st and self._orphaned(st):
+                self._stop(self.qemu_pids())
+
+    def down(self, progress=None):
+        """Stop the runner (and any QEMU of this state directory); nothing of it is left running."""
+        say = progress or (lambda text: None)
+        with self._lock():
+            pids = self.qemu_pids()
+            if pids:
+                say(f"runner: stopping QEMU pid {', '.join(map(str, pids))}")
+            self._stop(pids)
+            return bool(pids)
+
+    def _stop(self, pids):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_proc_start(p) is not None and _is_running(p) for p in pids):
+            time.sleep(0.05)
+        for pid in pids:
+            if _proc_start(pid) is not None and _is_running(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_is_running(p) for p in pids):
+            time.sleep(0.05)
+        left = [p for p in pids if _is_running(p)]
+        if left:
+            raise ProvisionError(f"QEMU pid {left} of the runner did not stop after SIGKILL",
+                                 hint="look at it with `ps -o pid,stat,cmd -p PID`; it may be stuck in the kernel")
+        for path in (self.pidfile, self.state_file):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        for n in os.listdir(self.users_dir) if os.path.isdir(self.users_dir) else ():
+            try:
+                os.remove(os.path.join(self.users_dir, n))
+            except OSError:
+                pass
+
+    def console_tail(self, n=CONSOLE_TAIL):
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 256 * 1024))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except FileNotFoundError:
+            return []
+        return lines[-n:]
+
+    def _boot(self, say, persistent):
+        os.makedirs(self.state_dir, exist_ok=True)
+        qemu_path = self.qemu
+        keys = assets.ensure_keys(self.ssh_dir)
+        kernel = assets.ensure_kernel(progress=say)
+        initrd = assets.ensure_initramfs(kernel, progress=say)
+        igb = qemu.has_igb(qemu_path)
+        if not igb:
+            v = ".".join(map(str, qemu.qemu_version(qemu_path)))
+            say(f"runner: QEMU {v} has no igb device (needs 8.0 or later, bookworm-backports): "
+                f"booting with the NVMe SR-IOV PF only")
+        if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
+            with open(self.nvme_image, "wb") as f:
+                f.truncate(NVME_IMAGE_BYTES)
+        append = " ".join([
+            "console=ttyS0", "intel_iommu=on", "systemd.unified_cgroup_hierarchy=0",
+            "panic=-1", "loglevel=4", "random.trust_cpu=on",
+            f"vfiotest.tag={qemu.ROOT_TAG}", f"vfiotest.state={self.state_dir}",
+            f"vfiotest.modules={kernel.modules}",
+        ])
+        host_pub = assets.public_key(keys["host"])
+        last_err = ""
+        for attempt in range(8):
+            port = free_port()
+            with open(self.known_hosts, "w") as f:
+                f.write(f"[127.0.0.1]:{port} {host_pub}\n")
+            open(self.console_log, "w").close()
+            argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
+                                console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
+                                memory_mb=self.memory_mb, cpus=self.cpus, igb=igb)
+            say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
+            try:
+                p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+            except subprocess.TimeoutExpired:
+                self._stop(self.qemu_pids())
+                raise ProvisionError("QEMU did not finish starting in 120 s",
+                                     hint="the machine may be overloaded; retry, or look at `ps` for QEMUs") from None
+            if p.returncode == 0:
+                break
+            last_err = p.stderr.strip()
+            if "host forwarding" in last_err or "Address already in use" in last_err:
+                say(f"runner: port {port} is taken, trying another")
+                continue
+            raise ProvisionError(f"QEMU refused to start the runner (exit {p.returncode}): {last_err[-600:]}",
+                                 hint="run `vfiotest runner up` to see it again; the QEMU command is in "
+                                      f"{self.state_dir}/qemu.argv")
+        else:
+            raise ProvisionError(f"no free port for the runner's SSH after 8 tries: {last_err[-300:]}",
+                                 hint="free some ports on 127.0.0.1, then retry")
+        with open(os.path.join(self.state_dir, "qemu.argv"), "w") as f:
+            f.write(" ".join(argv) + "\n")
+        pids = self.qemu_pids()
+        me = _me()
+        st = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
+              "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me)}
+        self._write_state(st)
+        self._add_user(me)
+        try:
+            self._wait_ready(port, say)
+            st["pfs"] = self._read_pfs()
+        except BaseException:
+            self._stop(self.qemu_pids())
+            raise
+        self._write_state(st)
+        if not igb:
+            say("runner: up with the NVMe PF only (no igb in this QEMU)")
+        say(f"runner: up in {time.time() - st['started']:.1f} s, PFs {st['pfs']}")
+
+    def _wait_ready(self, port, say):
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
+        next_note = t0 + 10
+        while True:
+            if not self.qemu_pids():
+                raise ProvisionError("the runner's QEMU exited during boot; last console lines:\n  "
+                                     + "\n  ".join(self.console_tail()),
+                                     hint=f"read {self.console_log}; `vfiotest runner up` retries")
+            if wait_for_ssh_banner("127.0.0.1", port, timeout=1):
+                h = self.host(register=False)
+                try:
+                    h.run(["true"], timeout=30, check=True)
+                    return
+                except TargetError:
+                    if time.monotonic() > deadline:
+                        raise
+                finally:
+                    h.close()
+            now = time.monotonic()
+            if now > deadline:
+                raise ProvisionError(
+                    f"the runner did not answer on SSH within {self.boot_timeout:.0f} s; last console lines:\n  "
+                    + "\n  ".join(self.console_tail()),
+                    hint=f"read {self.console_log}; raise {BOOT_TIMEOUT_ENV} if the machine is busy")
+            if now >= next_note:
+                last = (self.console_tail(1) or [""])[0][:100]
+                say(f"runner: waiting for SSH ({now - t0:.0f} s) console: {last}")
+                next_note = now + 10
+
+    def _read_pfs(self):
+        """The SR-IOV PFs the VM sees, by kind (one SSH round trip)."""
+        script = ("import os,json\nb='/sys/bus/pci/devices'\nout={}\n"
+                  "for a in sorted(os.listdir(b)):\n"
+                  "    d=os.path.join(b,a)\n"
+                  "    if not os.path.exists(d+'/sriov_totalvfs'): continue\n"
+                  "    v=open(d+'/vendor').read().strip()[2:]; i=open(d+'/device').read().strip()[2:]\n"
+                  "    out[a]=v+':'+i\n"
+                  "print(json.dumps(out))")
+        h = self.host(register=False)
+        try:
+            found = h.python(script, timeout=60, check=True, what="listing the runner's SR-IOV PFs").json()
+        finally:
+            h.close()
+        pfs = {}
+        for kind, (vendor, device) in qemu.PF_IDS.items():
+            for addr, vd in found.items():
+                if vd == f"{vendor}:{device}":
+                    pfs[kind] = addr
+                    break
+        return pfs
+
+
+def _is_running(pid):
+    """True unless `pid` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def qemu_rss(pid):
+    """Resident memory of QEMU in bytes (VmRSS), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
