@@ -1,0 +1,250 @@
+"""A podman-py client bound to one OCI runtime, that cleans up every container it made.
+
+`RuntimeClient.open(host, runtime)` starts the API service for that runtime on the
+target (vfiotest.podman.service), connects podman-py to it and checks `ping`.
+`run()` creates, starts, waits for (with a timeout), collects the logs and the
+inspect data of a container, then removes it; `start()` leaves it running.
+Every container gets the label `vfiotest.owner=<token>`, so `cleanup()` finds
+even the ones whose creation failed half-way.
+"""
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ..errors import HarnessError, ProvisionError, TargetError
+from .service import PodmanService, wait_for_ping
+
+log = logging.getLogger(__name__)
+
+OWNER_LABEL = "vfiotest.owner"
+VFIO_ANNOTATION = "io.katacontainers.x.vfio"
+VFIO_CONTAINER_DEV = "/dev/vfio/vfio"
+# podman-py's run() returns None with the k8s-file driver (facts.md §4); json-file works.
+LOG_CONFIG = {"Type": "json-file", "Config": {}}
+
+
+class ContainerError(HarnessError):
+    """A container could not be created, started or waited for."""
+
+
+@dataclass
+class RunResult:
+    """What a finished container left: exit code, logs, the runtime it ran on."""
+
+    id: str
+    name: str
+    exit_code: Optional[int]
+    stdout: str
+    stderr: str
+    oci_runtime: str
+    state: Dict = field(default_factory=dict)
+    inspect: Dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self):
+        return self.exit_code == 0
+
+    def json(self):
+        """The last JSON line the container printed on stdout (the probe's report)."""
+        for line in reversed(self.stdout.strip().splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+        raise ValueError(f"container {self.name} printed no JSON on stdout: {self.stdout[-300:]!r} / {self.stderr[-300:]!r}")
+
+    def __str__(self):
+        return (f"container {self.name} ({self.oci_runtime}) exit {self.exit_code}\n--- stdout\n{self.stdout}"
+                f"--- stderr\n{self.stderr}")
+
+
+# With any ulimit given over the API podman drops containers.conf's default_ulimits, and
+# its built-in nofile default exceeds the hard limit here (setrlimit EPERM): always send these.
+BASE_ULIMITS = {"nofile": (20000, 20000), "nproc": (32768, 32768)}
+
+
+def ulimit_list(ulimits):
+    """{'memlock': (soft, hard) or n} -> podman-py's [{'Name': 'memlock', 'Soft': s, 'Hard': h}]."""
+    out = []
+    merged = dict(BASE_ULIMITS)
+    merged.update({k.lower().replace("rlimit_", ""): v for k, v in (ulimits or {}).items()})
+    for name, v in merged.items():
+        soft, hard = (v, v) if isinstance(v, int) else v
+        key = name.lower()  # podman adds the RLIMIT_ prefix itself
+        out.append({"Name": key[len("rlimit_"):] if key.startswith("rlimit_") else key, "Soft": int(soft), "Hard": int(hard)})
+    return out
+
+
+def vfio_devices(dev_path):
+    """The two nodes a VFIO user needs: the container node and the group node."""
+    return [VFIO_CONTAINER_DEV, dev_path]
+
+
+class RuntimeClient:
+    """podman-py bound to one runtime on one target. Use `open()`, and `close()` at the end."""
+
+    def __init__(self, service, client, owner=None):
+        self.service, self.client = service, client
+        self.runtime = service.runtime
+        self.owner = owner or secrets.token_hex(6)
+        self.made: List[str] = []  # ids of every container created, in order
+
+    @classmethod
+    def open(cls, host, runtime, *, ping_timeout=60.0, owner=None, **service_kw):
+        import podman
+
+        service = PodmanService(host, runtime, **service_kw).start()
+        try:
+            client = podman.PodmanClient(base_url=service.url, timeout=120)
+            wait_for_ping(client, ping_timeout)
+        except BaseException:
+            service.stop()
+            raise
+        return cls(service, client, owner)
+
+    # -- containers -------------------------------------------------------------
+    def create(self, image, command, *, devices=(), cap_add=(), cap_drop=(), ulimits=None, annotations=None,
+               name=None, labels=None, **extra):
+        """A created (not started) container; tracked for cleanup."""
+        from podman.errors import APIError, ImageNotFound
+
+        name = name or f"vfiotest-{self.owner}-{len(self.made)}"
+        kw = dict(devices=list(devices), cap_add=list(cap_add), cap_drop=list(cap_drop), ulimits=ulimit_list(ulimits),
+                  annotations=dict(annotations or {}), labels={OWNER_LABEL: self.owner, **(labels or {})},
+                  name=name, log_config=LOG_CONFIG, **extra)
+        try:
+            c = self.client.containers.create(image, command=list(command), **kw)
+        except ImageNotFound as e:
+            raise ContainerError(f"image {image!r} is not on {self.service.host.name}: {e}",
+                                 hint="build and import it: `vfiotest image build` (or pass --image with an image that exists there)") from e
+        except APIError as e:
+            self._forget_by_name(name)
+            raise ContainerError(f"podman could not create container {name} ({self.runtime}): {e.explanation or e}",
+                                 hint=f"devices {list(devices)} must exist on the target; read `podman --runtime {self.runtime} create` errors there") from e
+        self.made.append(c.id)
+        return c
+
+    def _forget_by_name(self, name):
+        # a failed create can leave a half-made container behind: find it by name
+        try:
+            for c in self.client.containers.list(all=True, filters={"name": name}):
+                self.made.append(c.id)
+        except Exception:  # noqa: BLE001 - cleanup() will look by label anyway
+            pass
+
+    def start(self, image, command, **kw):
+        """Create and start a container; it keeps running. Raises ContainerError if start fails."""
+        from podman.errors import APIError
+
+        c = self.create(image, command, **kw)
+        try:
+            c.start()
+        except APIError as e:
+            raise ContainerError(f"container {c.name} did not start on runtime {self.runtime}: {e.explanation or e}",
+                                 hint="the runtime's error is above; run the same with `podman --runtime ... run` on the target") from e
+        c.reload()
+        return c
+
+    def run(self, image, command, *, timeout=180.0, keep=False, **kw):
+        """Run to completion and collect a RunResult (start failures are results too: exit_code None
+        and the error in stderr). The container is removed unless `keep`."""
+        from podman.errors import APIError
+
+        t0 = time.monotonic()
+        c = self.create(image, command, **kw)
+        start_error = None
+        try:
+            try:
+                c.start()
+            except APIError as e:
+                start_error = str(e.explanation or e)
+            exit_code = None
+            if start_error is None:
+                try:
+                    exit_code = c.wait(condition=["exited", "stopped"], timeout=timeout)
+                except APIError as e:
+                    raise ContainerError(f"waiting for container {c.name} failed: {e}", hint="see the target's podman service log") from e
+            elapsed = time.monotonic() - t0
+            if isinstance(exit_code, dict):  # some podman-py versions return the whole body
+                exit_code = exit_code.get("StatusCode")
+            stdout = _text(c.logs(stdout=True, stderr=False)) if start_error is None else ""
+            stderr = _text(c.logs(stdout=False, stderr=True)) if start_error is None else start_error
+            c.reload()
+            attrs = c.attrs
+            return RunResult(c.id, c.name, exit_code, stdout, stderr, attrs.get("OCIRuntime", ""),
+                             attrs.get("State", {}), attrs, elapsed)
+        finally:
+            if not keep:
+                self.remove(c.id)
+
+    def exec(self, container, command, timeout=60.0):
+        """(exit code, stdout, stderr) of a command in a running container."""
+        rc, out = container.exec_run(list(command), demux=True)
+        out, err = out if isinstance(out, tuple) else (out, b"")
+        return rc, _text(out), _text(err)
+
+    def remove(self, cid, timeout=30):
+        from podman.errors import NotFound
+
+        try:
+            self.client.containers.get(cid).remove(force=True, v=True, timeout=timeout)
+        except NotFound:
+            pass
+
+    def leftovers(self):
+        """Containers with our owner label still present (should be none after cleanup)."""
+        return self.client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={self.owner}"})
+
+    def cleanup(self):
+        """Remove every container this client made; returns the ids removed. Never raises for
+        a container already gone."""
+        removed = []
+        ids = list(dict.fromkeys(self.made))
+        try:
+            ids += [c.id for c in self.leftovers() if c.id not in ids]
+        except Exception as e:  # noqa: BLE001 - still remove what we know about
+            log.warning("listing containers of %s: %s", self.owner, e)
+        for cid in ids:
+            try:
+                self.remove(cid)
+                removed.append(cid)
+            except Exception as e:  # noqa: BLE001 - try every one, report at the end
+                log.warning("removing container %s: %s", cid[:12], e)
+        self.made.clear()
+        return removed
+
+    def image_exists(self, ref):
+        return self.client.images.exists(ref)
+
+    def info(self):
+        return self.client.info()
+
+    def close(self):
+        """Remove our containers, close the client, stop the service."""
+        try:
+            self.cleanup()
+        finally:
+            try:
+                self.client.close()
+            finally:
+                self.service.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _text(out):
+    if out is None:
+        return ""
+    if isinstance(out, (bytes, bytearray)):
+        return out.decode("utf-8", "replace")
+    if isinstance(out, str):
+        return out
+    return b"".join(x if isinstance(x, bytes) else str(x).encode() for x in out).decode("utf-8", "replace")

@@ -1,0 +1,182 @@
+"""The test image: a Debian rootfs with python3 and the VFIO probe, built without any registry.
+
+Built on the controller with mmdebstrap (the `essential` variant plus
+python3-minimal: smaller than minbase, no apt in it; docs, man pages and
+locales left out: about 125 MB, 15 s), the probe copied to PROBE_IN_IMAGE.
+The tarball is cached under /var/cache/vfiotest/images by a hash of its inputs
+(recipe, packages, the probe's source): the same inputs never build twice.
+
+On the target it is loaded with `podman import`. The emulated runner sees the
+controller's root read-only at the same paths, so the tarball is imported in
+place; another target gets it over SFTP first.
+
+A bare-metal runner can bring its own image (`--image`): it needs python3; the
+probe is then passed as `python3 -c <source>` (`Image.probe_command`).
+"""
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Tuple
+
+from ..errors import ProvisionError
+
+CACHE_DIR = os.environ.get("VFIOTEST_IMAGE_CACHE", "/var/cache/vfiotest/images")
+IMAGE_REPO = "localhost/vfiotest-probe"
+PROBE_IN_IMAGE = "/usr/local/bin/vfio-probe"
+PROBE_SOURCE = Path(__file__).with_name("probe.py")
+RECIPE_VERSION = 1
+REMOTE_UPLOAD_DIR = "/var/tmp/vfiotest/images"
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """Everything the tarball depends on; `key()` is their hash."""
+
+    suite: str = "bookworm"
+    variant: str = "essential"
+    include: Tuple[str, ...] = ("python3-minimal",)
+    exclude_paths: Tuple[str, ...] = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
+    mirror: str = ""  # empty: mmdebstrap's default (deb.debian.org), as the machine's own sources use
+
+    def inputs(self):
+        return {"recipe_version": RECIPE_VERSION, "suite": self.suite, "variant": self.variant,
+                "include": list(self.include), "exclude_paths": list(self.exclude_paths), "mirror": self.mirror,
+                "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest()}
+
+    def key(self):
+        return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def tag(self):
+        return self.key()[:12]
+
+    @property
+    def ref(self):
+        return f"{IMAGE_REPO}:{self.tag}"
+
+    def tarball(self, cache_dir=None):
+        return Path(cache_dir or CACHE_DIR) / f"vfiotest-probe-{self.tag}.tar"
+
+    def mmdebstrap_command(self, out):
+        cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]
+        cmd += [f"--dpkgopt=path-exclude={p}" for p in self.exclude_paths]
+        cmd += [f"--customize-hook=upload {PROBE_SOURCE} {PROBE_IN_IMAGE}",
+                f'--customize-hook=chmod 0755 "$1{PROBE_IN_IMAGE}"',
+                f'--customize-hook=echo {self.key()} > "$1/etc/vfiotest-image"',
+                self.suite, str(out)]
+        if self.mirror:
+            cmd.append(self.mirror)
+        return cmd
+
+
+@dataclass
+class Image:
+    """An image on the target: its reference and how to run the probe in it."""
+
+    ref: str
+    built: bool = True  # False: the user's own image (--image)
+    tarball: str = ""
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def probe_command(self):
+        if self.built:
+            return [PROBE_IN_IMAGE]
+        return ["python3", "-c", PROBE_SOURCE.read_text()]
+
+
+def build_tarball(recipe=None, cache_dir=None, rebuild=False, progress=None, timeout=900):
+    """The cached rootfs tarball for `recipe`, built if missing. Returns (path, seconds spent building or 0)."""
+    import filelock
+
+    recipe = recipe or ImageRecipe()
+    out = recipe.tarball(cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(out) + ".lock", timeout=timeout):
+        if out.exists() and not rebuild:
+            return out, 0.0
+        tmp = out.with_suffix(f".tmp{os.getpid()}.tar")
+        cmd = recipe.mmdebstrap_command(tmp)
+        if progress:
+            progress(f"building the test image rootfs with mmdebstrap ({recipe.variant} + {', '.join(recipe.include)}, ~15 s)")
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            raise ProvisionError("mmdebstrap is not installed on the controller",
+                                 hint="apt-get install mmdebstrap (ci/setup installs it)") from None
+        except subprocess.TimeoutExpired:
+            tmp.unlink(missing_ok=True)
+            raise ProvisionError(f"mmdebstrap did not finish in {timeout} s", hint="check the apt mirror is reachable") from None
+        if p.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise ProvisionError(f"mmdebstrap failed (exit {p.returncode}): {p.stderr.strip()[-800:]}",
+                                 hint=f"run it by hand to see more: {shlex.join(cmd)}")
+        (out.with_suffix(".json")).write_text(json.dumps(recipe.inputs(), indent=2, sort_keys=True))
+        os.replace(tmp, out)
+        return out, time.monotonic() - t0
+
+
+def image_exists(host, ref, timeout=60):
+    # CLI: a single round trip before any API service exists (the image is shared by all of them)
+    return host.run(["podman", "image", "exists", ref], timeout=timeout).rc == 0
+
+
+def import_tarball(host, tarball, ref, timeout=600):
+    """`podman import` the tarball on `host` as `ref` (copied there first unless the target
+    sees the same file at the same path). CLI on purpose: podman-py has no import call, and
+    the API would stream 125 MB through the socket for a file already on the target's disk."""
+    tarball = str(tarball)
+    size = os.path.getsize(tarball)
+    remote, uploaded = tarball, False
+    res = host.run(["stat", "-c", "%s", tarball], timeout=30)
+    if not (res.ok and res.stdout.strip() == str(size)):
+        remote = f"{REMOTE_UPLOAD_DIR}/{os.path.basename(tarball)}"
+        _upload(host, tarball, remote)
+        uploaded = True
+    try:
+        res = host.run(["podman", "import", "--change", f'CMD ["{PROBE_IN_IMAGE}"]',
+                        "--message", "vfiotest probe image", remote, ref], timeout=timeout)
+        if res.rc != 0:
+            raise ProvisionError(f"podman import of {remote} as {ref} failed on {host.name}: {res.stderr.strip()[-500:]}",
+                                 hint="check free space for podman's storage on the target (`podman info`)")
+    finally:
+        if uploaded:
+            host.run(["rm", "-f", remote], timeout=30)
+
+
+def _upload(host, local, remote):
+    if host.is_local:
+        raise ProvisionError(f"{local} is not readable as the same file on {host.name}",
+                             hint="the cache directory changed under us; rebuild with `vfiotest image build --rebuild`")
+    host.run(["mkdir", "-p", os.path.dirname(remote)], timeout=30, check=True)
+    sftp = host.connect().open_sftp()
+    try:
+        sftp.put(local, remote)
+    finally:
+        sftp.close()
+
+
+def ensure_image(host, image=None, recipe=None, cache_dir=None, rebuild=False, progress=None):
+    """The image to run on `host`: the user's `image` (checked to exist), or ours built and imported."""
+    if image:
+        if not image_exists(host, image):
+            raise ProvisionError(f"image {image!r} (--image) is not in podman's storage on {host.name}",
+                                 hint=f"load it there first (`podman load`/`podman pull {image}` on the target), or drop --image to build ours")
+        return Image(image, built=False)
+    recipe = recipe or ImageRecipe()
+    timings = {}
+    tar, timings["build_s"] = build_tarball(recipe, cache_dir, rebuild, progress)
+    t0 = time.monotonic()
+    if rebuild or not image_exists(host, recipe.ref):
+        if progress:
+            progress(f"importing {recipe.ref} on {host.name}")
+        import_tarball(host, tar, recipe.ref)
+    timings["import_s"] = time.monotonic() - t0
+    return Image(recipe.ref, built=True, tarball=str(tar), timings=timings)

@@ -1,0 +1,362 @@
+#!/usr/bin/python3
+"""In-container VFIO probe: prove that a passed-through device is usable, not just present.
+
+Runs inside the test container (standard library only, no vfiotest imports: the
+file is copied into the image on its own). Steps, in order, each named in the
+output:
+
+  open-container   open /dev/vfio/vfio
+  api-version      VFIO_GET_API_VERSION == 0
+  check-extension  VFIO_CHECK_EXTENSION(TYPE1v2)
+  open-group       open /dev/vfio/<group>
+  group-status     VFIO_GROUP_GET_STATUS: the group is viable (all its devices on vfio-pci)
+  set-container    VFIO_GROUP_SET_CONTAINER
+  set-iommu        VFIO_SET_IOMMU(TYPE1v2)
+  iommu-info       VFIO_IOMMU_GET_INFO (IOVA page sizes)
+  map-dma          VFIO_IOMMU_MAP_DMA of an anonymous, page-aligned buffer
+                   (pins memory: needs CAP_IPC_LOCK or enough RLIMIT_MEMLOCK)
+  unmap-dma        VFIO_IOMMU_UNMAP_DMA, all bytes back
+  get-device-fd    VFIO_GROUP_GET_DEVICE_FD
+  device-info      VFIO_DEVICE_GET_INFO (flags, regions, irqs, reset)
+  region-info      VFIO_DEVICE_GET_REGION_INFO for every region
+  read-config      vendor:device read from the PCI config region
+  irq-info         VFIO_DEVICE_GET_IRQ_INFO for every irq index
+
+Output: one JSON object on stdout. Exit 0 when every step passed; exit 1 with
+{"ok": false, "step": ..., "errno": ..., "error": ...} naming the failing step;
+exit 2 on bad arguments.
+"""
+
+import argparse
+import errno as errno_mod
+import fcntl
+import os
+import struct
+import sys
+
+try:
+    import json
+except ImportError:  # python3-minimal has no json package: a small encoder is enough
+    json = None
+
+# <linux/vfio.h>: every VFIO ioctl is _IO(VFIO_TYPE, VFIO_BASE + n), no size encoded.
+VFIO_TYPE = ord(";")
+VFIO_BASE = 100
+
+
+def _IO(type_, nr):
+    # _IOC(dir=NONE(0), type, nr, size=0): dir<<30 | size<<16 | type<<8 | nr
+    return (0 << 30) | (0 << 16) | (type_ << 8) | nr
+
+
+VFIO_GET_API_VERSION = _IO(VFIO_TYPE, VFIO_BASE + 0)
+VFIO_CHECK_EXTENSION = _IO(VFIO_TYPE, VFIO_BASE + 1)
+VFIO_SET_IOMMU = _IO(VFIO_TYPE, VFIO_BASE + 2)
+VFIO_GROUP_GET_STATUS = _IO(VFIO_TYPE, VFIO_BASE + 3)
+VFIO_GROUP_SET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 4)
+VFIO_GROUP_UNSET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 5)
+VFIO_GROUP_GET_DEVICE_FD = _IO(VFIO_TYPE, VFIO_BASE + 6)
+VFIO_DEVICE_GET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 7)
+VFIO_DEVICE_GET_REGION_INFO = _IO(VFIO_TYPE, VFIO_BASE + 8)
+VFIO_DEVICE_GET_IRQ_INFO = _IO(VFIO_TYPE, VFIO_BASE + 9)
+VFIO_DEVICE_RESET = _IO(VFIO_TYPE, VFIO_BASE + 11)
+VFIO_IOMMU_GET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 12)
+VFIO_IOMMU_MAP_DMA = _IO(VFIO_TYPE, VFIO_BASE + 13)
+VFIO_IOMMU_UNMAP_DMA = _IO(VFIO_TYPE, VFIO_BASE + 14)
+
+VFIO_API_VERSION = 0
+VFIO_TYPE1_IOMMU = 1
+VFIO_TYPE1v2_IOMMU = 3
+
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+VFIO_REGION_INFO_FLAG_READ = 1 << 0
+VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
+VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+
+VFIO_PCI_CONFIG_REGION_INDEX = 7
+PCI_REGION_NAMES = ["bar0", "bar1", "bar2", "bar3", "bar4", "bar5", "rom", "config", "vga"]
+PCI_IRQ_NAMES = ["intx", "msi", "msix", "err", "req"]
+
+# struct layouts (native little-endian x86_64, no padding surprises: all naturally aligned)
+GROUP_STATUS = struct.Struct("=II")            # argsz, flags
+DEVICE_INFO = struct.Struct("=IIII")           # argsz, flags, num_regions, num_irqs
+REGION_INFO = struct.Struct("=IIIIQQ")         # argsz, flags, index, cap_offset, size, offset
+IRQ_INFO = struct.Struct("=IIII")              # argsz, flags, index, count
+DMA_MAP = struct.Struct("=IIQQQ")              # argsz, flags, vaddr, iova, size
+DMA_UNMAP = struct.Struct("=IIQQ")             # argsz, flags, iova, size
+IOMMU_INFO = struct.Struct("=IIQ")             # argsz, flags, iova_pgsizes
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class ProbeFailed(Exception):
+    def __init__(self, step, message, err=None):
+        super().__init__(message)
+        self.step, self.message, self.errno = step, message, err
+
+
+def encode_group_status():
+    return bytearray(GROUP_STATUS.pack(GROUP_STATUS.size, 0))
+
+
+def encode_dma_map(vaddr, iova, size):
+    return bytearray(DMA_MAP.pack(DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE, vaddr, iova, size))
+
+
+def encode_dma_unmap(iova, size):
+    return bytearray(DMA_UNMAP.pack(DMA_UNMAP.size, 0, iova, size))
+
+
+def encode_region_info(index):
+    return bytearray(REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
+
+
+def encode_irq_info(index):
+    return bytearray(IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
+
+
+def aligned_buffer(size, page=PAGE_SIZE):
+    """A zero-filled, page-aligned buffer of `size` bytes and its address.
+
+    array's storage comes from malloc, which serves a request this large with an
+    anonymous mmap; over-allocating one page lets us align the start. The array
+    must stay referenced while the mapping is in use. Returns (array, aligned address).
+    """
+    import array
+
+    if size <= 0 or size % page:
+        raise ValueError(f"DMA size {size} must be a positive multiple of the page size {page}")
+    buf = array.array("B", bytes(size + page))
+    addr = buf.buffer_info()[0]
+    return buf, (addr + page - 1) & ~(page - 1)
+
+
+def _ioctl(step, fd, request, arg=0):
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as e:
+        raise ProbeFailed(step, f"{step}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno, '?')})", e.errno) from None
+
+
+def _open(step, path, flags=os.O_RDWR):
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        raise ProbeFailed(step, f"{step}: cannot open {path}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno, '?')})", e.errno) from None
+
+
+def find_group(vfio_dir):
+    """The single numeric group node under `vfio_dir` (e.g. /dev/vfio/12)."""
+    try:
+        groups = sorted(n for n in os.listdir(vfio_dir) if n.isdigit())
+    except OSError as e:
+        raise ProbeFailed("open-group", f"open-group: cannot list {vfio_dir}: {e.strerror}", e.errno) from None
+    if len(groups) != 1:
+        raise ProbeFailed("open-group", f"open-group: expected exactly one group node in {vfio_dir}, found {groups or 'none'}; pass --group",
+                          errno_mod.ENOENT if not groups else None)
+    return groups[0]
+
+
+def find_device(group, sysfs="/sys"):
+    """The first device of `group` listed in sysfs (the container sees the kernel's view)."""
+    d = f"{sysfs}/kernel/iommu_groups/{group}/devices"
+    try:
+        devs = sorted(os.listdir(d))
+    except OSError as e:
+        raise ProbeFailed("get-device-fd", f"get-device-fd: cannot list {d} ({e.strerror}); pass --device BDF", e.errno) from None
+    if not devs:
+        raise ProbeFailed("get-device-fd", f"get-device-fd: group {group} lists no devices in {d}; pass --device BDF")
+    return devs[0]
+
+
+def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=0x10000000, sysfs="/sys", report=None):
+    """Run every step; returns the report dict. Raises ProbeFailed naming the step.
+    `report` (a dict) is filled as steps pass, so a failure still shows what came before."""
+    r = report if report is not None else {}
+    r["steps"] = steps = []
+    fds = []
+    try:
+        cfd = _open("open-container", f"{vfio_dir}/vfio")
+        fds.append(cfd)
+        steps.append("open-container")
+
+        version = _ioctl("api-version", cfd, VFIO_GET_API_VERSION)
+        r["api_version"] = version
+        if version != VFIO_API_VERSION:
+            raise ProbeFailed("api-version", f"api-version: kernel reports VFIO API {version}, expected {VFIO_API_VERSION}")
+        steps.append("api-version")
+
+        if _ioctl("check-extension", cfd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1:
+            raise ProbeFailed("check-extension", "check-extension: the kernel does not offer the TYPE1v2 IOMMU (vfio_iommu_type1 not loaded?)")
+        r["type1v2"] = True
+        steps.append("check-extension")
+
+        group = str(group) if group is not None else find_group(vfio_dir)
+        r["group"] = group
+        gfd = _open("open-group", f"{vfio_dir}/{group}")
+        fds.append(gfd)
+        steps.append("open-group")
+
+        st = encode_group_status()
+        _ioctl("group-status", gfd, VFIO_GROUP_GET_STATUS, st)
+        flags = GROUP_STATUS.unpack(st)[1]
+        r["group_viable"] = bool(flags & VFIO_GROUP_FLAGS_VIABLE)
+        if not flags & VFIO_GROUP_FLAGS_VIABLE:
+            raise ProbeFailed("group-status", f"group-status: group {group} is not viable: a device in it is not bound to vfio-pci")
+        steps.append("group-status")
+
+        _ioctl("set-container", gfd, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", cfd)))
+        steps.append("set-container")
+        _ioctl("set-iommu", cfd, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
+        steps.append("set-iommu")
+
+        info = bytearray(IOMMU_INFO.pack(IOMMU_INFO.size, 0, 0))
+        _ioctl("iommu-info", cfd, VFIO_IOMMU_GET_INFO, info)
+        r["iova_pgsizes"] = IOMMU_INFO.unpack(info)[2]
+        steps.append("iommu-info")
+
+        buf, vaddr = aligned_buffer(dma_size)
+        _ioctl("map-dma", cfd, VFIO_IOMMU_MAP_DMA, encode_dma_map(vaddr, iova, dma_size))
+        r["dma"] = {"iova": iova, "size": dma_size}
+        steps.append("map-dma")
+        um = encode_dma_unmap(iova, dma_size)
+        _ioctl("unmap-dma", cfd, VFIO_IOMMU_UNMAP_DMA, um)
+        unmapped = DMA_UNMAP.unpack(um)[3]
+        if unmapped != dma_size:
+            raise ProbeFailed("unmap-dma", f"unmap-dma: {unmapped} bytes unmapped, {dma_size} were mapped")
+        del buf
+        steps.append("unmap-dma")
+
+        device = device or find_device(group, sysfs)
+        r["device"] = device
+        dfd = _ioctl("get-device-fd", gfd, VFIO_GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
+        fds.append(dfd)
+        steps.append("get-device-fd")
+
+        di = bytearray(DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0))
+        _ioctl("device-info", dfd, VFIO_DEVICE_GET_INFO, di)
+        _, dflags, nregions, nirqs = DEVICE_INFO.unpack(di)
+        r["device_flags"] = dflags
+        r["pci"] = bool(dflags & VFIO_DEVICE_FLAGS_PCI)
+        r["reset"] = bool(dflags & VFIO_DEVICE_FLAGS_RESET)
+        r["num_regions"], r["num_irqs"] = nregions, nirqs
+        steps.append("device-info")
+
+        regions = []
+        for i in range(nregions):
+            ri = encode_region_info(i)
+            _ioctl("region-info", dfd, VFIO_DEVICE_GET_REGION_INFO, ri)
+            _, rflags, _, _, size, offset = REGION_INFO.unpack(ri)
+            regions.append({"index": i, "name": PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i),
+                            "size": size, "offset": offset, "flags": rflags,
+                            "read": bool(rflags & VFIO_REGION_INFO_FLAG_READ),
+                            "write": bool(rflags & VFIO_REGION_INFO_FLAG_WRITE),
+                            "mmap": bool(rflags & VFIO_REGION_INFO_FLAG_MMAP)})
+        r["regions"] = regions
+        steps.append("region-info")
+
+        cfg = [x for x in regions if x["index"] == VFIO_PCI_CONFIG_REGION_INDEX]
+        if not r["pci"] or not cfg or cfg[0]["size"] < 4:
+            raise ProbeFailed("read-config", "read-config: the device has no PCI config region")
+        try:
+            raw = os.pread(dfd, 4, cfg[0]["offset"])
+        except OSError as e:
+            raise ProbeFailed("read-config", f"read-config: pread of the config region failed: {e.strerror}", e.errno) from None
+        vendor, dev_id = struct.unpack("<HH", raw)
+        r["vendor"], r["device_id"] = f"{vendor:04x}", f"{dev_id:04x}"
+        r["vendor_device"] = f"{vendor:04x}:{dev_id:04x}"
+        if vendor in (0xFFFF, 0x0000):
+            raise ProbeFailed("read-config", f"read-config: vendor ID {vendor:#06x} means the device did not answer")
+        steps.append("read-config")
+
+        irqs = []
+        for i in range(nirqs):
+            ii = encode_irq_info(i)
+            _ioctl("irq-info", dfd, VFIO_DEVICE_GET_IRQ_INFO, ii)
+            _, iflags, _, count = IRQ_INFO.unpack(ii)
+            irqs.append({"index": i, "name": PCI_IRQ_NAMES[i] if r["pci"] and i < len(PCI_IRQ_NAMES) else str(i),
+                         "count": count, "flags": iflags})
+        r["irqs"] = irqs
+        steps.append("irq-info")
+        r["ok"] = True
+        return r
+    finally:
+        for fd in reversed(fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def to_json(obj):
+    """json.dumps when available, else a minimal encoder (dict, list, str, int, bool, None)."""
+    if json is not None:
+        return json.dumps(obj, sort_keys=True)
+    return _encode(obj)
+
+
+def _encode(o):
+    if o is None:
+        return "null"
+    if o is True:
+        return "true"
+    if o is False:
+        return "false"
+    if isinstance(o, int):
+        return str(o)
+    if isinstance(o, str):
+        out = ['"']
+        for ch in o:
+            c = ord(ch)
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif c < 0x20 or c > 0x7E:
+                out.append("\\u%04x" % c if c < 0x10000 else "\\u%04x\\u%04x" % (0xD800 + ((c - 0x10000) >> 10), 0xDC00 + ((c - 0x10000) & 0x3FF)))
+            else:
+                out.append(ch)
+        out.append('"')
+        return "".join(out)
+    if isinstance(o, (list, tuple)):
+        return "[" + ", ".join(_encode(x) for x in o) + "]"
+    if isinstance(o, dict):
+        return "{" + ", ".join(_encode(str(k)) + ": " + _encode(o[k]) for k in sorted(o)) + "}"
+    raise TypeError(f"cannot encode {type(o).__name__}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="vfio-probe", description="Exercise a VFIO group from inside a container; JSON on stdout.")
+    p.add_argument("--vfio-dir", default="/dev/vfio", help="where the VFIO nodes are (default /dev/vfio)")
+    p.add_argument("--group", help="group number (default: the only numeric node in --vfio-dir)")
+    p.add_argument("--device", help="PCI address to open (default: first device of the group in /sys)")
+    p.add_argument("--dma-size", type=lambda s: int(s, 0), default=1 << 20, help="bytes to map (page multiple; default 1 MiB)")
+    p.add_argument("--iova", type=lambda s: int(s, 0), default=0x10000000, help="IO virtual address to map at")
+    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    report = {"ok": False}
+    try:
+        probe(a.vfio_dir, a.group, a.device, a.dma_size, a.iova, a.sysfs, report=report)
+    except ProbeFailed as e:
+        report.update(ok=False, step=e.step, error=e.message, errno=e.errno,
+                      errname=errno_mod.errorcode.get(e.errno) if e.errno else None)
+        print(to_json(report))
+        print(f"vfio-probe: FAILED at step {e.step}: {e.message}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        report.update(ok=False, step="arguments", error=str(e), errno=None, errname=None)
+        print(to_json(report))
+        return 2
+    print(to_json(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
