@@ -267,11 +267,12 @@ class SimulatedHost(LocalHost):
         self._update_vfio_node(group)
         os.remove(f"{self.sysroot}/sys/bus/pci/devices/{addr}")
         for root, dirs, files in os.walk(d, topdown=False):
-            for n in files + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
-                os.remove(os.path.join(root, n))
-            for n in dirs:
-                if not os.path.islink(os.path.join(root, n)):
-                    os.rmdir(os.path.join(root, n))
+            for n in files + dirs:
+                p = os.path.join(root, n)
+                if os.path.islink(p) or not os.path.isdir(p):
+                    os.remove(p)
+                else:
+                    os.rmdir(p)
         os.rmdir(d)
 
     def _make_netdev(self, addr, ifname):

@@ -1,0 +1,126 @@
+"""Leases: one IOMMU group is held by one process at a time.
+
+A lease is a lock file on the TARGET (`host.hold_lock`: flock locally, a remote
+flock held by an SSH channel otherwise), so it works across xdist workers and
+across concurrent sessions, and it dies with the process that holds it. Next to
+the lock an owner record (pid, worker, test) says who holds it; `held()` lists
+the groups whose lock is really held (records left by dead holders are dropped).
+"""
+
+import json
+import os
+import socket
+import time
+
+from .errors import LeaseBusy
+
+LEASE_ROOT = "/run/vfiotest/leases"
+
+
+def who_am_i(test_id=None):
+    """The owner record of this process."""
+    return {"pid": os.getpid(), "controller": socket.gethostname(),
+            "worker": os.environ.get("PYTEST_XDIST_WORKER") or None,
+            "session": os.environ.get("VFIOTEST_SESSION") or None,
+            "test": test_id, "since": round(time.time(), 3)}
+
+
+class Lease:
+    """A held IOMMU group. `release()` (or leaving the `with` block) gives it back."""
+
+    def __init__(self, pool, group, owner, lock):
+        self.pool, self.group, self.owner, self._lock = pool, str(group), owner, lock
+
+    @property
+    def active(self):
+        return self._lock is not None
+
+    def release(self):
+        if self._lock is None:
+            return
+        self.pool.host.remove(self.pool.record_path(self.group))
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        return f"<Lease group {self.group} {'held' if self.active else 'released'}>"
+
+
+class LeasePool:
+    """Leases of IOMMU groups on `host`, under `root` on the target."""
+
+    def __init__(self, host, root=LEASE_ROOT):
+        self.host, self.root = host, root.rstrip("/")
+
+    def lock_path(self, group):
+        return f"{self.root}/{group}.lock"
+
+    def record_path(self, group):
+        return f"{self.root}/{group}.json"
+
+    def try_acquire(self, group, test_id=None, retry=0.3):
+        """A Lease on `group`, or None when another process holds it (never waits longer than
+        `retry` seconds, which covers someone merely probing the lock in `held()`)."""
+        group = str(group)
+        deadline = time.monotonic() + retry
+        while True:
+            lock = self.host.hold_lock(self.lock_path(group), blocking=False)
+            if lock is not None:
+                owner = who_am_i(test_id)
+                self.host.write_atomic(self.record_path(group), json.dumps(owner), mode=0o644)
+                return Lease(self, group, owner, lock)
+            if self.owner(group) is not None or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def acquire(self, group, test_id=None):
+        """A Lease on `group`; LeaseBusy names the holder when another process has it."""
+        lease = self.try_acquire(group, test_id)
+        if lease is None:
+            owner = self.owner(group) or {}
+            raise LeaseBusy(
+                f"IOMMU group {group} is leased by pid {owner.get('pid', '?')} on {owner.get('controller', '?')}"
+                f"{' (worker ' + owner['worker'] + ')' if owner.get('worker') else ''}"
+                f"{' for ' + owner['test'] if owner.get('test') else ''}",
+                hint="wait for that test to finish, or pick another group (`vfiotest devices` shows leases)")
+        return lease
+
+    def acquire_first(self, groups, test_id=None):
+        """A Lease on the first free group of `groups`, or None when all are taken."""
+        for g in groups:
+            lease = self.try_acquire(g, test_id, retry=0)
+            if lease is not None:
+                return lease
+        return None
+
+    def owner(self, group):
+        """The owner record of `group`, or None when there is none (or it is unreadable)."""
+        try:
+            return json.loads(self.host.read_text(self.record_path(group)))
+        except (OSError, ValueError):
+            return None
+
+    def held(self):
+        """{group: owner record} for every group whose lease is held right now."""
+        out = {}
+        for name in self.host.listdir(self.root) or []:
+            if not name.endswith(".json"):
+                continue
+            group = name[:-5]
+            probe = self.host.hold_lock(self.lock_path(group), blocking=False)
+            if probe is not None:
+                # the holder died: its record is stale
+                self.host.remove(self.record_path(group))
+                probe.release()
+                continue
+            out[group] = self.owner(group) or {}
+        return out
+
+
+__all__ = ["Lease", "LeasePool", "LEASE_ROOT", "who_am_i"]

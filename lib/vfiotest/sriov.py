@@ -1,0 +1,154 @@
+"""SR-IOV virtual functions: create N VFs on a PF, and put the original count back.
+
+The kernel refuses N -> M with both non-zero (EBUSY), so a change writes 0
+first. Some PF drivers block in that write for minutes: every write has a
+timeout. `sriov_drivers_autoprobe` decides whether new VFs get their native
+driver; it is set when asked and recorded. The journal entry is written before
+the first change. A PF whose VFs are in use (bound to vfio-pci, or leased) is
+refused, as is a count over sriov_totalvfs; in both cases nothing changes.
+"""
+
+import errno
+import time
+
+from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
+from .pci import PciAddress, read_inventory
+
+SYS_DEV = "/sys/bus/pci/devices"
+WRITE_TIMEOUT = 120.0
+SETTLE_TIMEOUT = 30.0
+
+
+def vfs_in_use(host, inv, pf, leases=None):
+    """Reasons the VFs of `pf` cannot be removed: bound to vfio-pci, or leased."""
+    from .lease import LeasePool
+
+    reasons = []
+    vfs = inv.vfs_of(pf)
+    for vf in vfs:
+        if vf.driver == "vfio-pci":
+            reasons.append(f"VF {vf.address} is bound to vfio-pci")
+    groups = {vf.iommu_group: vf.address for vf in vfs if vf.iommu_group}
+    if groups:
+        pool = leases if leases is not None else LeasePool(host)
+        for g, owner in pool.held().items():
+            if g in groups:
+                reasons.append(f"VF {groups[g]} (IOMMU group {g}) is leased by pid {owner.get('pid', '?')}"
+                               f"{' for ' + owner['test'] if owner.get('test') else ''}")
+    return reasons
+
+
+def _write_numvfs(host, pf, n, timeout):
+    path = f"{SYS_DEV}/{pf}/sriov_numvfs"
+    try:
+        host.write_text(path, str(n), timeout=timeout)
+    except CommandTimeout:
+        raise VFCreateError(f"writing {n} to {path} did not return within {timeout:.0f} s",
+                            hint="some PF drivers block for minutes; the write may still be pending in the kernel: "
+                                 "look at dmesg on the target, then run `vfiotest restore`") from None
+    except OSError as e:
+        hints = {errno.EBUSY: "VFs already exist: the count must go to 0 first (set_numvfs does that)",
+                 errno.ERANGE: "ask for at most sriov_totalvfs VFs",
+                 errno.ENOENT: "the PF needs its own driver bound to create VFs (`vfiotest devices`)",
+                 errno.ENOMEM: "the PF has no room for that many VFs (BIOS SR-IOV / PCI resources)"}
+        raise VFCreateError(f"writing {n} to {path} failed: {e.strerror} (errno {e.errno})",
+                            hint=hints.get(e.errno, "look at dmesg on the target")) from None
+
+
+def wait_virtfns(host, pf, n, timeout=SETTLE_TIMEOUT):
+    """Wait until `pf` has exactly virtfn0..virtfn{n-1}, each naming an existing device.
+    Returns the VF addresses in order."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [x for x in host.listdir(f"{SYS_DEV}/{pf}") or [] if x.startswith("virtfn")]
+        if len(names) == n:
+            vfs = [host.readlink(f"{SYS_DEV}/{pf}/virtfn{i}") for i in range(n)]
+            if all(vfs):
+                addrs = [PciAddress(v.rsplit("/", 1)[-1]) for v in vfs]
+                if all(host.exists(f"{SYS_DEV}/{a}") for a in addrs):
+                    return addrs
+        if time.monotonic() >= deadline:
+            raise VFCreateError(f"{pf} has {len(names)} virtfn links, expected {n}, after {timeout:.0f} s",
+                                hint="look at dmesg on the target; the PF driver may have refused some VFs")
+        time.sleep(0.05)
+
+
+def set_numvfs(host, pf, n, journal=None, timeout=WRITE_TIMEOUT, autoprobe=None, profile=None,
+               leases=None, settle=SETTLE_TIMEOUT):
+    """Give `pf` exactly `n` VFs; returns their addresses.
+
+    journal: recorder for the original count (written before any change).
+    autoprobe: True/False sets sriov_drivers_autoprobe first (None leaves it).
+    profile: when given, the PF must be allowed by it and not needed by the host.
+    leases: the LeasePool that says whether VFs are in use (default: the host's)."""
+    pf = PciAddress(pf)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise VFCreateError(f"{n!r} is not a VF count for {pf}", hint="give a whole number from 0 to sriov_totalvfs")
+    inv = read_inventory(host)
+    dev = inv.device(pf)
+    if dev.sriov is None:
+        raise VFCreateError(f"{pf} ({dev.vendor_device}) is not an SR-IOV PF (it has no sriov_totalvfs)",
+                            hint="pick a PF from `vfiotest devices` (the SR-IOV column)")
+    if profile is not None:
+        if inv.protected.get(pf):
+            raise NotAllowed(f"{pf} {inv.protected[pf]}: its VFs will not be changed",
+                             hint="use a PF that carries no route, SSH session or mounted filesystem")
+        if not profile.allows(dev.vendor_device):
+            raise NotAllowed(f"{pf} ({dev.vendor_device}) is not in the {profile.name} profile's allowlist",
+                             hint=f"allowed IDs: {', '.join(sorted(profile.ids))}")
+    total, cur = dev.sriov.totalvfs, dev.sriov.numvfs
+    if n > total:
+        raise VFCreateError(f"{pf} can have at most {total} VFs (sriov_totalvfs), {n} were asked for; nothing was changed",
+                            hint=f"ask for {total} or fewer (--numvfs)")
+    if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
+        return [vf.address for vf in inv.vfs_of(pf)]
+    if cur and n != cur:
+        busy = vfs_in_use(host, inv, pf, leases)
+        if busy:
+            raise VFCreateError(f"{pf} has VFs in use, its VF count stays {cur}: " + "; ".join(busy),
+                                hint="release them first (end the tests using them, `vfiotest restore`), then retry")
+    if not dev.driver:
+        raise VFCreateError(f"{pf} has no driver bound; the kernel creates VFs through the PF's driver",
+                            hint="put the PF back on its driver (`vfiotest unbind` / `vfiotest restore`)")
+    entry = {"kind": "numvfs", "address": pf, "numvfs": cur, "drivers_autoprobe": dev.sriov.drivers_autoprobe}
+    if journal is not None:
+        entry = journal.record(entry)
+    if autoprobe is not None and autoprobe != dev.sriov.drivers_autoprobe:
+        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if autoprobe else "0")
+    if n != cur:
+        if cur:
+            _write_numvfs(host, pf, 0, timeout)
+            wait_virtfns(host, pf, 0, settle)
+        _write_numvfs(host, pf, n, timeout)
+    return wait_virtfns(host, pf, n, settle)
+
+
+def restore_numvfs(host, entry, timeout=WRITE_TIMEOUT, settle=SETTLE_TIMEOUT, leases=None):
+    """Put a PF back to the VF count and autoprobe setting of a journal entry."""
+    pf = PciAddress(entry["address"])
+    try:
+        inv = read_inventory(host)
+        dev = inv.device(pf)
+    except DeviceNotFound:
+        return
+    if dev.sriov is None:
+        return
+    want_ap = entry.get("drivers_autoprobe")
+    if want_ap is not None and want_ap != dev.sriov.drivers_autoprobe:
+        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if want_ap else "0")
+    want, cur = int(entry["numvfs"]), dev.sriov.numvfs
+    if want == cur:
+        return
+    if cur:
+        busy = vfs_in_use(host, inv, pf, leases)
+        if busy:
+            raise UnbindError(f"cannot put {pf} back to {want} VFs: " + "; ".join(busy),
+                              hint="release those VFs, then run `vfiotest restore` again")
+        _write_numvfs(host, pf, 0, timeout)
+        wait_virtfns(host, pf, 0, settle)
+    if want:
+        _write_numvfs(host, pf, want, timeout)
+    wait_virtfns(host, pf, want, settle)
+
+
+__all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns"]
