@@ -112,7 +112,7 @@ class SimulatedHost(LocalHost):
         """
         root = os.path.abspath(tmpdir)
         os.makedirs(root, exist_ok=True)
-        state = {"dynids": {}, "driver_order": [], "next_group": 0, "vfio_loadable": vfio_loadable,
+        state = {"dynids": {}, "driver_order": [], "vfio_loadable": vfio_loadable,
                  "driver_override": driver_override, "pfs": {}, "sriov_delay": sriov_delay}
         for d in ("/sys/bus/pci/devices", "/sys/bus/pci/drivers", "/sys/kernel/iommu_groups", "/sys/class/net",
                   "/sys/class/block", "/sys/module", "/dev/vfio", "/proc/net", "/proc/sys/kernel/random", "/etc",
@@ -168,8 +168,7 @@ class SimulatedHost(LocalHost):
             if label is not None and label in group_ids:
                 group = group_ids[label]
             else:
-                group = str(st["next_group"])
-                st["next_group"] += 1
+                group = self._free_group()
                 if label is not None:
                     group_ids[label] = group
             self._make_device(addr, spec["id"], spec["class"], group)
@@ -235,6 +234,11 @@ class SimulatedHost(LocalHost):
             yield
         finally:
             os.close(fd)
+
+    def _free_group(self):
+        """The lowest unused group number, as the kernel's ida_alloc() hands them out."""
+        used = {int(g) for g in os.listdir(self.sysroot + "/sys/kernel/iommu_groups")}
+        return str(min(set(range(len(used) + 1)) - used))
 
     def _dev(self, addr):
         return f"{self.sysroot}{ROOT_BUS}/{addr}"
@@ -473,8 +477,7 @@ class SimulatedHost(LocalHost):
         for i in range(n):
             vrid = rid + 0x80 + i  # VF offset 0x80, stride 1
             vf = f"{dom}:{vrid >> 8:02x}:{(vrid >> 3) & 0x1f:02x}.{vrid & 7}"
-            group = str(st["next_group"])
-            st["next_group"] += 1
+            group = self._free_group()
             self._make_device(vf, info["vf_id"], info["class"], group)
             os.symlink(f"../{pf}", self._dev(vf) + "/physfn")
             os.symlink(f"../{vf}", f"{d}/virtfn{i}")
