@@ -14,6 +14,8 @@ def target_spec(value=None):
     spec = (value or os.environ.get(TARGET_ENV) or "virtual").strip()
     if spec in ("virtual", "local") or spec.startswith("ssh://"):
         return spec
+    if spec.startswith("sim:"):  # for tests: a simulated sysfs (vfiotest.simsysfs) at this path
+        return spec
     raise TargetError(f"unknown target {spec!r}",
                       hint="use --target virtual, --target local, or --target ssh://user@host[:port]")
 
@@ -28,6 +30,11 @@ def open_host(spec, progress=None):
     spec = target_spec(spec)
     if spec == "local":
         host = LocalHost()
+        return host, host.close
+    if spec.startswith("sim:"):
+        from .simsysfs import SimulatedHost
+
+        host = SimulatedHost.open(spec[4:])
         return host, host.close
     if spec.startswith("ssh://"):
         from .sshhost import SshHost
