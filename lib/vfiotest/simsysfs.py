@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 
-from .errors import CommandTimeout
+from .errors import CommandTimeout, TargetError
 from .host import DEFAULT_TIMEOUT, CommandResult, LocalHost
 
 VFIO = "vfio-pci"
@@ -84,7 +84,8 @@ class SimulatedHost(LocalHost):
     def __init__(self, sysroot, name=None):
         sysroot = os.path.abspath(sysroot)
         if sysroot in ("/", "") or not os.path.isfile(sysroot + SIM_DIR + "/state.json"):
-            raise ValueError(f"{sysroot} is not a simulated sysroot (no {SIM_DIR}/state.json)")
+            raise TargetError(f"{sysroot} is not a simulated sysroot (no {SIM_DIR}/state.json)",
+                              hint="build one with vfiotest.simsysfs.SimulatedHost.build(dir) (sim: targets are for tests)")
         super().__init__(name or f"sim:{sysroot}")
         self.sysroot = sysroot
         #: commands run through _exec (the round trips a real target would see)
