@@ -1,0 +1,372 @@
+"""Building the guest initrd: the VFIO modules, python3, the hook, cached by its inputs.
+
+With Kata's osbuilder installed (bare-metal runners), `build_with_osbuilder`
+drives `kata-osbuilder.sh` with the hook and the VFIO drivers added. Elsewhere
+`build_initrd` runs Debian's dracut directly for Debian's 6.1 kernel:
+
+- a private `dracutbasedir` (symlinks to the system's dracut plus the module
+  `95vfiotest` written per build), so nothing under /usr is touched;
+- `-m "dash base vfiotest"`: no systemd; dracut's own init with udev, which
+  loads the native drivers of passed-through devices;
+- the VFIO drivers the guest kernel really has (`vfio_virqfd` only where it is
+  a module), forced in;
+- /usr/bin/python3 and exactly the stdlib files the hook imports (found by
+  importing the hook with that interpreter), the hook at
+  `<guest_hook_path>/prestart/vfio-hook` (0755) and the library it shares
+  with the host side (`vfiotest.bind`, `host`, `pci`, `errors`) under
+  `<guest_hook_path>/lib/`, and the hook's settings (allowed IDs, log path);
+- optionally the Kata agent, and the agent's stand-in for the nested test
+  guest (a pre-mount hook that runs the prestart hooks and powers off).
+
+The result is checked by listing the image (dracut says FAILED for a missing
+driver and exits 0) and stored as CACHE/initrd/initrd-<key>.img with a JSON
+manifest; the key hashes every input, so an unchanged build costs nothing.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+from ..errors import ProvisionError
+from . import image as image_mod
+
+DEFAULT_HOOK_PATH = "/usr/share/oci/hooks"
+HOOK_NAME = "vfio-hook"
+HOOK_LOG = "/tmp/vfio-hook.log"
+GUEST_PYTHON = "/usr/bin/python3"
+SYSTEM_DRACUT = "/usr/lib/dracut"
+CACHE_ENV = "VFIOTEST_CACHE_DIR"
+DEFAULT_CACHE_DIR = "/var/cache/vfiotest"
+BUILD_FORMAT = 1  # bump when the layout of the image changes
+
+# The VFIO set, in load order. vfio_virqfd is its own module before 6.2 only.
+VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci")
+# Native drivers of the devices the emulated runner passes through (igb VF, NVMe VF):
+# the hook must find them bound to these and move them to vfio-pci.
+NATIVE_DRIVERS = ("igbvf", "nvme")
+# The library the hook shares with the host side (standard library only).
+SHARED_MODULES = ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py")
+KATA_MODULES = ("__init__.py", "hook.py", "standin_agent.py")
+
+PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lib/vfiotest
+
+
+def cache_dir():
+    return os.path.join(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "initrd")
+
+
+@dataclass
+class InitrdSpec:
+    """What goes into a guest image. Every field is part of the cache key."""
+
+    guest_hook_path: str = DEFAULT_HOOK_PATH
+    allowed_ids: Tuple[str, ...] = ()          # the profile's vendor:device list (used without annotation)
+    hook_log: str = HOOK_LOG
+    hook_timeout: float = 20.0
+    agent: Optional[str] = None                # a kata-agent binary to include (run as init)
+    standin: bool = True                       # the agent's stand-in for the nested test guest
+    extra_drivers: Tuple[str, ...] = NATIVE_DRIVERS
+    compress: str = "zstd"                     # zstd | gzip | xz
+
+
+@dataclass
+class BuiltInitrd:
+    path: str
+    key: str
+    kernel: str                # path of the matching vmlinuz
+    kver: str
+    size: int
+    build_seconds: float       # of the build that made it (0 when it came from the cache and was not rebuilt)
+    cached: bool
+    modules: List[str] = field(default_factory=list)   # the VFIO modules asked for (those the kernel has)
+    hook_path: str = ""        # the hook's path in the guest
+    spec: dict = field(default_factory=dict)
+
+    def manifest(self):
+        return asdict(self)
+
+
+def vfio_modules_for(kernel):
+    """The VFIO modules this guest kernel has as loadable modules or built in."""
+    return [m for m in VFIO_MODULES if kernel.has_module(m)]
+
+
+def _hook_launcher(spec):
+    lib = f"{spec.guest_hook_path.rstrip('/')}/lib"
+    return (f"#!{GUEST_PYTHON}\n"
+            "# vfiotest guest hook: rebinds the container's devices to vfio-pci (see vfiotest.kata.hook)\n"
+            "import sys\n"
+            f"sys.path.insert(0, {lib!r})\n"
+            "from vfiotest.kata.hook import main\n"
+            f"sys.exit(main(sys.argv, settings_path={lib + '/vfio-hook.json'!r}))\n")
+
+
+def _hook_settings(spec):
+    return json.dumps({"allowed_ids": list(spec.allowed_ids), "log": spec.hook_log,
+                       "timeout": spec.hook_timeout}, indent=1) + "\n"
+
+
+def _module_setup(spec, files_list):
+    """dracut's module-setup.sh for the module that installs the hook and python."""
+    hooks = ""
+    if spec.standin and not spec.agent:
+        hooks = ('    inst_hook cmdline 90 "$moddir/vfiotest-cmdline.sh"\n'
+                 '    inst_hook pre-mount 50 "$moddir/vfiotest-standin.sh"\n')
+    elif spec.agent:
+        hooks = ('    inst_hook cmdline 90 "$moddir/vfiotest-cmdline.sh"\n'
+                 '    inst_hook pre-mount 50 "$moddir/vfiotest-agent.sh"\n')
+    return f"""#!/bin/bash
+# Written by vfiotest.kata.initrd for one build.
+check() {{ return 255; }}
+depends() {{ echo base; return 0; }}
+install() {{
+    inst_binary "$(readlink -f {GUEST_PYTHON})" "$(readlink -f {GUEST_PYTHON})"
+    ln_r "$(readlink -f {GUEST_PYTHON})" {GUEST_PYTHON}
+    inst_multiple -o modprobe
+    while read -r src dst mode; do
+        inst_simple "$src" "$dst" || return 1
+        chmod "$mode" "$initdir$dst"
+    done < {files_list}
+    mkdir -p "$initdir/tmp" "$initdir/run/libcontainer"
+{hooks}}}
+"""
+
+
+CMDLINE_HOOK = """#!/bin/sh
+# No root filesystem: the guest lives in this initrd.
+[ -z "$root" ] && root=vfiotest
+rootok=1
+"""
+
+STANDIN_HOOK = """#!/bin/sh
+# The Kata agent's stand-in: run the prestart hooks as the agent would, report, power off.
+echo "vfiotest: agent stand-in starting" > /dev/console
+/usr/bin/python3 -S {lib}/vfiotest/kata/standin_agent.py > /dev/console 2>&1
+echo "vfiotest: agent stand-in done, powering off" > /dev/console
+echo o > /proc/sysrq-trigger
+sleep 30
+"""
+
+AGENT_HOOK = """#!/bin/sh
+# Hand the guest to the Kata agent, as init (AGENT_INIT=yes in osbuilder terms).
+exec /usr/bin/kata-agent
+"""
+
+
+def _python_files(lib_dir, timeout=60):
+    """The stdlib files the hook and the stand-in import, found by importing them
+    with the guest's interpreter from the staged library."""
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {lib_dir!r})\n"
+        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci\n"
+        "try:\n    import vfiotest.bind\nexcept ImportError:\n    pass\n"
+        # what the scripts the host layer runs with `python3 -c` import (inventory, file ops)
+        "import re as _re, vfiotest.pci as _p, vfiotest.host as _h\n"
+        "for _s in (_p.INVENTORY_SCRIPT, _h.FILE_OP_SCRIPT):\n"
+        "    for _l in _s.splitlines():\n"
+        "        if _re.match(r'^(import|from) ', _l): exec(_l)\n"
+        "import encodings.ascii, encodings.latin_1, encodings.utf_8\n"
+        "files = set()\n"
+        "for m in list(sys.modules.values()):\n"
+        "    f = getattr(m, '__file__', None)\n"
+        "    if f and not f.startswith(sys.path[0]): files.add(f)\n"
+        "import os\n"
+        "files.add(os.__file__)\n"
+        "print('\\n'.join(sorted(files)))\n")
+    try:
+        p = subprocess.run([GUEST_PYTHON, "-S", "-c", probe], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ProvisionError(f"{GUEST_PYTHON} is missing: the guest hook runs with Debian's python3",
+                             hint="install the Debian package python3-minimal (a pyenv python cannot be copied into an image)")
+    if p.returncode != 0:
+        raise ProvisionError(f"importing the hook with {GUEST_PYTHON} failed: {p.stderr.strip()[-400:]}",
+                             hint="the hook and vfiotest.{bind,host,pci,errors} must import with the standard library only")
+    return [f for f in p.stdout.split() if os.path.isfile(f)]
+
+
+def _stage_library(dest):
+    """Copy the hook's library (standard-library-only modules) into `dest`/vfiotest."""
+    pkg = os.path.join(dest, "vfiotest")
+    os.makedirs(os.path.join(pkg, "kata"))
+    for name in SHARED_MODULES:
+        src = os.path.join(PKG_DIR, name)
+        if not os.path.exists(src):
+            raise ProvisionError(f"{src} is missing: the hook shares it with the host side",
+                                 hint="check out the whole repository")
+        shutil.copy(src, os.path.join(pkg, name))
+    for name in KATA_MODULES:
+        shutil.copy(os.path.join(PKG_DIR, "kata", name), os.path.join(pkg, "kata", name))
+    # The package __init__ of kata may grow host-side imports: the guest gets a bare one.
+    with open(os.path.join(pkg, "kata", "__init__.py"), "w") as f:
+        f.write('"""vfiotest.kata, as shipped into the guest image: the hook and the agent stand-in."""\n')
+    return pkg
+
+
+def input_key(spec, kernel):
+    """A hash of everything that shapes the image."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"spec": asdict(spec), "kernel": kernel.package, "kver": kernel.kver,
+                         "format": BUILD_FORMAT}, sort_keys=True).encode())
+    for name in SHARED_MODULES:
+        h.update(name.encode())
+        with open(os.path.join(PKG_DIR, name), "rb") as f:
+            h.update(f.read())
+    for name in KATA_MODULES + ("initrd.py",):
+        with open(os.path.join(PKG_DIR, "kata", name), "rb") as f:
+            h.update(f.read())
+    for path in (os.path.realpath(GUEST_PYTHON), spec.agent):
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+    try:
+        h.update(subprocess.run(["dracut", "--version"], capture_output=True, text=True, timeout=30).stdout.encode())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return h.hexdigest()[:20]
+
+
+def _dracut_base(dest, module_dir):
+    """A dracutbasedir: the system's dracut by symlinks, plus our module."""
+    if not os.path.isdir(SYSTEM_DRACUT):
+        raise ProvisionError("dracut is not installed (no /usr/lib/dracut)",
+                             hint="install the Debian package dracut-core (ci/setup does)")
+    os.makedirs(os.path.join(dest, "modules.d"))
+    for name in os.listdir(SYSTEM_DRACUT):
+        if name != "modules.d":
+            os.symlink(os.path.join(SYSTEM_DRACUT, name), os.path.join(dest, name))
+    for name in os.listdir(os.path.join(SYSTEM_DRACUT, "modules.d")):
+        os.symlink(os.path.join(SYSTEM_DRACUT, "modules.d", name), os.path.join(dest, "modules.d", name))
+    os.symlink(module_dir, os.path.join(dest, "modules.d", "95vfiotest"))
+
+
+def build_initrd(spec=None, kernel=None, *, force=False, progress=None, timeout=600):
+    """Build (or take from the cache) the guest initrd for `spec`; returns a `BuiltInitrd`."""
+    import filelock
+
+    from .kernel import debian_kernel
+
+    spec = spec or InitrdSpec()
+    kernel = kernel or debian_kernel(progress=progress)
+    key = input_key(spec, kernel)
+    out_dir = cache_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"initrd-{key}.img")
+    manifest = out + ".json"
+    with filelock.FileLock(out + ".lock", timeout=timeout + 60):
+        if not force and os.path.exists(out) and os.path.exists(manifest):
+            with open(manifest) as f:
+                data = json.load(f)
+            data["cached"] = True
+            return BuiltInitrd(**data)
+        if progress:
+            progress(f"building the guest initrd {os.path.basename(out)} with dracut for {kernel.kver}")
+        t0 = time.monotonic()
+        work = tempfile.mkdtemp(prefix="vfiotest-initrd-")
+        try:
+            built = _build(spec, kernel, key, out, work, timeout)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        built.build_seconds = round(time.monotonic() - t0, 2)
+        with open(manifest + ".tmp", "w") as f:
+            json.dump(built.manifest(), f, indent=1)
+        os.replace(manifest + ".tmp", manifest)
+        return built
+
+
+def _build(spec, kernel, key, out, work, timeout):
+    hook_dir = spec.guest_hook_path.rstrip("/")
+    lib = os.path.join(work, "lib")
+    _stage_library(lib)
+    files = []  # (src, dst in guest, mode)
+    for root, _, names in os.walk(lib):
+        for n in names:
+            src = os.path.join(root, n)
+            files.append((src, f"{hook_dir}/lib/{os.path.relpath(src, lib)}", "0644"))
+    launcher = os.path.join(work, HOOK_NAME)
+    with open(launcher, "w") as f:
+        f.write(_hook_launcher(spec))
+    files.append((launcher, f"{hook_dir}/prestart/{HOOK_NAME}", "0755"))
+    settings = os.path.join(work, "vfio-hook.json")
+    with open(settings, "w") as f:
+        f.write(_hook_settings(spec))
+    files.append((settings, f"{hook_dir}/lib/vfio-hook.json", "0644"))
+    for py in _python_files(lib):
+        files.append((py, py, "0755" if py.endswith(".so") else "0644"))
+    if spec.agent:
+        if not os.access(spec.agent, os.X_OK):
+            raise ProvisionError(f"the Kata agent {spec.agent} is not an executable file",
+                                 hint="give the path of a built kata-agent binary, or leave --agent out")
+        files.append((os.path.realpath(spec.agent), "/usr/bin/kata-agent", "0755"))
+
+    module_dir = os.path.join(work, "95vfiotest")
+    os.makedirs(module_dir)
+    files_list = os.path.join(module_dir, "files.list")
+    with open(files_list, "w") as f:
+        for src, dst, mode in files:
+            if " " in src or " " in dst:
+                raise ProvisionError(f"path with a space cannot go into the image: {src}", hint="move the file")
+            f.write(f"{src} {dst} {mode}\n")
+    scripts = {"module-setup.sh": _module_setup(spec, files_list), "vfiotest-cmdline.sh": CMDLINE_HOOK,
+               "vfiotest-standin.sh": STANDIN_HOOK.format(lib=f"{hook_dir}/lib"), "vfiotest-agent.sh": AGENT_HOOK}
+    for name, text in scripts.items():
+        with open(os.path.join(module_dir, name), "w") as f:
+            f.write(text)
+        os.chmod(os.path.join(module_dir, name), 0o755)
+    base = os.path.join(work, "dracut")
+    _dracut_base(base, module_dir)
+    confdir = os.path.join(work, "conf.d")
+    os.makedirs(confdir)
+
+    vfio = vfio_modules_for(kernel)
+    loadable = [m for m in vfio if not kernel.module_is_builtin(m)]
+    drivers = loadable + [d for d in spec.extra_drivers if kernel.has_module(d)]
+    tmp_out = out + f".tmp.{os.getpid()}"
+    cmd = ["dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
+           "--conf", "/dev/null", "--confdir", confdir, "--tmpdir", work,
+           "--kver", kernel.kver, "--kmoddir", kernel.moddir,
+           "-m", "dash base vfiotest", "--drivers", " ".join(drivers),
+           "--force-drivers", " ".join(m for m in loadable if m in ("vfio", "vfio_iommu_type1", "vfio-pci")),
+           "--install", "/usr/bin/sh", f"--{spec.compress}", tmp_out]
+    env = dict(os.environ, dracutbasedir=base)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except FileNotFoundError:
+        raise ProvisionError("dracut is not installed", hint="install the Debian package dracut-core (ci/setup does)") from None
+    except subprocess.TimeoutExpired:
+        raise ProvisionError(f"dracut did not finish in {timeout} s", hint="run it by hand: " + " ".join(cmd)) from None
+    if p.returncode != 0 or not os.path.exists(tmp_out):
+        tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-6:])
+        raise ProvisionError(f"dracut failed for {kernel.kver} (exit {p.returncode}): {tail}",
+                             hint="run with `vfiotest kata build-initrd --force` and read dracut's output")
+    listing = image_mod.read_initrd(tmp_out)
+    check = image_mod.verify_guest_image(listing, hook_name=HOOK_NAME, guest_hook_path=spec.guest_hook_path,
+                                         modules=vfio)
+    problems = list(check.problems)
+    for d in spec.extra_drivers:
+        if kernel.has_module(d) and d.replace("-", "_") not in listing.modules():
+            problems.append(f"driver {d} is not in the image")
+    if problems:
+        os.remove(tmp_out)
+        raise ProvisionError("the guest initrd came out incomplete: " + "; ".join(problems),
+                             hint="dracut printed: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-6:]))
+    os.replace(tmp_out, out)
+    return BuiltInitrd(path=out, key=key, kernel=kernel.vmlinuz, kver=kernel.kver, size=os.path.getsize(out),
+                       build_seconds=0.0, cached=False, modules=vfio,
+                       hook_path=f"{hook_dir}/prestart/{HOOK_NAME}", spec=asdict(spec))
+
+
+OSBUILDER_SCRIPTS = ("/usr/libexec/kata-containers/osbuilder/kata-osbuilder.sh",
+                     "/usr/libexec/kata-containers/osbuilder/fedora-kata-osbuilder.sh")
+
+
+def osbuilder_available():
+    """The first Kata osbuilder script installed here, or None."""
+    return next((s for s in OSBUILDER_SCRIPTS if os.access(s, os.X_OK)), None)

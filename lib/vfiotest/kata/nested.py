@@ -1,0 +1,178 @@
+"""The Kata guest's stand-in: a second-level QEMU VM inside the runner.
+
+Kata cannot be installed on the emulated runner, so the guest side is stood
+in by the image `vfiotest.kata.initrd` builds, booted by QEMU/KVM *inside* the
+runner (facts.md §4, "the guest side, nested"): q35 with its own vIOMMU
+(`intel-iommu`, the guest side of Kata's `enable_iommu = true`), guest
+`intel_iommu=on`, and the VF passed through with `-device vfio-pci,host=<VF>`
+(the VF bound to vfio-pci in the runner first, as Kata requires on its host).
+The agent stand-in in the image runs the prestart hooks as the agent would and
+prints a report on the serial console; `NestedGuest.boot()` returns it parsed.
+
+The controller's root is visible read-only inside the runner at the same
+paths, so the kernel and initrd under /var/cache/vfiotest need no copying.
+"""
+
+import base64
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..errors import ProvisionError, TargetError
+from .standin_agent import REPORT_BEGIN, REPORT_END, REPORT_LINE
+
+QEMU = "qemu-system-x86_64"
+DEFAULT_RUNS = ("main", "again", "none", "malformed")
+
+
+def parse_report(console):
+    """The stand-in's report from console text; None when there is none (the guest
+    did not get that far). Raises ProvisionError when it is there but damaged."""
+    lines = console.replace("\r", "").split("\n")
+    begin = next((i for i, l in enumerate(lines) if l.startswith(REPORT_BEGIN)), None)
+    if begin is None:
+        return None
+    _, size, digest = lines[begin].split()[:3]
+    chunks = {}
+    for l in lines[begin + 1:]:
+        if l.startswith(REPORT_END):
+            break
+        if l.startswith(REPORT_LINE):
+            parts = l[len(REPORT_LINE):].split()
+            if len(parts) == 2 and parts[0].isdigit():
+                chunks[int(parts[0])] = parts[1]
+    blob = base64.b64decode("".join(chunks[k] for k in sorted(chunks)) or b"")
+    if len(blob) != int(size) or hashlib.sha256(blob).hexdigest() != digest:
+        raise ProvisionError("the nested guest's report on the console is damaged (size or checksum differ)",
+                             hint="kernel messages may have cut into it: keep `quiet` on the guest command line")
+    return json.loads(blob)
+
+
+@dataclass
+class HookLogEntry:
+    raw: dict
+
+    def __getattr__(self, name):
+        try:
+            return self.raw[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class GuestReport:
+    """What the nested guest said: hook runs, hook log, /dev/vfio, PCI state."""
+
+    data: dict
+    console: str
+    boot_seconds: float                     # QEMU start to power-off, measured in the runner
+    command: List[str] = field(default_factory=list)
+
+    @property
+    def runs(self):
+        return self.data.get("runs", [])
+
+    def run(self, kind):
+        return next(r for r in self.runs if r["kind"] == kind)
+
+    @property
+    def hook_log(self):
+        """The hook's log lines from the guest's /tmp, parsed."""
+        out = []
+        for line in (self.data.get("hook_log") or "").splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+        return out
+
+    def log_for(self, container=None, action=None):
+        return [e for e in self.hook_log if (container is None or e.get("container") == container)
+                and (action is None or e.get("action") == action)]
+
+    @property
+    def dev_vfio(self):
+        return self.data.get("vfio_after", {})
+
+    @property
+    def pci_before(self):
+        return self.data.get("pci_before", {})
+
+    @property
+    def pci_after(self):
+        return self.data.get("pci_after", {})
+
+    @property
+    def hooks(self):
+        return self.data.get("hooks", [])
+
+    @property
+    def hook_seconds(self):
+        """Guest uptime when the stand-in started running hooks (boot-to-hook inside the guest)."""
+        return self.data.get("uptime_at_start")
+
+
+class NestedGuest:
+    """Boots the guest image in a second-level VM on `host` (the runner)."""
+
+    def __init__(self, host, kernel, initrd, *, memory_mb=512, accel="kvm", timeout=240.0):
+        self.host, self.kernel, self.initrd = host, kernel, initrd
+        self.memory_mb, self.accel, self.timeout = memory_mb, accel, timeout
+
+    def command(self, vfs=(), annotation=None, runs=DEFAULT_RUNS, hook_path=None, console="/dev/stdout",
+                pidfile=None):
+        append = ["console=ttyS0", "quiet", "loglevel=1", "intel_iommu=on", "panic=-1",
+                  "rd.shell=0", "rd.emergency=poweroff", f"vfiotest.runs={','.join(runs)}"]
+        if annotation is not None:
+            if any(c.isspace() for c in annotation):
+                raise ValueError("annotation must not hold spaces (use commas)")
+            append.append(f"vfiotest.vfio={annotation}")
+        if hook_path:
+            append.append(f"vfiotest.hookpath={hook_path}")
+        cpu = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+        cmd = [QEMU, *cpu, "-m", str(self.memory_mb), "-smp", "1",
+               "-machine", "q35,kernel-irqchip=split",
+               # its own vIOMMU before the passed-through device: the guest side of enable_iommu
+               "-device", "intel-iommu,intremap=on,caching-mode=on",
+               "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-net", "none",
+               "-serial", f"file:{console}", "-monitor", "none",
+               "-kernel", self.kernel, "-initrd", self.initrd, "-append", " ".join(append)]
+        for vf in vfs:
+            cmd += ["-device", f"vfio-pci,host={vf}"]
+        if pidfile:
+            cmd += ["-pidfile", pidfile]
+        return cmd
+
+    def boot(self, vfs=(), annotation=None, runs=DEFAULT_RUNS, hook_path=None):
+        """Boot, let the stand-in run the hooks, return its `GuestReport` (the VM is gone after)."""
+        tag = f"vfiotest-nested-{int(time.time() * 1000)}"
+        console, pidfile = f"/tmp/{tag}.console", f"/tmp/{tag}.pid"
+        cmd = self.command(vfs, annotation, runs, hook_path, console=console, pidfile=pidfile)
+        # `timeout -s KILL` inside the runner: QEMU never outlives the call, whatever happens to SSH.
+        script = (f"rm -f {console}; t0=$(date +%s.%N); "
+                  f"timeout -s KILL {int(self.timeout)} {shlex.join(cmd)} >{console}.qemu 2>&1; rc=$?; "
+                  "t1=$(date +%s.%N); "
+                  f"echo \"QEMU-RC $rc $t0 $t1\"; cat {console}.qemu; echo QEMU-CONSOLE; cat {console}; "
+                  f"rm -f {console} {console}.qemu {pidfile}")
+        res = self.host.run(["sh", "-c", script], timeout=self.timeout + 30)
+        out = res.stdout
+        head, _, console_text = out.partition("QEMU-CONSOLE\n")
+        first = head.splitlines()[0].split() if head.strip() else []
+        if len(first) != 4 or first[0] != "QEMU-RC":
+            raise TargetError(f"the nested guest's QEMU gave no status on {self.host.name}: {out[-500:]} {res.stderr[-500:]}",
+                              hint="run the command of `vfiotest kata nested --print` in the runner by hand")
+        rc, t0, t1 = int(first[1]), float(first[2]), float(first[3])
+        qemu_out = "\n".join(head.splitlines()[1:])
+        report = parse_report(console_text)
+        if rc != 0 or report is None:
+            tail = "\n".join(console_text.replace("\r", "").splitlines()[-40:])
+            why = "was killed after %d s" % self.timeout if rc in (124, 137) else f"exited {rc}"
+            raise ProvisionError(
+                f"the nested guest {why} without a report from the agent stand-in.\nQEMU: {qemu_out.strip()[-800:]}\n"
+                f"last console lines:\n{tail}",
+                hint="check that kvm loads in the runner (`modprobe kvm_amd` / kvm_intel) and that the VF is on vfio-pci there")
+        if "error" in report and "runs" not in report:
+            raise ProvisionError(f"the agent stand-in failed in the nested guest: {report['error']}",
+                                 hint="boot the image by hand and read the console")
+        return GuestReport(data=report, console=console_text, boot_seconds=round(t1 - t0, 2), command=cmd)
