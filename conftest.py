@@ -8,6 +8,10 @@ VFIOTEST_ALLOW_REBOOT=1, VFIOTEST_IMAGE, VFIOTEST_KEEP_RUNNER=1.
 import os
 import uuid
 
+# --strict is pytest's own flag (it also makes markers and config strict); the layers
+# read it too: with it (or VFIOTEST_STRICT=1) a missing prerequisite or layer fails
+# the tests above it instead of skipping them.
+
 pytest_plugins = [
     "fixtures.target",
     "fixtures.prereqs",
@@ -38,8 +42,6 @@ def pytest_addoption(parser):
                 metavar="BDF", help="PF to create VFs on; repeatable (default: every PF of the profile found) [env VFIOTEST_PF]")
     g.addoption("--numvfs", type=int, default=int(os.environ.get("VFIOTEST_NUMVFS", "4")),
                 help="VFs to create on each PF (default 4) [env VFIOTEST_NUMVFS]")
-    g.addoption("--strict", action="store_true", default=_env_flag("VFIOTEST_STRICT"),
-                help="a missing prerequisite or layer fails the tests that need it instead of skipping them [env VFIOTEST_STRICT=1]")
     g.addoption("--allow-reboot", action="store_true", default=_env_flag("VFIOTEST_ALLOW_REBOOT"),
                 help="on an ssh:// bare-metal runner, add missing kernel arguments with grubby or GRUB defaults "
                      "and reboot and wait [env VFIOTEST_ALLOW_REBOOT=1]")

@@ -104,13 +104,15 @@ def check_all(facts, inventory, profile):
         else ("off, but vfio_iommu_type1 allow_unsafe_interrupts=1 is set" if unsafe else "off"),
         fix="enable interrupt remapping in firmware, or (less safe) "
             "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf"))
+    # profile.cgroup_mode: "v1" (the seed's systemd.unified_cgroup_hierarchy=0: legacy or hybrid), "v2", "any"
     want = profile.cgroup_mode
-    cg_ok = want in (None, "any") or facts["cgroup_mode"] == want or (want == "legacy" and facts["cgroup_mode"] == "hybrid")
+    seen = facts["cgroup_mode"]
+    cg_ok = want in (None, "any") or (want == "v1" and seen in ("legacy", "hybrid")) or (want == "v2" and seen == "unified")
+    cg_arg = "systemd.unified_cgroup_hierarchy=0" if want == "v1" else "systemd.unified_cgroup_hierarchy=1"
     checks.append(Check(
         "cgroup mode", OK if cg_ok else MISSING,
-        f"{facts['cgroup_mode']} (profile {profile.name} wants {want or 'any'})",
-        fix="boot with systemd.unified_cgroup_hierarchy=0" if want in ("legacy", "hybrid") else "boot with systemd.unified_cgroup_hierarchy=1",
-        kernel_args=[] if cg_ok else (["systemd.unified_cgroup_hierarchy=0"] if want in ("legacy", "hybrid") else ["systemd.unified_cgroup_hierarchy=1"])))
+        f"{seen} (profile {profile.name} wants {want or 'any'})",
+        fix=f"boot with {cg_arg}", kernel_args=[] if cg_ok else [cg_arg]))
     se = facts["selinux"]
     checks.append(Check("SELinux permissive or absent", MISSING if se == "enforcing" else OK,
                         se or "absent", fix="setenforce 0 (and SELINUX=permissive in /etc/selinux/config)"))
@@ -129,10 +131,10 @@ def check_all(facts, inventory, profile):
                         fix="apt-get install podman runc (or dnf install podman)"))
     kata = facts["kata_runtime"]
     checks.append(Check("Kata runtime present", INFO if not kata else OK, kata or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
-    pfs = [d for d in inventory.devices.values() if d.is_pf and d.vendor_device in profile.allowed_ids]
+    pfs = [d for d in inventory.devices.values() if d.is_pf and d.vendor_device in profile.pf_ids]
     checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,
                         ", ".join(f"{d.address} ({d.vendor_device}, {d.driver or 'no driver'}, {d.sriov.totalvfs} VFs max)" for d in pfs)
-                        or f"none of {sorted(profile.allowed_ids)}",
+                        or f"none of {sorted(profile.pf_ids)}",
                         fix=f"use a runner with one of the profile {profile.name}'s devices, or --profile"))
     return checks
 
