@@ -1,0 +1,208 @@
+"""Binding to vfio-pci and restoring, against the simulated sysfs."""
+
+import errno
+
+import pytest
+
+from vfiotest.bind import DeviceManager, MemoryJournal, bind_group_to_vfio, bind_to_vfio
+from vfiotest.errors import AddressError, BindError, DeviceNotFound, NotAllowed
+from vfiotest.pci import read_inventory
+from vfiotest.simsysfs import SimulatedHost
+
+GROUPED = ["host-bridge", "virtio-net", "virtio-blk",
+           {"id": "1b36:0001", "class": "0x060400", "address": "0000:00:04.0", "group": "g"},
+           {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:05.0", "group": "g"},
+           {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:06.0", "group": "g"},
+           # a group with a device outside the allowlist, and one sharing with the root disk
+           {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:07.0", "group": "h"},
+           {"id": "8086:10d3", "class": "0x020000", "address": "0000:00:08.0", "group": "h"},
+           {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:09.0", "group": "r"},
+           {"id": "1af4:1001", "class": "0x010000", "address": "0000:00:0a.0", "group": "r", "disk": "vdb", "mount": "/data"}]
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}], others=GROUPED)
+
+
+@pytest.fixture
+def dm(sim):
+    return DeviceManager(sim, "emulated")
+
+
+VF = "0000:10:10.0"
+
+
+def test_bind_device_then_restore(sim, dm):
+    first = read_inventory(sim)
+    assert dm.bind_device("10:10.0") == VF
+    inv = read_inventory(sim)
+    d = inv.devices[VF]
+    assert d.driver == "vfio-pci" and d.driver_override == "vfio-pci"
+    assert inv.vfio[d.iommu_group] == "char"
+    assert dm.journal.entries() == [{"kind": "driver", "address": VF, "driver": "igbvf", "driver_override": None}]
+    dm.restore_device(VF)
+    assert first.diff(read_inventory(sim)) == []
+    assert dm.journal.entries() == []
+
+
+def test_bind_is_idempotent(sim, dm):
+    dm.bind_device(VF)
+    before = read_inventory(sim)
+    dm.bind_device(VF)
+    assert before.diff(read_inventory(sim)) == []
+    assert len(dm.journal.entries()) == 1
+
+
+def test_already_on_vfio_is_left_and_not_recorded(sim, dm):
+    sim.write_text(f"/sys/bus/pci/devices/{VF}/driver_override", "vfio-pci")
+    sim.write_text("/sys/bus/pci/drivers/igbvf/unbind", VF)
+    sim.write_text("/sys/bus/pci/drivers_probe", VF)
+    assert dm.bind_device(VF) == VF
+    assert dm.journal.entries() == []
+    dm.restore_all()
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"
+
+
+def test_restore_to_no_driver(sim, dm):
+    sim.write_text("/sys/bus/pci/drivers/igbvf/unbind", VF)
+    first = read_inventory(sim)
+    dm.bind_device(VF)
+    dm.restore_all()
+    assert first.diff(read_inventory(sim)) == []
+    assert read_inventory(sim).devices[VF].driver is None
+
+
+def test_restore_original_override(sim, dm):
+    sim.write_text(f"/sys/bus/pci/devices/{VF}/driver_override", "igbvf")
+    first = read_inventory(sim)
+    dm.bind_device(VF)
+    dm.restore_all()
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_bind_group_leaves_bridge_and_verifies_node(sim, dm):
+    first = read_inventory(sim)
+    bound = dm.bind_group("0000:00:06.0")
+    assert bound == ["0000:00:05.0", "0000:00:06.0"]
+    inv = read_inventory(sim)
+    assert inv.devices["0000:00:04.0"].driver is None and inv.devices["0000:00:04.0"].driver_override is None
+    assert inv.vfio[inv.devices["0000:00:05.0"].iommu_group] == "char"
+    dm.restore_group("0000:00:05.0")
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_bind_device_refuses_partial_group(sim, dm):
+    first = read_inventory(sim)
+    with pytest.raises(NotAllowed, match="--group"):
+        dm.bind_device("0000:00:05.0")
+    assert first.diff(read_inventory(sim)) == []
+
+
+@pytest.mark.parametrize("addr, exc, text", [
+    ("0000:00:1g.0", AddressError, "not a PCI address"),
+    ("1:2:3", AddressError, "not a PCI address"),
+    ("0000:00:1f.0", DeviceNotFound, "no PCI device 0000:00:1f.0"),
+    ("0000:00:08.0", NotAllowed, "allowlist"),                 # outside the profile
+    ("0000:00:01.0", NotAllowed, "default route"),             # management NIC
+    ("0000:00:02.0", NotAllowed, "mounted filesystem /"),      # root disk
+])
+def test_bad_input_is_refused_without_change(sim, dm, addr, exc, text):
+    first = read_inventory(sim)
+    with pytest.raises(exc, match=text) as e:
+        dm.bind_device(addr)
+    assert e.value.hint
+    with pytest.raises(exc):
+        dm.bind_group(addr)
+    assert first.diff(read_inventory(sim)) == []
+    assert dm.journal.entries() == []
+
+
+@pytest.mark.parametrize("addr, text", [("0000:00:07.0", "8086:10d3"), ("0000:00:09.0", "mounted filesystem /data")])
+def test_group_with_untouchable_member_is_refused(sim, dm, addr, text):
+    first = read_inventory(sim)
+    with pytest.raises(NotAllowed, match=text):
+        dm.bind_group(addr)
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_seed_profile_refuses_emulated_ids(sim):
+    with pytest.raises(NotAllowed, match="seed"):
+        DeviceManager(sim, "seed").bind_device(VF)
+
+
+def test_vfio_not_loadable(tmp_path):
+    sim = SimulatedHost.build(str(tmp_path / "s"), pfs=[{"preset": "igb", "numvfs": 1}], vfio_loaded=False,
+                              vfio_loadable=False)
+    first = read_inventory(sim)
+    with pytest.raises(BindError, match="modprobe vfio-pci") as e:
+        DeviceManager(sim, "emulated").bind_device(VF)
+    assert "nothing was changed" in e.value.hint
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_vfio_loaded_on_demand(tmp_path):
+    sim = SimulatedHost.build(str(tmp_path / "s"), pfs=[{"preset": "igb", "numvfs": 1}], vfio_loaded=False)
+    DeviceManager(sim, "emulated").bind_device(VF)
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"
+
+
+def test_new_id_fallback_eexist_and_bystanders(tmp_path):
+    sim = SimulatedHost.build(str(tmp_path / "s"), pfs=[{"preset": "igb", "numvfs": 3}], driver_override=False)
+    # a driverless bystander with the same ID: new_id would grab it
+    sim.write_text("/sys/bus/pci/drivers/igbvf/unbind", "0000:10:10.2")
+    first = read_inventory(sim)
+    dm = DeviceManager(sim, "emulated")
+    dm.bind_device(VF)
+    inv = read_inventory(sim)
+    assert inv.devices[VF].driver == "vfio-pci"
+    assert inv.devices["0000:10:10.2"].driver is None  # released again
+    assert sim.dynids() == []  # the ID we added was removed
+    # EEXIST: someone else's ID is already there; it is kept
+    sim.write_text("/sys/bus/pci/drivers/vfio-pci/new_id", "8086 10ca")
+    sim.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:10:10.2")
+    dm.bind_device("0000:10:10.1")
+    assert read_inventory(sim).devices["0000:10:10.1"].driver == "vfio-pci"
+    assert sim.dynids() == ["8086:10ca"]
+    sim.write_text("/sys/bus/pci/drivers/vfio-pci/remove_id", "8086 10ca")
+    dm.restore_all()
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_failed_bind_puts_device_back(sim, dm):
+    """drivers_probe 'succeeds' but nothing binds (vfio-pci unloaded between checks): verified and rolled back."""
+    first = read_inventory(sim)
+    real_write = sim.write_text
+
+    def write(path, data, timeout=30):
+        if path.endswith("drivers_probe") and "vfio" in sim.read_text(f"/sys/bus/pci/devices/{VF}/driver_override"):
+            sim.write_text = real_write
+            sim.unload_vfio()
+            try:
+                return real_write(path, data)
+            finally:
+                sim.run(["modprobe", "vfio-pci"])
+        return real_write(path, data, timeout)
+
+    sim.write_text = write
+    with pytest.raises(BindError, match=f"binding {VF}.*verify.*put back on igbvf"):
+        dm.bind_device(VF)
+    sim.write_text = real_write
+    assert first.diff(read_inventory(sim)) == []
+    assert dm.journal.entries() == []
+
+
+def test_core_without_recorder_for_the_guest_hook(sim):
+    assert bind_to_vfio(sim, VF) is not None
+    assert bind_to_vfio(sim, VF) is None
+    assert bind_group_to_vfio(sim, "0000:00:05.0", MemoryJournal()) == ["0000:00:05.0", "0000:00:06.0"]
+
+
+def test_unbind_enodev_is_tolerated(sim, dm):
+    with pytest.raises(OSError) as e:
+        sim.write_text("/sys/bus/pci/drivers/nvme/unbind", VF)
+    assert e.value.errno == errno.ENODEV
+    dm.bind_device(VF)
+    sim.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", VF)  # someone unbound it behind our back
+    dm.restore_all()
+    assert read_inventory(sim).devices[VF].driver == "igbvf"
