@@ -1,0 +1,132 @@
+"""The restore journal: written before changes, one per process, orphans replayed, bad ones refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vfiotest import sriov
+from vfiotest.bind import DeviceManager
+from vfiotest.errors import JournalError
+from vfiotest.journal import Journal, orphaned_journals, restore_orphans
+from vfiotest.pci import read_inventory
+from vfiotest.simsysfs import SimulatedHost
+
+ROOT = "/var/lib/vfiotest/journal"
+VF = "0000:10:10.0"
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+
+
+def jfile(sim, owner):
+    return f"{sim.sysroot}{ROOT}/{owner}.json"
+
+
+def test_written_before_the_change(sim):
+    seen = []
+    real = sim.write_text
+
+    def spy(path, data, timeout=30):
+        if path.endswith("driver_override"):
+            seen.append(json.load(open(jfile(sim, "a")))["entries"])
+        return real(path, data, timeout)
+
+    sim.write_text = spy
+    with Journal.open(sim, "a") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+        assert seen[0] == [{"kind": "driver", "address": VF, "driver": "igbvf", "driver_override": None}]
+        doc = json.load(open(jfile(sim, "a")))
+        assert doc["identity"]["hostname"] == "simhost" and doc["identity"]["machine_id"]
+    # closed with entries: it stays, as an orphan
+    assert os.path.exists(jfile(sim, "a"))
+
+
+def test_empty_journal_leaves_no_file(sim):
+    with Journal.open(sim, "b") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+        j.restore_all()
+    assert not os.path.exists(jfile(sim, "b"))
+
+
+def test_one_journal_per_process_and_live_ones_are_not_replayed(sim):
+    j = Journal.open(sim, "live")
+    DeviceManager(sim, "emulated", j).bind_device(VF)
+    with pytest.raises(JournalError, match="held by another running process"):
+        Journal.open(sim, "live")
+    assert restore_orphans(sim) == []  # the live journal is not touched
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"
+    j.close()
+    assert restore_orphans(sim) == [("live", 1)]
+    assert read_inventory(sim).devices[VF].driver == "igbvf"
+
+
+def test_orphan_of_a_dead_process_is_replayed_in_reverse(sim, tmp_path):
+    first = read_inventory(sim)
+    script = (f"from vfiotest.simsysfs import SimulatedHost; from vfiotest.journal import Journal;"
+              f"from vfiotest.bind import DeviceManager; from vfiotest import sriov;"
+              f"h = SimulatedHost.open({sim.sysroot!r}); j = Journal.open(h);"
+              f"sriov.set_numvfs(h, '0000:10:00.0', 4, j); DeviceManager(h, 'emulated', j).bind_device('0000:10:10.3');"
+              f"import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert first.diff(read_inventory(sim))
+    (owner, n), = restore_orphans(sim)
+    assert n == 2
+    assert first.diff(read_inventory(sim)) == []
+    assert orphaned_journals(sim) == []
+
+
+def test_kept_journal_only_replayed_on_request(sim):
+    with Journal.open(sim, "cli", keep=True) as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+    assert restore_orphans(sim) == []
+    assert restore_orphans(sim, include_kept=True) == [("cli", 1)]
+
+
+def test_first_original_wins(sim):
+    with Journal.open(sim, "c") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+        j.record({"kind": "driver", "address": VF, "driver": "vfio-pci", "driver_override": "vfio-pci"})
+        assert j.entries()[0]["driver"] == "igbvf"
+        j.restore_all()
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "not JSON"),
+    ('{"version": 9, "identity": {}, "entries": []}', "version"),
+    ('{"version": 1, "identity": {}, "entries": [{"kind": "driver"}]}', "bad entry"),
+    ('[]', "version"),
+])
+def test_corrupt_journal_refused_with_recovery(sim, text, why):
+    os.makedirs(f"{sim.sysroot}{ROOT}", exist_ok=True)
+    open(jfile(sim, "bad"), "w").write(text)
+    with pytest.raises(JournalError, match=why) as e:
+        restore_orphans(sim)
+    assert "corrupt" in e.value.message and f"mv {ROOT}/bad.json" in e.value.hint
+    assert os.path.exists(jfile(sim, "bad"))  # refused: nothing deleted
+
+
+def test_corrupt_journal_does_not_block_the_others(sim):
+    with Journal.open(sim, "good") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+    open(jfile(sim, "bad"), "w").write("garbage")
+    with pytest.raises(JournalError, match="corrupt"):
+        restore_orphans(sim)
+    assert read_inventory(sim).devices[VF].driver == "igbvf"
+
+
+def test_journal_from_another_host_refused(sim):
+    with Journal.open(sim, "x") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+    doc = json.load(open(jfile(sim, "x")))
+    doc["identity"]["machine_id"] = "0" * 32
+    doc["identity"]["hostname"] = "elsewhere"
+    open(jfile(sim, "x"), "w").write(json.dumps(doc))
+    with pytest.raises(JournalError, match="written on elsewhere") as e:
+        restore_orphans(sim)
+    assert "on the host that wrote it" in e.value.hint and ".other-host" in e.value.hint
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"  # nothing was changed

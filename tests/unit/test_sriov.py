@@ -1,0 +1,102 @@
+"""Creating VFs and putting the count back, against the simulated sysfs."""
+
+import pytest
+
+from vfiotest import sriov
+from vfiotest.bind import DeviceManager, MemoryJournal
+from vfiotest.errors import DeviceNotFound, NotAllowed, VFCreateError
+from vfiotest.lease import LeasePool
+from vfiotest.pci import read_inventory
+from vfiotest.profiles import get_profile
+from vfiotest.simsysfs import SimulatedHost
+
+PF = "0000:10:00.0"
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=["igb"])
+
+
+def test_create_change_and_restore(sim):
+    first = read_inventory(sim)
+    j = MemoryJournal()
+    vfs = sriov.set_numvfs(sim, PF, 3, j)
+    assert vfs == ["0000:10:10.0", "0000:10:10.1", "0000:10:10.2"]
+    assert sriov.set_numvfs(sim, PF, 5, j)[-1] == "0000:10:10.4"  # N -> M goes through 0
+    assert j.entries() == [{"kind": "numvfs", "address": PF, "numvfs": 0, "drivers_autoprobe": True}]
+    assert sriov.set_numvfs(sim, PF, 5, j) == sriov.set_numvfs(sim, PF, 5)  # idempotent
+    DeviceManager(sim, "emulated", j).restore_all()
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_autoprobe_is_set_and_restored(sim):
+    first = read_inventory(sim)
+    j = MemoryJournal()
+    sriov.set_numvfs(sim, PF, 2, j, autoprobe=False)
+    inv = read_inventory(sim)
+    assert inv.devices[PF].sriov.drivers_autoprobe is False
+    assert all(v.driver is None for v in inv.vfs_of(PF))
+    DeviceManager(sim, "emulated", j).restore_all()
+    assert first.diff(read_inventory(sim)) == []
+
+
+@pytest.mark.parametrize("n", [8, 100])
+def test_more_than_totalvfs_is_refused_without_change(sim, n):
+    first = read_inventory(sim)
+    j = MemoryJournal()
+    with pytest.raises(VFCreateError, match="at most 7 VFs") as e:
+        sriov.set_numvfs(sim, PF, n, j)
+    assert "7 or fewer" in e.value.hint
+    assert j.entries() == [] and first.diff(read_inventory(sim)) == []
+
+
+@pytest.mark.parametrize("n", [-1, "2", 1.5, True])
+def test_bad_counts(sim, n):
+    with pytest.raises(VFCreateError, match="not a VF count"):
+        sriov.set_numvfs(sim, PF, n)
+
+
+def test_not_a_pf_and_missing(sim):
+    with pytest.raises(VFCreateError, match="not an SR-IOV PF"):
+        sriov.set_numvfs(sim, "0000:00:01.0", 1)
+    with pytest.raises(DeviceNotFound):
+        sriov.set_numvfs(sim, "0000:77:00.0", 1)
+
+
+def test_profile_checks(sim):
+    with pytest.raises(NotAllowed, match="allowlist"):
+        sriov.set_numvfs(sim, PF, 1, profile=get_profile("seed"))
+    sriov.set_numvfs(sim, PF, 1, profile=get_profile("emulated"))
+
+
+def test_pf_with_vfs_bound_to_vfio_is_refused(sim):
+    sriov.set_numvfs(sim, PF, 2)
+    DeviceManager(sim, "emulated").bind_device("0000:10:10.1")
+    before = read_inventory(sim)
+    for n in (0, 3):
+        with pytest.raises(VFCreateError, match="0000:10:10.1 is bound to vfio-pci"):
+            sriov.set_numvfs(sim, PF, n)
+    assert before.diff(read_inventory(sim)) == []
+
+
+def test_pf_with_leased_vf_is_refused(sim):
+    sriov.set_numvfs(sim, PF, 2)
+    group = read_inventory(sim).devices["0000:10:10.0"].iommu_group
+    with LeasePool(sim).acquire(group, test_id="t::x"):
+        with pytest.raises(VFCreateError, match=f"group {group}.*leased.*t::x"):
+            sriov.set_numvfs(sim, PF, 0)
+    sriov.set_numvfs(sim, PF, 0)
+
+
+def test_write_timeout(tmp_path):
+    sim = SimulatedHost.build(str(tmp_path / "s"), pfs=["igb"], sriov_delay=5)
+    with pytest.raises(VFCreateError, match="did not return within 1 s") as e:
+        sriov.set_numvfs(sim, PF, 2, timeout=1)
+    assert "dmesg" in e.value.hint
+
+
+def test_pf_without_driver(sim):
+    sim.write_text("/sys/bus/pci/drivers/igb/unbind", PF)
+    with pytest.raises(VFCreateError, match="no driver bound"):
+        sriov.set_numvfs(sim, PF, 2)
