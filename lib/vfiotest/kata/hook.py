@@ -156,7 +156,7 @@ def bind_group(host, inv, dev, log):
                       new_driver="vfio-pci", group=m.iommu_group, ms=0)
             continue
         try:
-            bind.bind_to_vfio(host, m.address, inventory=inv)
+            bind.bind_to_vfio(host, m.address, verify_node=False)
             new = host.readlink(f"/sys/bus/pci/devices/{m.address}/driver")
             log.write("bind", "bound", device=m.address, vendor_device=m.vendor_device, old_driver=m.driver,
                       new_driver=os.path.basename(new) if new else None, group=m.iommu_group,
@@ -169,7 +169,9 @@ def bind_group(host, inv, dev, log):
                       ms=round((time.monotonic() - t0) * 1000, 1))
             ok = False
     dev_path = f"/dev/vfio/{dev.iommu_group}"
-    present = host.exists(dev_path)
+    deadline = time.monotonic() + 5.0   # udev makes the node shortly after the last bind
+    while not (present := host.exists(dev_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     log.write("verify", "ok" if present else "error", device=dev.address, group=dev.iommu_group, path=dev_path,
               **({} if present else {"error": f"{dev_path} did not appear"}))
     return ok and present
