@@ -1,0 +1,119 @@
+"""`vfiotest devices|bind|unbind|restore|doctor` as a user runs them (subprocess), on a simulated host."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vfiotest.pci import read_inventory
+from vfiotest.simsysfs import SimulatedHost
+
+OTHERS = ["host-bridge", "virtio-net", "virtio-blk",
+          {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:07.0", "group": "h"},
+          {"id": "8086:10d3", "class": "0x020000", "address": "0000:00:08.0", "group": "h"}]
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}], others=OTHERS)
+
+
+def vfiotest(sim, *args, profile="emulated"):
+    env = dict(os.environ, VFIOTEST_TARGET=f"sim:{sim.sysroot}")
+    cmd = [sys.executable, "-m", "vfiotest", *args] + (["--profile", profile] if profile else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_devices_table_and_json(sim):
+    res = vfiotest(sim, "devices")
+    assert res.returncode == 0, res.stderr
+    assert "0000:10:10.0" in res.stdout and "protected: carries the default route" in res.stdout
+    data = json.loads(vfiotest(sim, "devices", "--json").stdout)
+    pf = next(d for d in data["devices"] if d["address"] == "0000:10:00.0")
+    assert pf["sriov"] == {"numvfs": 2, "totalvfs": 7, "drivers_autoprobe": True} and pf["allowed"]
+
+
+def test_bind_unbind_roundtrip(sim):
+    first = read_inventory(sim)
+    res = vfiotest(sim, "bind", "10:10.1")
+    assert res.returncode == 0, res.stderr
+    assert "0000:10:10.1 is on vfio-pci" in res.stdout and "(char)" in res.stdout
+    assert read_inventory(sim).devices["0000:10:10.1"].driver == "vfio-pci"
+    res = vfiotest(sim, "unbind", "0000:10:10.1")
+    assert res.returncode == 0, res.stderr
+    assert "now on igbvf" in res.stdout
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_restore_replays_everything(sim):
+    first = read_inventory(sim)
+    assert vfiotest(sim, "bind", "10:10.0").returncode == 0
+    assert vfiotest(sim, "bind", "10:10.1").returncode == 0
+    res = vfiotest(sim, "restore")
+    assert res.returncode == 0 and "journal cli: 2 change(s) undone" in res.stdout
+    assert first.diff(read_inventory(sim)) == []
+
+
+@pytest.mark.parametrize("args, profile, text", [
+    (["bind", "0000:00:1x.0"], "emulated", "is not a PCI address"),
+    (["bind", "00:1f.0"], "emulated", "no PCI device 0000:00:1f.0"),
+    (["bind", "10:10.0"], "seed", "not in the seed profile's allowlist"),
+    (["bind", "00:01.0"], "emulated", "carries the default route"),
+    (["bind", "--group", "00:07.0"], "emulated", "also holds 0000:00:08.0"),
+    (["bind", "00:07.0"], "emulated", "also holds 0000:00:08.0"),
+    (["unbind", "01:00"], "emulated", "is not a PCI address"),
+    (["devices"], "nosuch", "unknown device profile 'nosuch'"),
+])
+def test_bad_input_clear_error_nonzero_no_change(sim, args, profile, text):
+    first = read_inventory(sim)
+    res = vfiotest(sim, *args, profile=profile)
+    assert res.returncode != 0
+    assert text in res.stderr and "next step:" in res.stderr and "Traceback" not in res.stderr
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_vfio_not_loadable(tmp_path):
+    sim = SimulatedHost.build(str(tmp_path / "s"), pfs=[{"preset": "igb", "numvfs": 1}], vfio_loaded=False,
+                              vfio_loadable=False)
+    res = vfiotest(sim, "bind", "10:10.0")
+    assert res.returncode != 0 and "modprobe vfio-pci` failed" in res.stderr
+
+
+def test_corrupt_and_foreign_journals(sim):
+    root = sim.sysroot + "/var/lib/vfiotest/journal"
+    os.makedirs(root)
+    open(root + "/bad.json", "w").write("{")
+    res = vfiotest(sim, "restore")
+    assert res.returncode != 0 and "corrupt" in res.stderr and "mv /var/lib/vfiotest/journal/bad.json" in res.stderr
+    os.remove(root + "/bad.json")
+    assert vfiotest(sim, "bind", "10:10.0").returncode == 0
+    doc = json.load(open(root + "/cli.json"))
+    doc["identity"].update(hostname="other", machine_id="f" * 32)
+    open(root + "/cli.json", "w").write(json.dumps(doc))
+    res = vfiotest(sim, "restore")
+    assert res.returncode != 0 and "written on other" in res.stderr
+    assert read_inventory(sim).devices["0000:10:10.0"].driver == "vfio-pci"
+
+
+def test_bad_target():
+    res = subprocess.run([sys.executable, "-m", "vfiotest", "devices", "--target", "sim:/nonexistent"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "not a simulated sysroot" in res.stderr
+
+
+def test_doctor(sim):
+    res = vfiotest(sim, "doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "IOMMU" in res.stdout and "0000:10:00.0 8086:10c9 (2/7 VFs)" in res.stdout
+    checks = {c["check"]: c for c in json.loads(vfiotest(sim, "doctor", "--json").stdout)}
+    assert checks["cgroup mode"]["detail"].startswith("hybrid")
+    res = vfiotest(sim, "doctor", profile="seed")  # no PF of the seed's IDs: FAIL, exit 1
+    assert res.returncode == 1 and "FAIL" in res.stdout
+
+
+def test_help_explains(sim):
+    for cmd in ("devices", "bind", "unbind", "restore", "doctor"):
+        res = subprocess.run([sys.executable, "-m", "vfiotest", cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "--target" in res.stdout and len(res.stdout) > 400
