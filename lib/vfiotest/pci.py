@@ -39,7 +39,7 @@ SYS_PCI = "/sys/bus/pci"
 # Runs on the target with python3 (argv[1] = sysroot, "" on a real host). Reads
 # everything in one process so that a host with hundreds of VFs costs one round trip.
 INVENTORY_SCRIPT = r"""
-import json, os, re, socket, subprocess, sys
+import json, os, re, sys
 R = sys.argv[1] if len(sys.argv) > 1 else ""
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 def rd(p):
@@ -92,6 +92,7 @@ for line in (rd(R + "/proc/net/ipv6_route") or "").splitlines():
         protect(bdfs_in(R + "/sys/class/net/" + f[9]), "carries the IPv6 default route (" + f[9] + ")")
 ssh = os.environ.get("SSH_CONNECTION", "").split()
 if len(ssh) == 4 and not R:
+    import subprocess  # only here: importing it costs more than reading 256 VFs
     try:
         out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
         for line in out.splitlines():
@@ -107,7 +108,7 @@ for line in (rd(R + "/proc/mounts") or "").splitlines():
         paths = [blk] + [blk + "/slaves/" + s for s in (os.listdir(blk + "/slaves") if os.path.isdir(blk + "/slaves") else [])]
         for p in paths:
             protect(bdfs_in(p), "backs the mounted filesystem " + mnt + " (" + src + ")")
-ident = {"hostname": rd(R + "/proc/sys/kernel/hostname") or socket.gethostname(),
+ident = {"hostname": rd(R + "/proc/sys/kernel/hostname") or os.uname().nodename,
          "machine_id": rd(R + "/etc/machine-id"), "boot_id": rd(R + "/proc/sys/kernel/random/boot_id")}
 print(json.dumps({"devices": devs, "groups": groups, "vfio": vfio, "drivers": drivers,
                   "protected": protected, "identity": ident}))
