@@ -18,7 +18,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
-say() { echo "vfiotest-init: $*"; }
+say() { echo "vfiotest-init: [$(cut -d" " -f1 /proc/uptime)] $*"; }
 die() { echo "vfiotest-init: FAILED: $*"; echo "vfiotest-init: powering off"; sleep 1; poweroff -f; }
 
 for a in $(cat /proc/cmdline); do
@@ -75,10 +75,10 @@ ip link set eth0 up || die "no eth0 (virtio-net)"
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 
+say "switching root"
 mount --move /dev $R/dev
 mount --move /proc $R/proc
 mount --move /sys $R/sys
-say "switching root"
 exec switch_root $R /run/vfiotest/busybox init
 """
 
@@ -99,16 +99,15 @@ mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-# Drivers: no udev here, so load what the suites use; VFs probe against loaded drivers.
-for m in vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay bridge veth br_netfilter tun \
-         nf_tables nft_compat nft_chain_nat xt_MASQUERADE xt_conntrack xt_addrtype iptable_nat iptable_filter; do
-    modprobe -q $m || echo "vfiotest-stage2: modprobe $m failed"
-done
+# Drivers: no udev here, so load what the suites use (VFs probe against loaded drivers);
+# netfilter, bridge and veth load on demand when podman asks the kernel for them.
+echo "vfiotest-stage2: [$(cut -d' ' -f1 /proc/uptime)] loading modules"
 case $($B grep -m1 vendor_id /proc/cpuinfo) in
-    *AuthenticAMD*) modprobe kvm_amd nested=1 || echo "vfiotest-stage2: kvm_amd failed" ;;
-    *) modprobe kvm_intel nested=1 || echo "vfiotest-stage2: kvm_intel failed" ;;
+    *AuthenticAMD*) KVM=kvm_amd ;;
+    *) KVM=kvm_intel ;;
 esac
-echo "vfiotest-stage2: ready"
+modprobe -a vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay $KVM || echo "vfiotest-stage2: some modules failed to load"
+echo "vfiotest-stage2: [$(cut -d' ' -f1 /proc/uptime)] ready"
 """
 
 SSHD_CONFIG = """\

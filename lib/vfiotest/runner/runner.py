@@ -255,6 +255,15 @@ class Runner:
             self._boot(say, persistent)
             return self
 
+    def keep(self):
+        """Keep the runner up after this process ends (as `runner up` does), until `down()`."""
+        with self._lock():
+            st = self._read_state()
+            if not st or not self.qemu_pids():
+                raise TargetError("the runner is not running: nothing to keep", hint="`vfiotest runner up`")
+            st["persistent"] = True
+            self._write_state(st)
+
     def release(self):
         """This process no longer uses the runner: stop it if nobody else does and it is not persistent."""
         with self._lock():
