@@ -69,7 +69,7 @@ class InitrdSpec:
     guest_hook_path: str = DEFAULT_HOOK_PATH
     allowed_ids: Tuple[str, ...] = ()          # the profile's vendor:device list (used without annotation)
     hook_log: str = HOOK_LOG
-    hook_timeout: float = 20.0
+    hook_timeout: float = 30.0
     agent: Optional[str] = None                # a kata-agent binary to include (run as init)
     standin: bool = True                       # the agent's stand-in for the nested test guest
     extra_drivers: Tuple[str, ...] = NATIVE_DRIVERS
