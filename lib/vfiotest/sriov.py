@@ -9,6 +9,7 @@ refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 """
 
 import errno
+import threading
 import time
 
 from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
@@ -38,10 +39,33 @@ def vfs_in_use(host, inv, pf, leases=None):
     return reasons
 
 
+def timed_write(host, path, data, timeout):
+    """host.write_text with a deadline. Remote hosts bound it themselves; a local write(2)
+    cannot be interrupted, so it runs in a daemon thread that is abandoned on timeout."""
+    if not getattr(host, "is_local", False) or getattr(host, "simulated", False):
+        return host.write_text(path, data, timeout=timeout)
+    outcome = {}
+
+    def write():
+        try:
+            host.write_text(path, data, timeout=timeout)
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+
+    worker = threading.Thread(target=write, name=f"write {path}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise CommandTimeout(f"write of {data!r} to {path} did not finish in {timeout:.0f} s on {host.name}",
+                             hint="the driver is blocking in the kernel; look at dmesg")
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _write_numvfs(host, pf, n, timeout):
     path = f"{SYS_DEV}/{pf}/sriov_numvfs"
     try:
-        host.write_text(path, str(n), timeout=timeout)
+        timed_write(host, path, str(n), timeout)
     except CommandTimeout:
         raise VFCreateError(f"writing {n} to {path} did not return within {timeout:.0f} s",
                             hint="some PF drivers block for minutes; the write may still be pending in the kernel: "
@@ -151,4 +175,4 @@ def restore_numvfs(host, entry, timeout=WRITE_TIMEOUT, settle=SETTLE_TIMEOUT, le
     wait_virtfns(host, pf, want, settle)
 
 
-__all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns"]
+__all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]
