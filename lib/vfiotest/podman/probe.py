@@ -175,9 +175,11 @@ def find_device(group, sysfs="/sys"):
     return devs[0]
 
 
-def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=0x10000000, sysfs="/sys", report=None):
+def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=0x10000000, sysfs="/sys", report=None,
+          before_close=None):
     """Run every step; returns the report dict. Raises ProbeFailed naming the step.
-    `report` (a dict) is filled as steps pass, so a failure still shows what came before."""
+    `report` (a dict) is filled as steps pass, so a failure still shows what came before.
+    `before_close(report)` runs after the last step with the group and device still open."""
     r = report if report is not None else {}
     r["steps"] = steps = []
     fds = []
@@ -251,10 +253,18 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
         regions = []
         for i in range(nregions):
             ri = encode_region_info(i)
-            _ioctl("region-info", dfd, VFIO_DEVICE_GET_REGION_INFO, ri)
+            try:
+                _ioctl("region-info", dfd, VFIO_DEVICE_GET_REGION_INFO, ri)
+            except ProbeFailed as e:
+                if e.errno != errno_mod.EINVAL:
+                    raise
+                # vfio-pci answers EINVAL for a region the device does not have (VGA on a non-VGA device)
+                regions.append({"index": i, "name": PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i),
+                                "absent": True, "size": 0, "offset": 0, "flags": 0, "read": False, "write": False, "mmap": False})
+                continue
             _, rflags, _, _, size, offset = REGION_INFO.unpack(ri)
             regions.append({"index": i, "name": PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i),
-                            "size": size, "offset": offset, "flags": rflags,
+                            "absent": False, "size": size, "offset": offset, "flags": rflags,
                             "read": bool(rflags & VFIO_REGION_INFO_FLAG_READ),
                             "write": bool(rflags & VFIO_REGION_INFO_FLAG_WRITE),
                             "mmap": bool(rflags & VFIO_REGION_INFO_FLAG_MMAP)})
@@ -278,13 +288,20 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
         irqs = []
         for i in range(nirqs):
             ii = encode_irq_info(i)
-            _ioctl("irq-info", dfd, VFIO_DEVICE_GET_IRQ_INFO, ii)
+            try:
+                _ioctl("irq-info", dfd, VFIO_DEVICE_GET_IRQ_INFO, ii)
+            except ProbeFailed as e:
+                if e.errno != errno_mod.EINVAL:
+                    raise
+                continue  # an index the device does not implement
             _, iflags, _, count = IRQ_INFO.unpack(ii)
             irqs.append({"index": i, "name": PCI_IRQ_NAMES[i] if r["pci"] and i < len(PCI_IRQ_NAMES) else str(i),
                          "count": count, "flags": iflags})
         r["irqs"] = irqs
         steps.append("irq-info")
         r["ok"] = True
+        if before_close is not None:
+            before_close(r)
         return r
     finally:
         for fd in reversed(fds):
@@ -336,14 +353,25 @@ def main(argv=None):
     p.add_argument("--device", help="PCI address to open (default: first device of the group in /sys)")
     p.add_argument("--dma-size", type=lambda s: int(s, 0), default=1 << 20, help="bytes to map (page multiple; default 1 MiB)")
     p.add_argument("--iova", type=lambda s: int(s, 0), default=0x10000000, help="IO virtual address to map at")
+    p.add_argument("--hold", type=float, default=0, metavar="SECONDS",
+                   help="after the steps, print the report and keep the group open this long (to test exclusivity)")
     p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
     try:
         a = p.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
     report = {"ok": False}
+    held = []
+
+    def hold(r):
+        print(to_json(r), flush=True)
+        held.append(True)
+        import time
+        time.sleep(a.hold)
+
     try:
-        probe(a.vfio_dir, a.group, a.device, a.dma_size, a.iova, a.sysfs, report=report)
+        probe(a.vfio_dir, a.group, a.device, a.dma_size, a.iova, a.sysfs, report=report,
+              before_close=hold if a.hold > 0 else None)
     except ProbeFailed as e:
         report.update(ok=False, step=e.step, error=e.message, errno=e.errno,
                       errname=errno_mod.errorcode.get(e.errno) if e.errno else None)
@@ -354,7 +382,8 @@ def main(argv=None):
         report.update(ok=False, step="arguments", error=str(e), errno=None, errname=None)
         print(to_json(report))
         return 2
-    print(to_json(report))
+    if not held:
+        print(to_json(report))
     return 0
 
 
