@@ -1,0 +1,170 @@
+"""Containers through podman-py on the kata-vfio runtime, with VFIO exercised inside.
+
+"The node exists" is not enough: the probe opens the container and the group,
+sets the IOMMU, maps and unmaps DMA, and reads the device's IDs through VFIO.
+On the emulated runner kata-vfio is runc (Kata cannot run there), so the
+container shares the runner's kernel and sees the host's group number; under
+Kata the group number is the guest's own and is never compared with the host's.
+"""
+
+import contextlib
+import json
+import os
+import shlex
+import time
+
+import pytest
+
+from vfiotest.bind import device_states
+
+pytestmark = [pytest.mark.mutating, pytest.mark.kata]
+
+EXPECTED_RUNTIME = os.environ.get("VFIOTEST_PODMAN_RUNTIME", "kata-vfio")
+ALL_STEPS = ["open-container", "api-version", "check-extension", "open-group", "group-status", "set-container",
+             "set-iommu", "iommu-info", "map-dma", "unmap-dma", "get-device-fd", "device-info", "region-info",
+             "read-config", "irq-info"]
+SMALL_MEMLOCK = 64 * 1024
+
+
+def _same_kernel(podman_client):
+    """True when containers share the target's kernel (runc stand-in), False under Kata."""
+    info = getattr(podman_client, "runtime_info", None)
+    return info is None or getattr(info, "standin", True)
+
+
+def _report(res):
+    try:
+        return res.json()
+    except ValueError:
+        pytest.fail(f"the probe printed no report:\n{res}")
+
+
+def test_container_runs_on_the_kata_vfio_runtime(container, vfio_group):
+    res = container.run(["true"], vfio=vfio_group)
+    assert res.exit_code == 0, str(res)
+    assert res.oci_runtime == EXPECTED_RUNTIME, f"podman ran the container on {res.oci_runtime!r}"
+    assert res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio") == str(vfio_group.address)
+
+
+def test_vfio_nodes_are_inside(container, vfio_group, podman_client):
+    res = container.run(["sh", "-c", "for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done"], vfio=vfio_group)
+    assert res.exit_code == 0, str(res)
+    nodes = dict(line.rsplit(" ", 1)[::-1] for line in res.stdout.strip().splitlines())
+    assert nodes.get("/dev/vfio/vfio") == "character special file", f"no /dev/vfio/vfio in the container: {nodes}"
+    groups = {p: kind for p, kind in nodes.items() if p.rsplit("/", 1)[-1].isdigit()}
+    assert len(groups) == 1 and set(groups.values()) == {"character special file"}, f"group nodes inside: {nodes}"
+    if _same_kernel(podman_client):
+        assert vfio_group.dev_path in groups, f"{vfio_group.dev_path} is not inside: {nodes}"
+
+
+def test_probe_maps_dma_with_cap_ipc_lock(container, vfio_group):
+    res = container.probe(vfio_group)
+    rep = _report(res)
+    assert res.exit_code == 0 and rep["ok"], f"probe failed at {rep.get('step')}: {rep.get('error')}"
+    assert rep["steps"] == ALL_STEPS
+    assert rep["vendor_device"] == vfio_group.vendor_device
+    assert rep["pci"] and rep["num_regions"] >= 8
+    assert any(r["name"] == "config" and r["size"] >= 256 for r in rep["regions"])
+    assert rep["dma"]["size"] == 1 << 20
+
+
+def test_dma_map_fails_without_cap_ipc_lock_and_small_memlock(container, vfio_group):
+    res = container.probe(vfio_group, ipc_lock=False, ulimits={"memlock": SMALL_MEMLOCK})
+    rep = _report(res)
+    assert res.exit_code == 1, f"the probe should have failed at map-dma:\n{res}"
+    # every step up to the IOMMU worked: it is the memory lock, not the device, that fails
+    assert rep["step"] == "map-dma", f"failed at {rep['step']} ({rep.get('error')}), expected map-dma"
+    assert rep["errname"] == "ENOMEM", rep
+    assert rep["steps"][-1] == "iommu-info"
+
+
+def test_no_dev_vfio_without_device(container):
+    res = container.run(["sh", "-c", "ls -A /dev/vfio 2>/dev/null; test ! -e /dev/vfio"])
+    assert res.exit_code == 0, f"/dev/vfio exists in a container given no device:\n{res}"
+    rep = _report(container.run(container.probe_command()))
+    assert (rep["step"], rep["errname"]) == ("open-container", "ENOENT"), rep
+
+
+def _wait_for_log(ctr, text, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = b"".join(x if isinstance(x, bytes) else x.encode() for x in ctr.logs(stdout=True, stderr=True))
+        if text in out.decode("utf-8", "replace"):
+            return True
+        ctr.reload()
+        if ctr.status not in ("running", "created", "configured"):
+            return False
+        time.sleep(0.5)
+    return False
+
+
+def test_second_container_cannot_take_a_held_group(container, vfio_group, podman_client):
+    holder = container.start(container.probe_command("--hold", 600), vfio=vfio_group, ipc_lock=True)
+    assert _wait_for_log(holder, '"ok": true'), f"the first container did not get the group: {holder.logs()}"
+    res = container.probe(vfio_group)
+    assert res.exit_code != 0, f"a second container used group {vfio_group.group} while another held it:\n{res}"
+    if _same_kernel(podman_client) and res.exit_code is not None:
+        rep = _report(res)
+        assert (rep["step"], rep["errname"]) == ("open-group", "EBUSY"), rep
+    holder.reload()
+    assert holder.status == "running", "the first container was disturbed by the second"
+    # once the holder is gone, the group is usable again
+    podman_client.remove(holder.id)
+    again = container.probe(vfio_group)
+    assert again.exit_code == 0, f"group {vfio_group.group} still busy after its holder was removed:\n{again}"
+
+
+@contextlib.contextmanager
+def _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager):
+    """A VF leased and bound here (not by the vfio_group fixture), so the test itself can check
+    what is left after it gives everything back. Yields (VfioGroup, states of its group before)."""
+    from fixtures.vfio import lease_vf
+
+    vf, lease = lease_vf(request, target_host, sriov_pfs, lease_pool)
+    members = device_states(target_host, [vf.address])[vf.address]["members"]
+    before = device_states(target_host, members)
+    try:
+        vf.members = device_manager.bind_group(vf.address)
+        yield vf, before
+    finally:
+        try:
+            device_manager.restore_group(vf.address)
+        finally:
+            lease.release()
+
+
+def test_crashing_container_leaves_no_lease_and_no_container(request, target_host, sriov_pfs, lease_pool,
+                                                            device_manager, podman_client, container):
+    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, before):
+        # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
+        ctr = container.start(["sh", "-c", shlex.join(container.probe_command("--hold", 600)) + " & echo $! > /tmp/probe.pid; wait $!"],
+                              vfio=vf, ipc_lock=True)
+        assert _wait_for_log(ctr, '"ok": true'), "the container did not get the group"
+        podman_client.exec(ctr, ["sh", "-c", "kill -SEGV $(cat /tmp/probe.pid)"])
+        rc = ctr.wait(condition=["exited", "stopped"], timeout=120)
+        rc = rc.get("StatusCode") if isinstance(rc, dict) else rc
+        assert rc == 128 + 11, f"the container did not crash with SIGSEGV (exit {rc})"
+        podman_client.cleanup()
+        left = [c.name for c in podman_client.leftovers()]
+        assert not left, f"containers left after a crash: {left}"
+        # the crashed process holds nothing: the group opens again at once
+        again = container.probe(vf)
+        assert again.exit_code == 0, f"group {vf.group} unusable after the crash:\n{again}"
+        group = vf.group
+    held = lease_pool.held()
+    assert group not in held, f"lease on group {group} left behind: {held[group]}"
+    after = device_states(target_host, list(before))
+    assert after == before, json.dumps({"before": before, "after": after}, indent=1)
+
+
+def test_host_driver_state_after_teardown_equals_start(request, target_host, sriov_pfs, lease_pool,
+                                                       device_manager, podman_client, container):
+    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, before):
+        during = device_states(target_host, list(before))
+        assert all(s["driver"] == "vfio-pci" for a, s in during.items() if not s["class"].startswith("0x0604"))
+        res = container.probe(vf)
+        assert res.exit_code == 0, str(res)
+        podman_client.cleanup()
+    after = device_states(target_host, list(before))
+    assert after == before, json.dumps({"before": before, "after": after}, indent=1)
+    assert not podman_client.leftovers()
