@@ -1,0 +1,240 @@
+"""`vfiotest kata ...`: build and inspect the guest image, derive configuration.toml,
+register the kata-vfio runtime, boot the nested guest stand-in."""
+
+import argparse
+import json
+import sys
+
+from ..errors import HarnessError
+from . import config as kata_config
+from . import image, initrd, runtime
+
+
+def _say(msg):
+    print(msg, file=sys.stderr)
+
+
+def _open(args):
+    from ..targets import open_host
+
+    return open_host(args.target, progress=_say)
+
+
+def _profile_ids(name):
+    from ..profiles import get_profile
+
+    p = get_profile(name or "emulated")
+    return tuple(sorted(set(p.ids) | set(p.vf_ids.values())))
+
+
+def cmd_build(args):
+    spec = initrd.InitrdSpec(guest_hook_path=args.hook_path, allowed_ids=_profile_ids(args.profile),
+                             agent=args.agent, standin=not args.no_standin, compress=args.compress)
+    built = initrd.build_initrd(spec, force=args.force, progress=_say)
+    if args.json:
+        print(json.dumps(built.manifest(), indent=1))
+    else:
+        print(f"initrd:  {built.path}{' (cached)' if built.cached else ''}\n"
+              f"kernel:  {built.kernel}\nsize:    {built.size / 1e6:.1f} MB\n"
+              f"built:   {built.build_seconds:.1f} s\nhook:    {built.hook_path}\n"
+              f"modules: {' '.join(built.modules)}")
+    return 0
+
+
+def cmd_inspect(args):
+    listing = image.read_initrd(args.image)
+    if args.list:
+        print("\n".join(listing.lines()))
+    modules = args.module or ["vfio", "vfio_iommu_type1", "vfio-pci"]
+    check = image.verify_guest_image(listing, hook_name=args.hook_name, guest_hook_path=args.hook_path,
+                                     modules=modules, needs_python=not args.no_python)
+    if args.json:
+        print(json.dumps({"image": args.image, "size": listing.size, "compression": listing.compression,
+                          "entries": len(listing.entries),
+                          "hook": {"path": f"/{check.hook.path}", "mode": f"{check.hook.perms:o}", "kind": check.hook.kind}
+                          if check.hook else None,
+                          "modules": check.modules, "python": check.python, "problems": check.problems}, indent=1))
+    elif not args.list:
+        print(f"{args.image}: {listing.size / 1e6:.1f} MB, {'+'.join(listing.compression)}, {len(listing.entries)} entries")
+        h = check.hook
+        print(f"hook:    {'/' + h.path + ' ' + h.kind + ' mode ' + format(h.perms, 'o') if h else 'MISSING'}")
+        print(f"python:  {check.python or 'MISSING'}")
+        for m, where in check.modules.items():
+            print(f"module:  {m:18} {where}")
+        for p in check.problems:
+            print(f"PROBLEM: {p}")
+    return 0 if check.ok else 1
+
+
+def cmd_config(args):
+    base_path = args.base or kata_config.find_installed_config() or kata_config.BUNDLED_CONFIG
+    with open(base_path) as f:
+        base = f.read()
+    kernel, initrd_path = args.kernel, args.initrd
+    if not (kernel and initrd_path):
+        built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
+        kernel, initrd_path = kernel or built.kernel, initrd_path or built.path
+    settings = kata_config.KataVfioSettings(kernel=kernel, initrd=initrd_path, guest_hook_path=args.hook_path,
+                                            kata_major=args.kata_major)
+    text = kata_config.derive_config(base, settings, source=base_path)
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w") as f:
+            f.write(text)
+        _say(f"wrote {args.out} (derived from {base_path})")
+    return 0
+
+
+def cmd_detect(args):
+    host, close = _open(args)
+    try:
+        kata = runtime.detect_kata(host)
+        print(kata.describe())
+        return 0 if (not kata.installed or kata.has_oci_cli) else 1
+    finally:
+        close()
+
+
+def cmd_register(args):
+    host, close = _open(args)
+    try:
+        kata = runtime.detect_kata(host)
+        if kata.installed and kata.has_oci_cli:
+            built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
+            written = kata_config.write_kata_vfio_config(
+                host, kata_config.KataVfioSettings(kernel=built.kernel, initrd=built.path, kata_major=kata.major))
+            _say(f"configuration {written.path} derived from {written.source}")
+        reg = runtime.RuntimeRegistration(host, kata=kata)
+        info = reg.register()
+        said = reg.verify(image=args.image)
+        print(info.describe())
+        print(f"podman: {said}")
+        return 0
+    finally:
+        close()
+
+
+def cmd_unregister(args):
+    host, close = _open(args)
+    try:
+        removed = []
+        for path in (runtime.DROPIN_PATH, runtime.WRAPPER_PATH):
+            try:
+                text = host.read_text(path)
+            except OSError:
+                continue
+            if runtime.MARKER in text:
+                host.remove(path)
+                removed.append(path)
+            else:
+                _say(f"{path} was not written by vfiotest: left alone")
+        print("removed: " + (", ".join(removed) or "nothing"))
+        return 0
+    finally:
+        close()
+
+
+def cmd_nested(args):
+    from .nested import DEFAULT_RUNS, NestedGuest
+
+    built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
+    host, close = _open(args)
+    try:
+        g = NestedGuest(host, built.kernel, built.path, timeout=args.timeout)
+        if args.print:
+            import shlex
+
+            print(shlex.join(g.command(vfs=args.vf, annotation=args.annotation, runs=DEFAULT_RUNS)))
+            return 0
+        _say("the VF(s) must be on vfio-pci on the target first (`vfiotest bind --group ADDR`)")
+        rep = g.boot(vfs=args.vf, annotation=args.annotation)
+        print(f"boot: {rep.boot_seconds} s QEMU start to power-off; hooks at guest uptime {rep.hook_seconds} s")
+        for r in rep.runs:
+            print(f"run {r['kind']:9} " + ", ".join(f"rc={x['rc']} {x['seconds']}s" for x in r["results"]))
+        print("hook log (/tmp/vfio-hook.log in the guest):")
+        for e in rep.hook_log:
+            print("  " + json.dumps(e, sort_keys=True))
+        print(f"/dev/vfio in the guest: {rep.dev_vfio}")
+        return 0
+    finally:
+        close()
+
+
+def register(sub):
+    fmt = argparse.RawDescriptionHelpFormatter
+    kp = sub.add_parser("kata", help="guest image, configuration.toml and the kata-vfio runtime",
+                        formatter_class=fmt, description=__doc__ + "\nSee docs/kata.md.")
+    ks = kp.add_subparsers(dest="kata_command", metavar="STEP")
+    kp.set_defaults(func=lambda a: (kp.print_help(), 2)[1])
+
+    from ..cli import add_target_argument
+
+    p = ks.add_parser("build-initrd", help="build the guest initrd (dracut, Debian's 6.1 kernel), cached by inputs",
+                      formatter_class=fmt,
+                      description="Build the guest initrd: VFIO modules the guest kernel has, python3 and the stdlib\n"
+                                  "files the hook imports, the hook at <hook-path>/prestart/vfio-hook (0755), the\n"
+                                  "device layer it shares, the agent stand-in (or --agent). Checked by listing it.")
+    p.add_argument("--profile", default=None, help="IDs the hook binds without an annotation (default emulated)")
+    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH, help="guest_hook_path (default %(default)s)")
+    p.add_argument("--agent", default=None, metavar="PATH", help="a kata-agent binary to include and run as init")
+    p.add_argument("--no-standin", action="store_true", help="leave out the agent stand-in of the nested test guest")
+    p.add_argument("--compress", choices=("zstd", "gzip", "xz"), default="zstd")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache has it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = ks.add_parser("inspect", help="list an initrd and check the hook, its mode and the modules",
+                      formatter_class=fmt, description="Read an initrd (cpio: plain, gzip, zstd, xz, concatenated)\n"
+                                                       "and check the hook and modules. Exit 1 when something is missing.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--list", action="store_true", help="print every entry, ls -l style")
+    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH)
+    p.add_argument("--hook-name", default=initrd.HOOK_NAME)
+    p.add_argument("--module", action="append", help="a module that must be there (repeatable; default the VFIO set)")
+    p.add_argument("--no-python", action="store_true", help="do not require python3 (a Go hook, say)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = ks.add_parser("config", help="derive configuration.toml for kata-vfio (comments kept)", formatter_class=fmt,
+                      description="Derive the kata-vfio configuration from the installed Kata configuration (or\n"
+                                  "--base; or the bundled Kata 1.x sample when none is installed): q35,\n"
+                                  "guest_hook_path, kernel_params with systemd.unified_cgroup_hierarchy=0,\n"
+                                  "enable_iommu, the debug console, the kernel and initrd. Never edits the system's file.")
+    p.add_argument("--base", metavar="FILE")
+    p.add_argument("--kernel", metavar="FILE")
+    p.add_argument("--initrd", metavar="FILE")
+    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH)
+    p.add_argument("--kata-major", type=int, default=1, help="1: debug console as agent.debug_console; 2+: debug_console_enabled")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=cmd_config)
+
+    p = ks.add_parser("detect", help="which Kata is installed on the target, and whether podman can use it")
+    add_target_argument(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = ks.add_parser("register", help="register kata-vfio for podman on the target (drop-in + wrapper)",
+                      formatter_class=fmt,
+                      description="Kata 1.x: a wrapper passing --kata-config with the derived configuration.\n"
+                                  "No Kata: a wrapper over runc (the guest is the nested stand-in). Kata 2.x/3.x:\n"
+                                  "refused, they have no OCI CLI for podman. Verified with podman.")
+    add_target_argument(p)
+    p.add_argument("--image", help="also create (not start) a container with it and check inspect's OCIRuntime")
+    p.set_defaults(func=cmd_register)
+
+    p = ks.add_parser("unregister", help="remove the kata-vfio drop-in and wrapper (only files vfiotest wrote)")
+    add_target_argument(p)
+    p.set_defaults(func=cmd_unregister)
+
+    p = ks.add_parser("nested", help="boot the guest image in a second-level VM on the target with VFs passed through",
+                      formatter_class=fmt,
+                      description="The guest stand-in of the emulated runner: QEMU/KVM inside the runner, its own\n"
+                                  "vIOMMU, -device vfio-pci,host=VF; the agent stand-in runs the prestart hooks\n"
+                                  "and the report (hook log, /dev/vfio) is read from the console.")
+    add_target_argument(p)
+    p.add_argument("--vf", action="append", default=[], metavar="ADDR", help="VF on vfio-pci on the target (repeatable)")
+    p.add_argument("--annotation", default=None, help="io.katacontainers.x.vfio value (commas, no spaces)")
+    p.add_argument("--timeout", type=float, default=240.0)
+    p.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
+    p.set_defaults(func=cmd_nested)
