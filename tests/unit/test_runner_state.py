@@ -142,3 +142,11 @@ def test_cli_registers_runner_commands():
     for action in ("up", "down", "status", "ssh", "console"):
         args = p.parse_args(["runner", action])
         assert callable(args.func)
+
+
+def test_console_tail_is_the_last_40_lines(tmp_path):
+    r = Runner(str(tmp_path / "r"))
+    os.makedirs(r.state_dir)
+    with open(r.console_log, "w") as f:
+        f.write("".join(f"line {i}\n" for i in range(100)))
+    assert r.console_tail() == [f"line {i}" for i in range(60, 100)]
