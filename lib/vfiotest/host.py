@@ -122,6 +122,9 @@ class Host:
     # -- files: raise OSError with the kernel's errno, like local calls do --
     def _fileop(self, op, path, *extra, data=None, timeout=DEFAULT_TIMEOUT):
         res = self.python(FILE_OP_SCRIPT, [op, path, *extra], input=data, timeout=timeout)
+        return self._fileop_reply(op, path, res)
+
+    def _fileop_reply(self, op, path, res):
         try:
             reply = json.loads(res.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):

@@ -5,16 +5,57 @@ about 0.4 s; a command on an open one 70-160 ms). Host keys are never learned:
 an unknown or changed key is refused.
 """
 
+import base64
+import contextlib
+import io
+import json
 import os
 import re
 import shlex
 import socket
+import threading
 import time
 
 import paramiko
 
 from .errors import CommandTimeout, TargetError
-from .host import DEFAULT_TIMEOUT, CommandResult, Host
+from .host import FILE_OP_SCRIPT, CommandResult, Host
+
+# A Python process kept on the target for the life of the connection: file operations
+# and scripts go to it as JSON lines. Starting python3 costs 0.6-4 s on a TCG runner
+# whose root is on 9p; a request to the running agent costs a few milliseconds.
+AGENT_SCRIPT = r"""
+import base64, contextlib, io, json, os, sys
+FILE_OP = %r
+out = os.fdopen(os.dup(1), "w")  # the protocol; fd 1 goes to /dev/null so subprocesses cannot corrupt it
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+for line in sys.stdin:
+    req = json.loads(line)
+    argv = ["-c"] + req.get("args", [])
+    code = FILE_OP if req["kind"] == "fileop" else req["script"]
+    buf = io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(base64.b64decode(req.get("input") or "")))
+    rc = 0
+    old = sys.argv, sys.stdin
+    sys.argv, sys.stdin = argv, stdin
+    try:
+        with contextlib.redirect_stdout(buf):
+            exec(compile(code, "<vfiotest>", "exec"), {"__name__": "__main__"})
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException as e:
+        rc = 1
+        err = "%%s: %%s" %% (type(e).__name__, e)
+        out.write(json.dumps({"rc": rc, "stdout": buf.getvalue(), "stderr": err}) + "\n")
+        out.flush()
+        continue
+    finally:
+        sys.argv, sys.stdin = old
+    out.write(json.dumps({"rc": rc, "stdout": buf.getvalue(), "stderr": ""}) + "\n")
+    out.flush()
+""" % FILE_OP_SCRIPT
 
 _TARGET_RE = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9.:_-]+?|\[[0-9a-fA-F:]+\])(?::(?P<port>\d{1,5}))?/?$")
 
@@ -57,6 +98,8 @@ class SshHost(Host):
         self.connect_timeout = connect_timeout
         self.name = name or f"{user}@{host}:{port}"
         self._client = None
+        self._agent, self._agent_buf = None, b""
+        self._agent_lock = threading.RLock()
 
     @classmethod
     def from_target(cls, target, **kw):
@@ -93,6 +136,7 @@ class SshHost(Host):
         return client
 
     def close(self):
+        self._drop_agent()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -127,6 +171,64 @@ class SshHost(Host):
         finally:
             chan.close()
         return CommandResult(command, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), self.name)
+
+    # -- the agent: scripts and file operations without a python3 start each ------------
+    def python(self, script, args=(), *, timeout=30.0, input=None, check=False, what=None):
+        res = self._agent_call({"kind": "script", "script": script, "args": [str(a) for a in args]},
+                               input, timeout, what or "python3 script")
+        return res.check(what) if check else res
+
+    def _fileop(self, op, path, *extra, data=None, timeout=30.0):
+        res = self._agent_call({"kind": "fileop", "args": [op, path, *map(str, extra)]}, data, timeout, f"{op} {path}")
+        return self._fileop_reply(op, path, res)
+
+    def _agent_call(self, req, input, timeout, what):
+        if input is not None:
+            req["input"] = base64.b64encode(input if isinstance(input, bytes) else input.encode()).decode()
+        with self._agent_lock:
+            chan = self._agent_channel()
+            try:
+                chan.sendall((json.dumps(req) + "\n").encode())
+                line = self._agent_readline(chan, time.monotonic() + timeout)
+            except CommandTimeout:
+                self._drop_agent()
+                raise CommandTimeout(f"{what} did not finish in {timeout:.0f} s on {self.name}",
+                                     hint="the target may be hung (a blocked sysfs write?); look at its console or dmesg") from None
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                self._drop_agent()
+                raise TargetError(f"lost the connection to {self.name} during {what}: {e}",
+                                  hint="is the runner still up? `vfiotest runner status`") from e
+        reply = json.loads(line)
+        return CommandResult(what, reply["rc"], reply["stdout"], reply["stderr"], self.name)
+
+    def _agent_channel(self):
+        if self._agent is not None and not self._agent.closed and not self._agent.exit_status_ready():
+            return self._agent
+        chan = self.connect().get_transport().open_session(timeout=self.connect_timeout)
+        chan.settimeout(0.5)
+        chan.exec_command(shlex.join(["python3", "-u", "-c", AGENT_SCRIPT]))
+        self._agent, self._agent_buf = chan, b""
+        return chan
+
+    def _agent_readline(self, chan, deadline):
+        while b"\n" not in self._agent_buf:
+            if time.monotonic() > deadline:
+                raise CommandTimeout("agent")
+            try:
+                data = chan.recv(1 << 20)
+            except socket.timeout:
+                continue
+            if not data:
+                err = chan.recv_stderr(65536).decode("utf-8", "replace") if chan.recv_stderr_ready() else ""
+                raise EOFError(f"the agent on the target exited {err.strip()[-300:]}")
+            self._agent_buf += data
+        line, self._agent_buf = self._agent_buf.split(b"\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def _drop_agent(self):
+        if self._agent is not None:
+            self._agent.close()
+        self._agent, self._agent_buf = None, b""
 
     # -- locks: a remote flock(1) held by an open channel ---------------------------
     def hold_lock(self, path, blocking=False, timeout=10.0):

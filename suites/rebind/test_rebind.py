@@ -1,0 +1,260 @@
+"""Host VF <-> vfio-pci on the target's real kernel: what the seed's rebind.sh did, and what it got wrong.
+
+Every test leaves the device as it found it; the session's host state guard checks
+the whole host at the end.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vfiotest.bind import DeviceManager
+from vfiotest.errors import AddressError, DeviceNotFound, JournalError, NotAllowed, VFCreateError
+from vfiotest.journal import JOURNAL_ROOT, restore_orphans
+from vfiotest.pci import read_inventory
+from vfiotest.sriov import set_numvfs
+
+from fixtures.vfio import lease_vf
+
+pytestmark = pytest.mark.mutating
+
+
+def driver_of(host, address):
+    link = host.readlink(f"/sys/bus/pci/devices/{address}/driver")
+    return link.rsplit("/", 1)[-1] if link else None
+
+
+def is_char_device(host, path):
+    return host.run(["test", "-c", path]).ok
+
+
+def override_of(host, address):
+    value = host.read_text(f"/sys/bus/pci/devices/{address}/driver_override").strip()
+    return None if value in ("", "(null)") else value
+
+
+def test_bind_one_vf_gives_vfio_group_node(target_host, vfio_group, testinfra_host):
+    assert driver_of(target_host, vfio_group.address) == "vfio-pci"
+    assert is_char_device(target_host, vfio_group.dev_path), f"{vfio_group.dev_path} is not a char device"
+    assert testinfra_host.file(f"/sys/bus/pci/devices/{vfio_group.address}/driver").linked_to.endswith("/vfio-pci")
+    assert is_char_device(target_host, "/dev/vfio/vfio")
+
+
+def test_bind_whole_group(target_host, vf_lease, device_manager):
+    inv = read_inventory(target_host)
+    members = inv.group_of(vf_lease.address)
+    bound = device_manager.bind_group(vf_lease.address)
+    try:
+        endpoints = [a for a in members if not inv.devices[a].is_bridge]
+        assert sorted(bound) == sorted(endpoints), f"group {vf_lease.group}: bound {bound}, endpoints {endpoints}"
+        for a in endpoints:
+            assert driver_of(target_host, a) == "vfio-pci", a
+        assert is_char_device(target_host, vf_lease.dev_path)
+    finally:
+        device_manager.restore_group(vf_lease.address)
+    assert driver_of(target_host, vf_lease.address) == vf_lease.original_driver
+
+
+def test_rebind_is_idempotent(target_host, vfio_group, device_manager):
+    entries_before = device_manager.journal.entries()
+    again = device_manager.bind_group(vfio_group.address)
+    assert again == vfio_group.members
+    assert driver_of(target_host, vfio_group.address) == "vfio-pci"
+    assert is_char_device(target_host, vfio_group.dev_path)
+    assert device_manager.journal.entries() == entries_before, "a second bind must not record a second original"
+
+
+def test_restore_returns_original_driver_and_clears_override(target_host, vf_lease, device_manager):
+    before = read_inventory(target_host).device(vf_lease.address)
+    device_manager.bind_group(vf_lease.address)
+    assert override_of(target_host, vf_lease.address) == "vfio-pci"
+    device_manager.restore_group(vf_lease.address)
+    assert driver_of(target_host, vf_lease.address) == before.driver
+    assert override_of(target_host, vf_lease.address) is None
+    assert not target_host.exists(vf_lease.dev_path) or before.driver == "vfio-pci"
+
+
+def test_two_vfs_with_the_same_id_bind_independently(request, target_host, sriov_pfs, lease_pool, device_manager):
+    """The seed's rebind.sh wrote new_id: the second VF of an ID got EEXIST after it was already unbound."""
+    first, lease1 = lease_vf(request, target_host, sriov_pfs, lease_pool)
+    try:
+        second, lease2 = lease_vf(request, target_host, sriov_pfs, lease_pool, first.vendor_device)
+    except BaseException:
+        lease1.release()
+        raise
+    try:
+        device_manager.bind_group(first.address)
+        device_manager.bind_group(second.address)
+        assert first.vendor_device == second.vendor_device
+        assert driver_of(target_host, first.address) == "vfio-pci"
+        assert driver_of(target_host, second.address) == "vfio-pci"
+        assert is_char_device(target_host, first.dev_path) and is_char_device(target_host, second.dev_path)
+        device_manager.restore_group(first.address)
+        assert driver_of(target_host, first.address) == first.original_driver
+        assert driver_of(target_host, second.address) == "vfio-pci", "restoring one VF must leave the other bound"
+    finally:
+        device_manager.restore_group(first.address)
+        device_manager.restore_group(second.address)
+        lease1.release()
+        lease2.release()
+    assert driver_of(target_host, second.address) == second.original_driver
+
+
+class _OthersLeases:
+    """The lease pool as set_numvfs sees it, without the leases this test holds on purpose."""
+
+    def __init__(self, pool, mine):
+        self.pool, self.mine = pool, set(mine)
+
+    def held(self):
+        return {g: o for g, o in self.pool.held().items() if g not in self.mine}
+
+
+@pytest.fixture
+def whole_pf(request, target_host, sriov_pfs, lease_pool):
+    """A PF all of whose VF groups this test holds, so it may change the VF count."""
+    for pf in sorted(sriov_pfs, key=lambda p: -len(p.vfs)):
+        inv = read_inventory(target_host)
+        groups = [inv.devices[v].iommu_group for v in pf.vfs if v in inv.devices]
+        leases = []
+        for g in groups:
+            lease = lease_pool.try_acquire(g, test_id=request.node.nodeid, retry=60)
+            if lease is None:
+                break
+            leases.append(lease)
+        if len(leases) == len(groups):
+            yield pf, _OthersLeases(lease_pool, groups)
+            for lease in leases:
+                lease.release()
+            return
+        for lease in leases:
+            lease.release()
+    pytest.skip("no PF whose VFs are all free")
+
+
+def test_numvfs_n_to_m_and_back(target_host, whole_pf, profile):
+    pf, leases = whole_pf
+    n = len(pf.vfs)
+    assert n >= 2, f"{pf.address} has {n} VFs; the runner needs at least 2 (--numvfs)"
+    try:
+        vfs = set_numvfs(target_host, pf.address, n - 1, profile=profile, leases=leases)  # N -> M: 0 first
+        assert len(vfs) == n - 1
+        inv = read_inventory(target_host)
+        assert inv.device(pf.address).sriov.numvfs == n - 1
+        groups = [inv.device(v).iommu_group for v in vfs]
+        assert len(set(groups)) == len(groups), f"VFs share IOMMU groups: {groups}"
+        assert all(inv.device(v).physfn == pf.address for v in vfs)
+        assert set_numvfs(target_host, pf.address, 0, profile=profile, leases=leases) == []
+        assert read_inventory(target_host).device(pf.address).virtfns == {}
+    finally:
+        vfs = set_numvfs(target_host, pf.address, n, profile=profile, leases=leases)
+    assert vfs == pf.vfs, "VF addresses must come back the same"
+
+
+def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
+    inv = read_inventory(target_host)
+    pf = inv.device(vfio_group.pf)
+    expected = next(p for p in sriov_pfs if p.address == vfio_group.pf)
+    assert pf.driver == expected.driver, f"PF {pf.address} driver {pf.driver}, was {expected.driver}"
+    assert pf.driver_override is None
+    assert sorted(pf.net) == sorted(expected.operstate), f"PF interfaces {pf.net}, were {sorted(expected.operstate)}"
+    for iface, was in expected.operstate.items():
+        state = target_host.read_text(f"/sys/class/net/{iface}/operstate").strip()
+        assert state == was, f"PF interface {iface} is {state}, was {was}"
+
+
+# -- bad input: a clear error and no change -----------------------------------------------------
+def _state(host):
+    return read_inventory(host).state()
+
+
+def test_bad_address_malformed(target_host, device_manager):
+    before = _state(target_host)
+    with pytest.raises(AddressError, match="not a PCI address"):
+        device_manager.bind_group("0000:zz:00.0")
+    assert _state(target_host) == before
+
+
+def test_bad_address_missing_device(target_host, device_manager):
+    before = _state(target_host)
+    with pytest.raises(DeviceNotFound, match="no PCI device 0000:7f:1f.7"):
+        device_manager.bind_group("0000:7f:1f.7")
+    assert _state(target_host) == before
+
+
+def test_device_outside_allowlist_refused(target_host, device_manager, profile):
+    inv = read_inventory(target_host)
+    outside = [d for d in inv.devices.values()
+               if not profile.allows(d.vendor_device) and not d.is_bridge and d.address not in inv.protected
+               and d.iommu_group]
+    if not outside:
+        pytest.skip("every device on the target is in the profile")
+    before = _state(target_host)
+    with pytest.raises(NotAllowed, match="allowlist"):
+        device_manager.bind_group(outside[0].address)
+    assert _state(target_host) == before
+
+
+def test_device_the_host_needs_refused(target_host, device_manager):
+    inv = read_inventory(target_host)
+    assert inv.protected, "the target's SSH/default-route NIC was not recognised as needed by the host"
+    address, why = next(iter(inv.protected.items()))
+    before = _state(target_host)
+    with pytest.raises(NotAllowed, match="the host needs it|also holds"):
+        device_manager.bind_group(address)
+    assert _state(target_host) == before
+
+
+def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile):
+    pf = read_inventory(target_host).device(vfio_group.pf)
+    before = _state(target_host)
+    with pytest.raises(VFCreateError, match="in use"):
+        set_numvfs(target_host, pf.address, max(pf.sriov.numvfs - 1, 1), profile=profile)
+    assert _state(target_host) == before
+
+
+def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile):
+    pf = read_inventory(target_host).device(sriov_pfs[0].address)
+    before = _state(target_host)
+    with pytest.raises(VFCreateError, match="at most"):
+        set_numvfs(target_host, pf.address, pf.sriov.totalvfs + 1, profile=profile)
+    assert _state(target_host) == before
+
+
+def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met):
+    path = f"{JOURNAL_ROOT}/corrupt-by-test.json"
+    target_host.write_atomic(path, "{not json", mode=0o600)
+    try:
+        before = _state(target_host)
+        with pytest.raises(JournalError) as e:
+            restore_orphans(target_host)
+        assert "corrupt-by-test" in str(e.value) and e.value.hint
+        assert _state(target_host) == before
+    finally:
+        target_host.remove(path)
+        target_host.remove(f"{JOURNAL_ROOT}/corrupt-by-test.lock")
+
+
+def test_journal_from_another_host_refused(target_host, prereqs_met):
+    path = f"{JOURNAL_ROOT}/foreign-by-test.json"
+    doc = {"version": 1, "owner": "foreign-by-test", "pid": 1, "created": 0, "keep": False,
+           "identity": {"machine_id": "0" * 32, "hostname": "elsewhere", "boot_id": None},
+           "entries": [{"kind": "numvfs", "address": "0000:01:00.0", "numvfs": 0}]}
+    target_host.write_atomic(path, json.dumps(doc), mode=0o600)
+    try:
+        before = _state(target_host)
+        with pytest.raises(JournalError, match="elsewhere"):
+            restore_orphans(target_host)
+        assert _state(target_host) == before
+    finally:
+        target_host.remove(path)
+        target_host.remove(f"{JOURNAL_ROOT}/foreign-by-test.lock")
+
+
+def test_cli_bad_address_exits_non_zero_with_next_step(target_spec, prereqs_met):
+    p = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", target_spec, "0000:zz:00.0"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "not a PCI address" in p.stderr and "next step" in p.stderr, p.stderr
