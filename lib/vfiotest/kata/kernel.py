@@ -54,8 +54,15 @@ class GuestKernel:
 
 def debian_kernel(progress=None):
     """The extracted Debian guest kernel: the runner's kernel asset (one download
-    shared by the runner and the guest image, see vfiotest.runner.assets)."""
-    from ..runner.assets import ensure_kernel
+    shared by the runner and the guest image, see vfiotest.runner.assets).
+    Resolved once per process (asking apt costs seconds)."""
+    global _RESOLVED
+    if _RESOLVED is None or not os.path.exists(_RESOLVED.vmlinuz):
+        from ..runner.assets import ensure_kernel
 
-    k = ensure_kernel(progress=progress)
-    return GuestKernel(package=k.package, kver=k.kver, root=k.root)
+        k = ensure_kernel(progress=progress)
+        _RESOLVED = GuestKernel(package=k.package, kver=k.kver, root=k.root)
+    return _RESOLVED
+
+
+_RESOLVED = None
