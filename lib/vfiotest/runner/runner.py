@@ -19,6 +19,7 @@ import subprocess
 import time
 
 import filelock
+import paramiko
 
 from ..errors import ProvisionError, TargetError
 from ..sshhost import SshHost, wait_for_ssh_banner
@@ -407,9 +408,11 @@ class Runner:
                 try:
                     h.run(["true"], timeout=30, check=True)
                     return
-                except TargetError:
+                except (TargetError, paramiko.SSHException, EOFError, OSError) as e:
+                    # sshd may accept before it is fully up, or the machine is slow: retry until the deadline
                     if time.monotonic() > deadline:
-                        raise
+                        raise TargetError(f"the runner's sshd answers but a command fails: {e}",
+                                          hint=f"read {self.console_log}; `vfiotest runner ssh` to look") from e
                 finally:
                     h.close()
             now = time.monotonic()
@@ -432,11 +435,17 @@ class Runner:
                   "    v=open(d+'/vendor').read().strip()[2:]; i=open(d+'/device').read().strip()[2:]\n"
                   "    out[a]=v+':'+i\n"
                   "print(json.dumps(out))")
-        h = self.host(register=False)
-        try:
-            found = h.python(script, timeout=60, check=True, what="listing the runner's SR-IOV PFs").json()
-        finally:
-            h.close()
+        for attempt in range(3):
+            h = self.host(register=False)
+            try:
+                found = h.python(script, timeout=90, check=True, what="listing the runner's SR-IOV PFs").json()
+                break
+            except (TargetError, paramiko.SSHException, EOFError, OSError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+            finally:
+                h.close()
         pfs = {}
         for kind, (vendor, device) in qemu.PF_IDS.items():
             for addr, vd in found.items():
