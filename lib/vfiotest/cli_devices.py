@@ -9,6 +9,7 @@ from .cli import add_target_argument
 
 from .journal import Journal, orphaned_journals, restore_orphans
 from .lease import LeasePool
+from . import prereqs
 from .pci import PciAddress, read_inventory
 from .profiles import get_profile
 from .targets import default_profile, open_host, target_spec
@@ -154,78 +155,9 @@ def cmd_restore(args):
 
 
 # -- doctor ----------------------------------------------------------------------------------------
-DOCTOR_SCRIPT = r"""
-import json, os, resource, subprocess, sys
-R = sys.argv[1]
-def rd(p):
-    try:
-        with open(R + p) as f: return f.read()
-    except OSError: return None
-def ls(p):
-    try: return sorted(os.listdir(R + p))
-    except OSError: return None
-out = {"cmdline": (rd("/proc/cmdline") or "").strip(), "groups": len(ls("/sys/kernel/iommu_groups") or []),
-       "iommu_class": ls("/sys/class/iommu") or [],
-       "ir": "IR-" in (rd("/proc/interrupts") or ""),
-       "unsafe_interrupts": (rd("/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts") or "").strip(),
-       "selinux": (rd("/sys/fs/selinux/enforce") or "").strip() or None,
-       "modules": {m: os.path.isdir(R + "/sys/module/" + m) for m in ("vfio", "vfio_pci", "vfio_iommu_type1")},
-       "vfio_driver": os.path.isdir(R + "/sys/bus/pci/drivers/vfio-pci"),
-       "memlock": resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], "kernel": os.uname().release, "tools": {}}
-mounts = [l.split() for l in (rd("/proc/mounts") or "").splitlines() if len(l.split()) > 2]
-cg = {m[1]: m[2] for m in mounts if m[1].startswith("/sys/fs/cgroup")}
-top = cg.get("/sys/fs/cgroup")
-out["cgroup"] = "v2" if top == "cgroup2" else ("hybrid" if "/sys/fs/cgroup/unified" in cg else ("v1" if top else "unknown"))
-if not R:
-    for tool in ("podman", "kata-runtime"):
-        try:
-            p = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=15)
-            out["tools"][tool] = (p.stdout or p.stderr).strip().splitlines()[0] if p.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError, IndexError):
-            out["tools"][tool] = None
-print(json.dumps(out))
-"""
-
-
 def doctor_checks(host, profile):
-    """[(status, check, detail)] with status OK, WARN or FAIL."""
-    facts = host.python(DOCTOR_SCRIPT, [host.sysroot], timeout=60, check=True, what="doctor checks").json()
-    inv = read_inventory(host)
-    checks = []
-
-    def add(ok, name, detail, bad="FAIL"):
-        checks.append(("OK" if ok else bad, name, detail))
-
-    iommu_arg = any(a in facts["cmdline"].split() for a in ("intel_iommu=on", "amd_iommu=on")) or "amd_iommu" not in facts["cmdline"]
-    add(facts["groups"] > 0, "IOMMU", f"{facts['groups']} IOMMU groups" if facts["groups"] else
-        "no IOMMU groups: enable VT-d/AMD-Vi in firmware and boot with intel_iommu=on")
-    add(all(a in facts["cmdline"].split() for a in profile.kernel_args), "kernel arguments",
-        f"want {' '.join(profile.kernel_args)}; have: {facts['cmdline'] or '?'}", "WARN")
-    add(facts["ir"] or facts["unsafe_interrupts"] in ("Y", "1"), "interrupt remapping",
-        "on (IR- interrupts)" if facts["ir"] else
-        ("off, but vfio_iommu_type1 allow_unsafe_interrupts=1" if facts["unsafe_interrupts"] in ("Y", "1") else
-         "not seen: VFIO refuses devices without it unless vfio_iommu_type1 allow_unsafe_interrupts=1"), "WARN")
-    cg = facts["cgroup"]
-    want = profile.cgroup_mode
-    add(want == "any" or cg == want or (want == "v1" and cg == "hybrid"), "cgroup mode",
-        f"{cg} (profile {profile.name} wants {want})", "WARN")
-    se = facts["selinux"]
-    add(se != "1", "SELinux", {"1": "enforcing: the seed needs permissive (setenforce 0)", "0": "permissive",
-                               None: "disabled"}[se if se in ("0", "1") else None], "WARN")
-    mods = facts["modules"]
-    add(facts["vfio_driver"], "vfio modules",
-        ", ".join(f"{m} {'loaded' if v else 'not loaded'}" for m, v in mods.items())
-        + ("" if facts["vfio_driver"] else " (bind runs modprobe vfio-pci)"), "WARN")
-    ml = facts["memlock"]
-    add(ml == -1 or ml >= 64 << 20, "memlock", "unlimited" if ml == -1 else f"{ml >> 10} KiB for this user "
-        "(containers need CAP_IPC_LOCK and enough memlock to map guest RAM)", "WARN")
-    for tool, version in facts["tools"].items():
-        add(version is not None, tool, version or "not found on the target", "WARN")
-    pfs = [d for d in inv.devices.values() if d.sriov and profile.allows(d.vendor_device) and d.address not in inv.protected]
-    add(bool(pfs), "SR-IOV PFs", ", ".join(f"{d.address} {d.vendor_device} ({d.sriov.numvfs}/{d.sriov.totalvfs} VFs)"
-                                           for d in pfs) or f"none of the {profile.name} profile's IDs")
-    checks.append(("OK", "kernel", facts["kernel"]))
-    return checks
+    """The prerequisite Checks (vfiotest.prereqs): the same ones the host_prereqs suite asserts."""
+    return prereqs.check_all(prereqs.gather(host), read_inventory(host), profile)
 
 
 def cmd_doctor(args):
@@ -235,12 +167,15 @@ def cmd_doctor(args):
     finally:
         close()
     if args.json:
-        print(json.dumps([{"status": s, "check": c, "detail": d} for s, c, d in checks], indent=1))
+        print(json.dumps([{"status": c.status, "check": c.name, "detail": c.seen, "fix": c.fix,
+                           "kernel_args": c.kernel_args} for c in checks], indent=1))
     else:
-        w = max(len(c) for _, c, _ in checks)
-        for s, c, d in checks:
-            print(f"{s:<4}  {c:<{w}}  {d}")
-    return 1 if any(s == "FAIL" for s, _, _ in checks) else 0
+        for c in checks:
+            print(c.line())
+        args_needed = prereqs.missing_kernel_args(checks)
+        if args_needed:
+            print(f"kernel arguments to add: {' '.join(args_needed)} (pytest --allow-reboot adds them on an ssh:// runner)")
+    return 1 if any(c.status == prereqs.MISSING for c in checks) else 0
 
 
 # -- registration ------------------------------------------------------------------------------------
@@ -290,8 +225,9 @@ def register(sub):
     p = sub.add_parser("doctor", help="report whether the target can run the suites", formatter_class=fmt,
                        description="Check the prerequisites: IOMMU on and groups present, kernel arguments of the\n"
                                    "profile, interrupt remapping, cgroup mode, SELinux, vfio modules, memlock,\n"
-                                   "podman and kata-runtime versions, SR-IOV PFs of the profile. Exit 1 when a\n"
-                                   "check FAILs (WARN does not).")
+                                   "podman and kata-runtime versions, SR-IOV PFs of the profile, each with the\n"
+                                   "fix when it is missing. The host_prereqs suite asserts the same checks. Exit 1 when a\n"
+                                   "check is missing ('info' lines are for reading).")
     add_target_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
     p.set_defaults(func=cmd_doctor)

@@ -13,20 +13,22 @@ OK, MISSING, INFO = "ok", "missing", "info"
 
 FACTS_SCRIPT = r"""
 import json, os, resource, shutil, subprocess, sys
+R = sys.argv[1] if len(sys.argv) > 1 else ""  # sysroot of a simulated host: no tools are run there
 def rd(p):
     try:
-        with open(p) as f: return f.read().strip()
+        with open(R + p) as f: return f.read().strip()
     except OSError: return None
 def ver(cmd):
-    if not shutil.which(cmd[0]): return None
+    if R or not shutil.which(cmd[0]): return None
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
         return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr).strip() else ""
     except (OSError, subprocess.SubprocessError) as e:
         return "error: %s" % e
 def modstate(name):
-    if os.path.isdir("/sys/module/" + name): return "loaded"
-    if not shutil.which("modinfo"): return "unknown"
+    if os.path.isdir(R + "/sys/module/" + name): return "loaded"
+    if R and os.path.isdir(R + "/sys/bus/pci/drivers/vfio-pci"): return "loaded"
+    if R or not shutil.which("modinfo"): return "unknown"
     p = subprocess.run(["modinfo", "-n", name], capture_output=True, text=True, timeout=10)
     return "available" if p.returncode == 0 else "absent"
 cg = "unknown"
@@ -40,8 +42,8 @@ interrupts = rd("/proc/interrupts") or ""
 print(json.dumps({
   "cmdline": rd("/proc/cmdline") or "",
   "kernel": os.uname().release,
-  "iommu_groups": len(os.listdir("/sys/kernel/iommu_groups")) if os.path.isdir("/sys/kernel/iommu_groups") else 0,
-  "iommu_units": sorted(os.listdir("/sys/class/iommu")) if os.path.isdir("/sys/class/iommu") else [],
+  "iommu_groups": len(os.listdir(R + "/sys/kernel/iommu_groups")) if os.path.isdir(R + "/sys/kernel/iommu_groups") else 0,
+  "iommu_units": sorted(os.listdir(R + "/sys/class/iommu")) if os.path.isdir(R + "/sys/class/iommu") else [],
   "irq_remapping": "IR-" in interrupts,
   "unsafe_interrupts": rd("/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts"),
   "cgroup_mode": cg,
@@ -49,6 +51,7 @@ print(json.dumps({
   "modules": {m: modstate(m) for m in ("vfio", "vfio_iommu_type1", "vfio_pci")},
   "memlock": [soft, hard],
   "uid": os.getuid(),
+  "simulated": bool(R),
   "podman": ver(["podman", "--version"]),
   "runc": ver(["runc", "--version"]),
   "kata_runtime": ver(["kata-runtime", "--version"]),
@@ -77,7 +80,7 @@ class Check:
 
 def gather(host, timeout=60):
     """Facts about the target's kernel, modules, limits and tools (one round trip)."""
-    return host.python(FACTS_SCRIPT, timeout=timeout, check=True, what="prerequisite facts").json()
+    return host.python(FACTS_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="prerequisite facts").json()
 
 
 def iommu_kernel_arg(facts):
@@ -127,13 +130,15 @@ def check_all(facts, inventory, profile):
         "memlock and CAP_IPC_LOCK", INFO,
         f"RLIMIT_MEMLOCK {'unlimited' if unlimited else f'{soft // 1024} KiB'} for uid {facts['uid']}; "
         "containers need --cap-add CAP_IPC_LOCK (or a memlock ulimit as large as their DMA mappings) to map DMA through VFIO"))
-    checks.append(Check("podman present", OK if facts["podman"] else MISSING, facts["podman"] or "not installed",
+    checks.append(Check("podman present", OK if facts["podman"] else (INFO if facts.get("simulated") else MISSING),
+                        facts["podman"] or ("not looked for on a simulated host" if facts.get("simulated") else "not installed"),
                         fix="apt-get install podman runc (or dnf install podman)"))
     kata = facts["kata_runtime"]
     checks.append(Check("Kata runtime present", INFO if not kata else OK, kata or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
-    pfs = [d for d in inventory.devices.values() if d.is_pf and d.vendor_device in profile.pf_ids]
+    pfs = [d for d in inventory.devices.values()
+           if d.is_pf and d.vendor_device in profile.pf_ids and d.address not in inventory.protected]
     checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,
-                        ", ".join(f"{d.address} ({d.vendor_device}, {d.driver or 'no driver'}, {d.sriov.totalvfs} VFs max)" for d in pfs)
+                        ", ".join(f"{d.address} {d.vendor_device} ({d.sriov.numvfs}/{d.sriov.totalvfs} VFs, {d.driver or 'no driver'})" for d in pfs)
                         or f"none of {sorted(profile.pf_ids)}",
                         fix=f"use a runner with one of the profile {profile.name}'s devices, or --profile"))
     return checks

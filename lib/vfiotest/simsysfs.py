@@ -116,6 +116,7 @@ class SimulatedHost(LocalHost):
         state = {"dynids": {}, "driver_order": [], "vfio_loadable": vfio_loadable,
                  "driver_override": driver_override, "pfs": {}, "sriov_delay": sriov_delay}
         for d in ("/sys/bus/pci/devices", "/sys/bus/pci/drivers", "/sys/kernel/iommu_groups", "/sys/class/net",
+                  "/sys/class/iommu/dmar0",
                   "/sys/class/block", "/sys/module", "/dev/vfio", "/proc/net", "/proc/sys/kernel/random", "/etc",
                   ROOT_BUS, SIM_DIR):
             os.makedirs(root + d, exist_ok=True)
