@@ -162,6 +162,10 @@ class RuntimeClient:
                 c.start()
             except APIError as e:
                 start_error = str(e.explanation or e)
+                # the API's message is often just "exit status 1": the service log has the runtime's words
+                tail = self.service.log_tail(8)
+                if tail:
+                    start_error += "\n--- podman service log (tail)\n" + tail
             exit_code = None
             if start_error is None:
                 try:
