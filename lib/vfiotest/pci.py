@@ -57,7 +57,10 @@ devs = {}
 base = R + "/sys/bus/pci/devices"
 for a in sorted(os.listdir(base)) if os.path.isdir(base) else []:
     d = base + "/" + a
-    names = os.listdir(d)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        continue  # removed while we read (VFs going away)
     dev = {"address": a, "vendor": rd(d + "/vendor"), "device": rd(d + "/device"), "class": rd(d + "/class"),
            "driver": link(d + "/driver"), "driver_override": rd(d + "/driver_override"),
            "iommu_group": link(d + "/iommu_group"), "physfn": link(d + "/physfn"),
@@ -71,11 +74,17 @@ for a in sorted(os.listdir(base)) if os.path.isdir(base) else []:
 groups = {}
 gbase = R + "/sys/kernel/iommu_groups"
 for g in os.listdir(gbase) if os.path.isdir(gbase) else []:
-    groups[g] = sorted(os.listdir(gbase + "/" + g + "/devices"))
+    try:
+        groups[g] = sorted(os.listdir(gbase + "/" + g + "/devices"))
+    except OSError:
+        pass  # a group that went away with its VF
 vfio = {}
 vbase = R + "/dev/vfio"
 for n in os.listdir(vbase) if os.path.isdir(vbase) else []:
-    st = os.stat(vbase + "/" + n)
+    try:
+        st = os.stat(vbase + "/" + n)
+    except OSError:
+        continue
     vfio[n] = "char" if (st.st_mode & 0o170000) == 0o020000 else "file"
 drivers = sorted(os.listdir(R + "/sys/bus/pci/drivers")) if os.path.isdir(R + "/sys/bus/pci/drivers") else []
 # What the host itself needs: the default-route NIC, the NIC of this SSH session, mounted disks.

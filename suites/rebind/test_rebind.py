@@ -5,6 +5,7 @@ the whole host at the end.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -125,7 +126,8 @@ def whole_pf(request, target_host, sriov_pfs, lease_pool):
                 break
             leases.append(lease)
         if len(leases) == len(groups):
-            yield pf, _OthersLeases(lease_pool, groups)
+            leases.append(lease_pool.acquire(f"pf-{pf.address}", test_id=request.node.nodeid))
+            yield pf, _OthersLeases(lease_pool, groups + [f"pf-{pf.address}"])
             for lease in leases:
                 lease.release()
             return
@@ -166,91 +168,110 @@ def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
 
 
 # -- bad input: a clear error and no change -----------------------------------------------------
-def _state(host):
-    return read_inventory(host).state()
+def _state(host, lease_pool):
+    """The host state minus what other tests hold right now (pytest -n: they change their own
+    leased groups and PFs meanwhile); the session's host state guard checks the whole host."""
+    held = lease_pool.held()
+    inv = read_inventory(host)
+    pfs = {name[3:] for name in held if name.startswith("pf-")}
+    state = inv.state()
+    for addr, dev in inv.devices.items():
+        if dev.iommu_group in held or addr in pfs or (dev.physfn and dev.physfn in pfs):
+            state["devices"].pop(addr, None)
+    for g in list(state["vfio"]):
+        if g in held:
+            state["vfio"].pop(g)
+    return state
 
 
-def test_bad_address_malformed(target_host, device_manager):
-    before = _state(target_host)
+def _unchanged(before, after):
+    """Devices present in both snapshots are the same, and so is every /dev/vfio node in both."""
+    common = set(before["devices"]) & set(after["devices"])
+    return ({a: before["devices"][a] for a in common} == {a: after["devices"][a] for a in common}
+            and set(before["vfio"]) == set(after["vfio"]))
+
+
+def test_bad_address_malformed(target_host, device_manager, lease_pool):
+    before = _state(target_host, lease_pool)
     with pytest.raises(AddressError, match="not a PCI address"):
         device_manager.bind_group("0000:zz:00.0")
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_bad_address_missing_device(target_host, device_manager):
-    before = _state(target_host)
+def test_bad_address_missing_device(target_host, device_manager, lease_pool):
+    before = _state(target_host, lease_pool)
     with pytest.raises(DeviceNotFound, match="no PCI device 0000:7f:1f.7"):
         device_manager.bind_group("0000:7f:1f.7")
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_device_outside_allowlist_refused(target_host, device_manager, profile):
+def test_device_outside_allowlist_refused(target_host, device_manager, profile, lease_pool):
     inv = read_inventory(target_host)
     outside = [d for d in inv.devices.values()
                if not profile.allows(d.vendor_device) and not d.is_bridge and d.address not in inv.protected
                and d.iommu_group]
     if not outside:
         pytest.skip("every device on the target is in the profile")
-    before = _state(target_host)
+    before = _state(target_host, lease_pool)
     with pytest.raises(NotAllowed, match="allowlist"):
         device_manager.bind_group(outside[0].address)
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_device_the_host_needs_refused(target_host, device_manager):
+def test_device_the_host_needs_refused(target_host, device_manager, lease_pool):
     inv = read_inventory(target_host)
     assert inv.protected, "the target's SSH/default-route NIC was not recognised as needed by the host"
     address, why = next(iter(inv.protected.items()))
-    before = _state(target_host)
+    before = _state(target_host, lease_pool)
     with pytest.raises(NotAllowed, match="the host needs it|also holds"):
         device_manager.bind_group(address)
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile):
+def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool):
     pf = read_inventory(target_host).device(vfio_group.pf)
-    before = _state(target_host)
+    before = _state(target_host, lease_pool)
     with pytest.raises(VFCreateError, match="in use"):
         set_numvfs(target_host, pf.address, max(pf.sriov.numvfs - 1, 1), profile=profile)
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile):
+def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_pool):
     pf = read_inventory(target_host).device(sriov_pfs[0].address)
-    before = _state(target_host)
+    before = _state(target_host, lease_pool)
     with pytest.raises(VFCreateError, match="at most"):
         set_numvfs(target_host, pf.address, pf.sriov.totalvfs + 1, profile=profile)
-    assert _state(target_host) == before
+    assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met):
-    path = f"{JOURNAL_ROOT}/corrupt-by-test.json"
+def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, lease_pool):
+    root = f"{JOURNAL_ROOT}-test-{os.getpid()}"  # not the real root: other sessions read that one
+    path = f"{root}/corrupt-by-test.json"
     target_host.write_atomic(path, "{not json", mode=0o600)
     try:
-        before = _state(target_host)
+        before = _state(target_host, lease_pool)
         with pytest.raises(JournalError) as e:
-            restore_orphans(target_host)
+            restore_orphans(target_host, root=root)
         assert "corrupt-by-test" in str(e.value) and e.value.hint
-        assert _state(target_host) == before
+        assert _unchanged(before, _state(target_host, lease_pool))
     finally:
-        target_host.remove(path)
-        target_host.remove(f"{JOURNAL_ROOT}/corrupt-by-test.lock")
+        target_host.run(["rm", "-rf", root])
 
 
-def test_journal_from_another_host_refused(target_host, prereqs_met):
-    path = f"{JOURNAL_ROOT}/foreign-by-test.json"
+def test_journal_from_another_host_refused(target_host, prereqs_met, lease_pool):
+    root = f"{JOURNAL_ROOT}-test-{os.getpid()}"
+    path = f"{root}/foreign-by-test.json"
     doc = {"version": 1, "owner": "foreign-by-test", "pid": 1, "created": 0, "keep": False,
            "identity": {"machine_id": "0" * 32, "hostname": "elsewhere", "boot_id": None},
            "entries": [{"kind": "numvfs", "address": "0000:01:00.0", "numvfs": 0}]}
     target_host.write_atomic(path, json.dumps(doc), mode=0o600)
     try:
-        before = _state(target_host)
+        before = _state(target_host, lease_pool)
         with pytest.raises(JournalError, match="elsewhere"):
-            restore_orphans(target_host)
-        assert _state(target_host) == before
+            restore_orphans(target_host, root=root)
+        assert _unchanged(before, _state(target_host, lease_pool))
     finally:
-        target_host.remove(path)
-        target_host.remove(f"{JOURNAL_ROOT}/foreign-by-test.lock")
+        target_host.run(["rm", "-rf", root])
 
 
 def test_cli_bad_address_exits_non_zero_with_next_step(target_spec, prereqs_met):
