@@ -16,6 +16,7 @@ import time
 
 from vfiotest import targets
 from vfiotest.bind import DeviceManager
+from vfiotest.errors import HarnessError
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image, vfio_devices
@@ -50,7 +51,12 @@ def main():
             dm = DeviceManager(host, "emulated")
             vf = lease = None
             nvme = next(d for d in inv.devices.values() if d.vendor_device == "1b36:0010" and d.sriov)
-            vfs = set_numvfs(host, nvme.address, 2) if not nvme.sriov.numvfs else None
+            vfs = None
+            if not nvme.sriov.numvfs:
+                try:
+                    vfs = set_numvfs(host, nvme.address, 2)
+                except HarnessError as e:  # another session made VFs meanwhile: use theirs when free
+                    print(f"  .. {e.message}")
             inv = read_inventory(host)
             for d in inv.devices.values():
                 if d.vendor_device == "1b36:0010" and d.sriov is None and d.iommu_group:
