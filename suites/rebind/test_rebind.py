@@ -169,7 +169,8 @@ def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
 
 # -- bad input: a clear error and no change -----------------------------------------------------
 def _state(host, lease_pool):
-    """The host state minus what other tests hold right now (pytest -n: they change their own
+    """(Tests using it ask for sriov_pfs, so that VF creation is over before the first snapshot.)
+    The host state minus what other tests hold right now (pytest -n: they change their own
     leased groups and PFs meanwhile); the session's host state guard checks the whole host."""
     held = lease_pool.held()
     inv = read_inventory(host)
@@ -191,21 +192,21 @@ def _unchanged(before, after):
             and set(before["vfio"]) == set(after["vfio"]))
 
 
-def test_bad_address_malformed(target_host, device_manager, lease_pool):
+def test_bad_address_malformed(target_host, device_manager, lease_pool, sriov_pfs):
     before = _state(target_host, lease_pool)
     with pytest.raises(AddressError, match="not a PCI address"):
         device_manager.bind_group("0000:zz:00.0")
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_bad_address_missing_device(target_host, device_manager, lease_pool):
+def test_bad_address_missing_device(target_host, device_manager, lease_pool, sriov_pfs):
     before = _state(target_host, lease_pool)
     with pytest.raises(DeviceNotFound, match="no PCI device 0000:7f:1f.7"):
         device_manager.bind_group("0000:7f:1f.7")
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_device_outside_allowlist_refused(target_host, device_manager, profile, lease_pool):
+def test_device_outside_allowlist_refused(target_host, device_manager, profile, lease_pool, sriov_pfs):
     inv = read_inventory(target_host)
     outside = [d for d in inv.devices.values()
                if not profile.allows(d.vendor_device) and not d.is_bridge and d.address not in inv.protected
@@ -218,7 +219,7 @@ def test_device_outside_allowlist_refused(target_host, device_manager, profile, 
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_device_the_host_needs_refused(target_host, device_manager, lease_pool):
+def test_device_the_host_needs_refused(target_host, device_manager, lease_pool, sriov_pfs):
     inv = read_inventory(target_host)
     assert inv.protected, "the target's SSH/default-route NIC was not recognised as needed by the host"
     address, why = next(iter(inv.protected.items()))
@@ -228,7 +229,7 @@ def test_device_the_host_needs_refused(target_host, device_manager, lease_pool):
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool):
+def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool, sriov_pfs):
     pf = read_inventory(target_host).device(vfio_group.pf)
     before = _state(target_host, lease_pool)
     with pytest.raises(VFCreateError, match="in use"):
@@ -244,7 +245,7 @@ def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_p
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, lease_pool):
+def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, lease_pool, sriov_pfs):
     root = f"{JOURNAL_ROOT}-test-{os.getpid()}"  # not the real root: other sessions read that one
     path = f"{root}/corrupt-by-test.json"
     target_host.write_atomic(path, "{not json", mode=0o600)
@@ -258,7 +259,7 @@ def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, le
         target_host.run(["rm", "-rf", root])
 
 
-def test_journal_from_another_host_refused(target_host, prereqs_met, lease_pool):
+def test_journal_from_another_host_refused(target_host, prereqs_met, lease_pool, sriov_pfs):
     root = f"{JOURNAL_ROOT}-test-{os.getpid()}"
     path = f"{root}/foreign-by-test.json"
     doc = {"version": 1, "owner": "foreign-by-test", "pid": 1, "created": 0, "keep": False,
