@@ -85,11 +85,14 @@ def test_no_dev_vfio_without_device(container):
     assert (rep["step"], rep["errname"]) == ("open-container", "ENOENT"), rep
 
 
+def _logs(ctr):
+    return b"".join(x if isinstance(x, bytes) else x.encode() for x in ctr.logs(stdout=True, stderr=True)).decode("utf-8", "replace")
+
+
 def _wait_for_log(ctr, text, timeout=180.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = b"".join(x if isinstance(x, bytes) else x.encode() for x in ctr.logs(stdout=True, stderr=True))
-        if text in out.decode("utf-8", "replace"):
+        if text in _logs(ctr):
             return True
         ctr.reload()
         if ctr.status not in ("running", "created", "configured"):
@@ -100,7 +103,7 @@ def _wait_for_log(ctr, text, timeout=180.0):
 
 def test_second_container_cannot_take_a_held_group(container, vfio_group, podman_client):
     holder = container.start(container.probe_command("--hold", 600), vfio=vfio_group, ipc_lock=True)
-    assert _wait_for_log(holder, '"ok": true'), f"the first container did not get the group: {holder.logs()}"
+    assert _wait_for_log(holder, '"ok": true'), f"the first container did not get the group: {_logs(holder)}"
     res = container.probe(vfio_group)
     assert res.exit_code != 0, f"a second container used group {vfio_group.group} while another held it:\n{res}"
     if _same_kernel(podman_client) and res.exit_code is not None:
@@ -139,7 +142,7 @@ def test_crashing_container_leaves_no_lease_and_no_container(request, target_hos
         # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
         ctr = container.start(["sh", "-c", shlex.join(container.probe_command("--hold", 600)) + " & echo $! > /tmp/probe.pid; wait $!"],
                               vfio=vf, ipc_lock=True)
-        assert _wait_for_log(ctr, '"ok": true'), "the container did not get the group"
+        assert _wait_for_log(ctr, '"ok": true'), f"the container did not get the group: {_logs(ctr)}"
         podman_client.exec(ctr, ["sh", "-c", "kill -SEGV $(cat /tmp/probe.pid)"])
         rc = ctr.wait(condition=["exited", "stopped"], timeout=120)
         rc = rc.get("StatusCode") if isinstance(rc, dict) else rc
