@@ -49,6 +49,9 @@ def rd(p):
 def link(p):
     try: return os.path.basename(os.readlink(p))
     except OSError: return None
+def ls(p):
+    try: return sorted(os.listdir(p))
+    except OSError: return []
 def bdfs_in(p):
     try: real = os.path.realpath(p)
     except OSError: return []
@@ -64,9 +67,11 @@ for a in sorted(os.listdir(base)) if os.path.isdir(base) else []:
     dev = {"address": a, "vendor": rd(d + "/vendor"), "device": rd(d + "/device"), "class": rd(d + "/class"),
            "driver": link(d + "/driver"), "driver_override": rd(d + "/driver_override"),
            "iommu_group": link(d + "/iommu_group"), "physfn": link(d + "/physfn"),
-           "net": sorted(os.listdir(d + "/net")) if "net" in names else [],
+           "net": ls(d + "/net") if "net" in names else [],
            "virtfns": {n[6:]: link(d + "/" + n) for n in names if n.startswith("virtfn")}}
     if dev["driver_override"] in ("(null)", ""): dev["driver_override"] = None
+    if dev["vendor"] is None:
+        continue  # removed while we read
     if "sriov_totalvfs" in names:
         dev["sriov"] = {"totalvfs": int(rd(d + "/sriov_totalvfs") or 0), "numvfs": int(rd(d + "/sriov_numvfs") or 0),
                         "drivers_autoprobe": rd(d + "/sriov_drivers_autoprobe") == "1"}

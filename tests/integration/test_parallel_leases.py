@@ -25,7 +25,7 @@ def test_rebind_suite_in_parallel_never_shares_a_group(tmp_path):
     assert p.returncode == 0, out[-4000:]
     assert "left as found" in out, out[-2000:]
     leases = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(leases) >= 8, leases
+    assert len(leases) >= 6, leases  # every test of the suite that takes a VF through vf_lease
     workers = {l["worker"] for l in leases}
     assert len(workers) >= 2, f"only {workers} took leases: the run was not parallel"
     by_group = {}
