@@ -170,26 +170,28 @@ def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
 # -- bad input: a clear error and no change -----------------------------------------------------
 def _state(host, lease_pool):
     """(Tests using it ask for sriov_pfs, so that VF creation is over before the first snapshot.)
-    The host state minus what other tests hold right now (pytest -n: they change their own
-    leased groups and PFs meanwhile); the session's host state guard checks the whole host."""
-    held = lease_pool.held()
+    The host state minus what other tests hold (pytest -n: they change their own leased groups
+    and PFs meanwhile); the leases are read before and after the inventory, and what either names
+    is left out. The session's host state guard checks the whole host."""
+    held = set(lease_pool.held())
     inv = read_inventory(host)
+    held |= set(lease_pool.held())
     pfs = {name[3:] for name in held if name.startswith("pf-")}
     state = inv.state()
     for addr, dev in inv.devices.items():
         if dev.iommu_group in held or addr in pfs or (dev.physfn and dev.physfn in pfs):
             state["devices"].pop(addr, None)
-    for g in list(state["vfio"]):
-        if g in held:
-            state["vfio"].pop(g)
+    state["held"] = held
     return state
 
 
 def _unchanged(before, after):
-    """Devices present in both snapshots are the same, and so is every /dev/vfio node in both."""
+    """Devices and /dev/vfio nodes that no other test held in either snapshot are the same."""
+    held = before["held"] | after["held"]
     common = set(before["devices"]) & set(after["devices"])
+    vfio = lambda st: {g for g in st["vfio"] if g not in held}  # noqa: E731
     return ({a: before["devices"][a] for a in common} == {a: after["devices"][a] for a in common}
-            and set(before["vfio"]) == set(after["vfio"]))
+            and vfio(before) == vfio(after))
 
 
 def test_bad_address_malformed(target_host, device_manager, lease_pool, sriov_pfs):
