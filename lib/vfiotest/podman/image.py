@@ -26,7 +26,7 @@ from typing import Tuple
 
 from ..errors import ProvisionError
 
-CACHE_DIR = os.environ.get("VFIOTEST_IMAGE_CACHE", "/var/cache/vfiotest/images")
+CACHE_DIR = os.path.join(os.environ.get("VFIOTEST_CACHE_DIR") or "/var/cache/vfiotest", "images")
 IMAGE_REPO = "localhost/vfiotest-probe"
 PROBE_IN_IMAGE = "/usr/local/bin/vfio-probe"
 PROBE_SOURCE = Path(__file__).with_name("probe.py")
