@@ -1,0 +1,90 @@
+"""Prerequisite checks and kernel-argument editing, on facts and files a host could give."""
+
+import pytest
+
+from vfiotest import kernelargs, prereqs
+from vfiotest.errors import ProvisionError
+from vfiotest.pci import read_inventory
+from vfiotest.profiles import get_profile
+from vfiotest.simsysfs import SimulatedHost
+
+GOOD = {"cmdline": "BOOT_IMAGE=/vmlinuz intel_iommu=on", "kernel": "6.1.0", "iommu_groups": 12,
+        "iommu_units": ["dmar0"], "irq_remapping": True, "unsafe_interrupts": "N", "cgroup_mode": "hybrid",
+        "selinux": None, "modules": {"vfio": "loaded", "vfio_iommu_type1": "loaded", "vfio_pci": "available"},
+        "memlock": [65536, 65536], "uid": 0, "simulated": False, "podman": "podman version 4.3.1",
+        "runc": "runc 1.1", "kata_runtime": None, "os_release": {}}
+
+
+@pytest.fixture(scope="module")
+def inventory(tmp_path_factory):
+    return read_inventory(SimulatedHost.build(str(tmp_path_factory.mktemp("sim")), pfs=("i350",)))
+
+
+def status(checks, name):
+    return next(c for c in checks if c.name == name).status
+
+
+def test_a_good_host_misses_nothing(inventory):
+    checks = prereqs.check_all(dict(GOOD), inventory, get_profile("seed"))
+    assert [c.line() for c in checks if c.status == prereqs.MISSING] == []
+    assert prereqs.missing_kernel_args(checks) == []
+
+
+def test_iommu_off_names_the_kernel_argument(inventory):
+    facts = dict(GOOD, iommu_groups=0, iommu_units=[], cmdline="quiet")
+    checks = prereqs.check_all(facts, inventory, get_profile("seed"))
+    assert status(checks, "IOMMU enabled") == prereqs.MISSING
+    assert prereqs.missing_kernel_args(checks) == ["intel_iommu=on"]
+
+
+def test_amd_host_gets_amd_argument(inventory):
+    facts = dict(GOOD, iommu_groups=0, iommu_units=["ivhd0"])
+    assert prereqs.missing_kernel_args(prereqs.check_all(facts, inventory, get_profile("seed"))) == ["amd_iommu=on"]
+
+
+@pytest.mark.parametrize("mode,ok", [("hybrid", True), ("legacy", True), ("unified", False)])
+def test_seed_profile_wants_cgroup_v1(inventory, mode, ok):
+    checks = prereqs.check_all(dict(GOOD, cgroup_mode=mode), inventory, get_profile("seed"))
+    assert (status(checks, "cgroup mode") == prereqs.OK) is ok
+    assert ("systemd.unified_cgroup_hierarchy=0" in prereqs.missing_kernel_args(checks)) is not ok
+
+
+def test_no_interrupt_remapping_is_missing_unless_unsafe_interrupts(inventory):
+    facts = dict(GOOD, irq_remapping=False)
+    assert status(prereqs.check_all(facts, inventory, get_profile("seed")), "interrupt remapping") == prereqs.MISSING
+    facts["unsafe_interrupts"] = "Y"
+    assert status(prereqs.check_all(facts, inventory, get_profile("seed")), "interrupt remapping") == prereqs.OK
+
+
+def test_selinux_enforcing_and_absent_modules(inventory):
+    facts = dict(GOOD, selinux="enforcing", modules={"vfio": "absent", "vfio_iommu_type1": "absent", "vfio_pci": "absent"})
+    checks = prereqs.check_all(facts, inventory, get_profile("seed"))
+    assert status(checks, "SELinux permissive or absent") == prereqs.MISSING
+    assert status(checks, "VFIO modules available") == prereqs.MISSING
+
+
+def test_no_pf_of_the_profile(inventory):
+    checks = prereqs.check_all(dict(GOOD), inventory, get_profile("emulated").__class__(
+        name="none", ids=frozenset({"dead:beef"}), vf_ids={"dead:beef": "dead:beef"}))
+    assert status(checks, "supported SR-IOV PF found") == prereqs.MISSING
+
+
+def test_grub_default_gets_arguments_and_keeps_the_rest():
+    text = '# comment\nGRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX="quiet intel_iommu=off"\nGRUB_TIMEOUT=5\n'
+    out = kernelargs.add_to_grub_default(text, ["intel_iommu=on", "systemd.unified_cgroup_hierarchy=0"])
+    assert 'GRUB_CMDLINE_LINUX="quiet intel_iommu=on systemd.unified_cgroup_hierarchy=0"\n' in out
+    assert out.startswith("# comment\nGRUB_DEFAULT=0\n") and out.endswith("GRUB_TIMEOUT=5\n")
+    assert kernelargs.add_to_grub_default("GRUB_DEFAULT=0\n", ["intel_iommu=on"]).endswith('GRUB_CMDLINE_LINUX="intel_iommu=on"\n')
+
+
+@pytest.mark.parametrize("bad", ["x; reboot", "a=$(id)", "", "intel_iommu=on quiet"])
+def test_kernel_arguments_that_could_reach_a_shell_are_refused(bad):
+    with pytest.raises(ProvisionError, match="refusing kernel argument"):
+        kernelargs.validate_args([bad])
+
+
+def test_reboot_of_the_local_machine_is_refused():
+    from vfiotest.host import LocalHost
+
+    with pytest.raises(ProvisionError, match="cannot reboot"):
+        kernelargs.reboot_and_wait(LocalHost())
