@@ -1,0 +1,256 @@
+"""Reading a real Kata 1.x guest over its debug console.
+
+With `agent.debug_console` on the guest kernel command line (the harness's
+configuration.toml sets it for Kata 1.x, vfiotest.kata.config), the Kata 1.x
+agent starts a shell on the guest console, and QEMU serves that console on the
+host as a unix socket: `/run/vc/vm/<sandbox-id>/console.sock` (Kata 1.x
+Developer Guide, "Connect to the virtual machine using the debug console":
+`socat "stdin,raw,echo=0,escape=0x11" "unix-connect:/var/run/vc/vm/${id}/console.sock"`;
+the runtime's qemu.go names the socket `console.sock`). Under podman each
+container is its own sandbox, so the sandbox id is the container's full id.
+
+`KataConsole.run(cmd)` connects to that socket ON THE TARGET (a small python3
+script run with `host.python`, so an SshHost works the same as a LocalHost),
+types one line:
+
+    <newline> printf '%s-%s\\n' BEGIN <nonce>; ( <cmd>
+    ) </dev/null; printf '%s-%s %s\\n' END <nonce> "$?"
+
+and reads until `END-<nonce> <rc>` or the deadline. The markers are printed
+with printf from separate words, so the console's echo of the typed line (a
+tty echoes) never holds `BEGIN-<nonce>` or `END-<nonce>`; `\\r` from the tty
+is dropped. The command reaches the script on stdin, never through a shell on
+the host; inside the guest it is typed into the console's shell as it is.
+"""
+
+import json
+import re
+import secrets
+import shlex
+import time
+
+from ..errors import CommandTimeout, TargetError
+from .hook import DEFAULT_LOG as HOOK_LOG
+from .nested import GuestReport
+
+VC_VM_DIR = "/run/vc/vm"
+CONSOLE_SOCKET = "console.sock"
+DEFAULT_TIMEOUT = 30.0
+MAX_LINE = 3000        # a tty's canonical line is at most 4095 bytes, the wrapper included
+
+
+def console_socket_path(sandbox_id):
+    """Where Kata 1.x's QEMU serves the guest console of `sandbox_id` on the host."""
+    return f"{VC_VM_DIR}/{sandbox_id}/{CONSOLE_SOCKET}"
+
+
+def wrap(cmd, nonce):
+    """The line typed into the console's shell for `cmd` (see the module doc)."""
+    return (f"\nprintf '%s-%s\\n' BEGIN {nonce}; ( {cmd}\n) </dev/null; "
+            f"printf '%s-%s %s\\n' END {nonce} \"$?\"\n")
+
+
+def parse_transcript(text, nonce):
+    """(rc, output) from what the console said, or (None, partial output) when the end
+    marker is not there (yet). None for both when the begin marker is missing."""
+    text = text.replace("\r", "")
+    begin = f"BEGIN-{nonce}\n"
+    i = text.find(begin)
+    if i < 0:
+        return None, None
+    rest = text[i + len(begin):]
+    m = re.search(rf"END-{re.escape(nonce)} (\d+)\n", rest)
+    if m is None:
+        return None, rest
+    return int(m.group(1)), rest[:m.start()]
+
+
+# Runs on the target: argv [socket, nonce, timeout], the typed line on stdin; prints one JSON line.
+CONSOLE_SCRIPT = r"""
+import json, re, select, socket, sys, time
+path, nonce, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+line = sys.stdin.buffer.read()
+end = re.compile(("END-" + nonce + r" (\d+)\r?\n").encode())
+deadline = time.monotonic() + timeout
+buf = b""
+def done(status, **kw):
+    print(json.dumps(dict(status=status, text=buf.decode("utf-8", "replace"), **kw)))
+    sys.exit(0)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(max(0.1, min(10.0, timeout)))
+try:
+    s.connect(path)
+    s.sendall(line)
+except OSError as e:
+    done("connect", errno=e.errno, error=str(e))
+s.setblocking(False)
+status = "timeout"
+while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        break
+    r, _, _ = select.select([s], [], [], left)
+    if not r:
+        continue
+    try:
+        chunk = s.recv(65536)
+    except BlockingIOError:
+        continue
+    except OSError as e:
+        status = "closed"
+        break
+    if not chunk:
+        status = "closed"
+        break
+    buf += chunk
+    if end.search(buf):
+        status = "ok"
+        break
+if status != "ok":
+    try:
+        s.setblocking(True)
+        s.settimeout(1.0)
+        s.sendall(b"\x03")   # a tty's shell interrupts the command; best effort
+    except OSError:
+        pass
+s.close()
+done(status)
+"""
+
+
+class KataConsole:
+    """The debug console of the Kata 1.x sandbox `sandbox_id` on `host`."""
+
+    def __init__(self, host, sandbox_id, socket_path=None, timeout=DEFAULT_TIMEOUT):
+        self.host, self.sandbox_id = host, sandbox_id
+        self.path = socket_path or console_socket_path(sandbox_id)
+        self.timeout = timeout
+
+    def __repr__(self):
+        return f"KataConsole({self.host.name}:{self.path})"
+
+    def run(self, cmd, timeout=None):
+        """(exit code, output) of `cmd` (shell text) run by the guest's console shell.
+        Raises CommandTimeout when it does not end in time, TargetError when the console
+        cannot be reached or closes."""
+        if len(cmd) > MAX_LINE:
+            raise ValueError(f"command of {len(cmd)} characters is longer than a console line allows ({MAX_LINE})")
+        timeout = self.timeout if timeout is None else timeout
+        nonce = secrets.token_hex(8)
+        res = self.host.python(CONSOLE_SCRIPT, [self.path, nonce, timeout], input=wrap(cmd, nonce).encode(),
+                               timeout=timeout + 30, what=f"console command on {self.path}")
+        try:
+            reply = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TargetError(f"the console script on {self.host.name} gave no answer (exit {res.rc}): "
+                              f"{res.stderr.strip()[-300:]}", hint="check that python3 is installed on the target") from None
+        where = f"the Kata guest console {self.path} on {self.host.name}"
+        if reply["status"] == "connect":
+            raise TargetError(f"cannot connect to {where}: {reply['error']}",
+                              hint="is the sandbox running (`podman ps`), and does the kata-vfio configuration.toml "
+                                   "have agent.debug_console in kernel_params (`vfiotest kata config`)?")
+        rc, out = parse_transcript(reply["text"], nonce)
+        if rc is not None:
+            return rc, out
+        said = reply["text"].replace("\r", "")[-500:]
+        if reply["status"] == "closed":
+            raise TargetError(f"{where} closed before `{cmd[:80]}` ended; it said: {said!r}",
+                              hint="the sandbox may have stopped; look at the Kata runtime's log (journalctl -t kata)")
+        if out is None:
+            raise CommandTimeout(
+                f"no answer from the shell on {where} in {timeout:.0f} s for `{cmd[:80]}` (it said: {said!r})",
+                hint="the debug console shell may not be up yet, or another client (a console watcher of the "
+                     "Kata proxy/runtime with debug on) holds the socket: QEMU serves one client at a time")
+        raise CommandTimeout(f"`{cmd[:80]}` did not end in {timeout:.0f} s on {where}; output so far: {out[-300:]!r}",
+                             hint="the command hangs in the guest; Ctrl-C was sent to the console")
+
+    def check(self, cmd, timeout=None):
+        """Output of `cmd`; TargetError when it exits non-zero."""
+        rc, out = self.run(cmd, timeout)
+        if rc != 0:
+            raise TargetError(f"`{cmd[:80]}` exited {rc} in the Kata guest ({self.path}): {out.strip()[-300:]}",
+                              hint="run it by hand: socat - unix-connect:" + self.path)
+        return out
+
+    def wait_ready(self, timeout=120.0, interval=2.0):
+        """Wait until the console's shell answers (the agent starts it after boot)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                rc, _ = self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+                if rc == 0:
+                    return
+            except TargetError as e:      # CommandTimeout included
+                if time.monotonic() + interval > deadline:
+                    raise CommandTimeout(f"the Kata guest console {self.path} did not answer in {timeout:.0f} s: {e.message}",
+                                         hint=e.hint) from None
+            time.sleep(interval)
+
+    def hook_log(self, path=HOOK_LOG):
+        """The guest hook's JSON-lines log, parsed ([] when the file is not there)."""
+        q = shlex.quote(path)
+        rc, out = self.run(f"if [ -e {q} ]; then cat {q}; else echo NO-HOOK-LOG; fi")
+        if rc != 0:
+            raise TargetError(f"reading {path} in the Kata guest failed (exit {rc}): {out[-300:]}",
+                              hint="is the guest's /tmp readable? run `cat` by hand on the console")
+        if out.strip() == "NO-HOOK-LOG":
+            return []
+        entries = []
+        for n, line in enumerate(out.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                raise TargetError(f"line {n} of {path} in the Kata guest is not JSON: {line[:200]!r}",
+                                  hint="kernel messages may have cut into the console output: keep `quiet` "
+                                       "in kernel_params") from None
+        return entries
+
+    def dev_vfio(self):
+        """{name: "char" | "other"} of /dev/vfio in the guest ({} when it is not there)."""
+        out = self.check('for f in /dev/vfio/*; do [ -e "$f" ] || continue; '
+                         'if [ -c "$f" ]; then echo "VFIO char ${f##*/}"; else echo "VFIO other ${f##*/}"; fi; done')
+        res = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "VFIO":
+                res[parts[2]] = parts[1]
+        return res
+
+    def pci_state(self):
+        """{address: {vendor, device, class, driver, driver_override, iommu_group}} of the guest,
+        the same shape as the stand-in's report."""
+        out = self.check('for d in /sys/bus/pci/devices/*; do [ -e "$d" ] || continue; '
+                         'drv=$(readlink "$d/driver" 2>/dev/null); grp=$(readlink "$d/iommu_group" 2>/dev/null); '
+                         'echo "PCI|${d##*/}|$(cat "$d/vendor")|$(cat "$d/device")|$(cat "$d/class")|${drv##*/}|'
+                         '$(cat "$d/driver_override" 2>/dev/null)|${grp##*/}"; done')
+        res = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) == 8 and parts[0] == "PCI":
+                _, addr, vendor, device, cls, driver, override, group = (p or None for p in parts)
+                res[addr] = {"vendor": vendor, "device": device, "class": cls, "driver": driver,
+                             "driver_override": override, "iommu_group": group}
+        return res
+
+
+class KataGuestReport(GuestReport):
+    """A real Kata guest read over its debug console, with GuestReport's interface where it
+    makes sense: `.hook_log`, `.log_for()`, `.dev_vfio`, `.pci_after`. There is no "before"
+    (the agent ran the hook before the console could be read) and no extra hook runs."""
+
+    standin = False
+
+    @classmethod
+    def read(cls, console, container_id, hook_log_path=HOOK_LOG):
+        t0 = time.monotonic()
+        entries = console.hook_log(hook_log_path)
+        data = {"container": container_id, "hook_log": "\n".join(json.dumps(e) for e in entries),
+                "vfio_after": console.dev_vfio(), "pci_after": console.pci_state()}
+        # boot_seconds: here the time the reading took (the VM's boot is Kata's)
+        return cls(data=data, console="", boot_seconds=round(time.monotonic() - t0, 2))
+
+    def run(self, kind):
+        raise LookupError(f"no hook run {kind!r}: on real Kata the agent runs the hook once per container "
+                          "(only the stand-in runs it again, with no devices and with a malformed state)")
