@@ -179,21 +179,21 @@ def register(sub):
     p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH, help="guest_hook_path (default %(default)s)")
     p.add_argument("--agent", default=None, metavar="PATH", help="a kata-agent binary to include and run as init")
     p.add_argument("--no-standin", action="store_true", help="leave out the agent stand-in of the nested test guest")
-    p.add_argument("--compress", choices=("zstd", "gzip", "xz"), default="zstd")
+    p.add_argument("--compress", choices=("zstd", "gzip", "xz"), default="zstd", help="initrd compression (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache has it")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_build)
 
     p = ks.add_parser("inspect", help="list an initrd and check the hook, its mode and the modules",
                       formatter_class=fmt, description="Read an initrd (cpio: plain, gzip, zstd, xz, concatenated)\n"
                                                        "and check the hook and modules. Exit 1 when something is missing.")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="initrd file (cpio; plain, gzip, zstd or xz)")
     p.add_argument("--list", action="store_true", help="print every entry, ls -l style")
-    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH)
-    p.add_argument("--hook-name", default=initrd.HOOK_NAME)
+    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH, help="guest_hook_path (default %(default)s)")
+    p.add_argument("--hook-name", default=initrd.HOOK_NAME, help="hook file name under <hook-path>/prestart (default %(default)s)")
     p.add_argument("--module", action="append", help="a module that must be there (repeatable; default the VFIO set)")
     p.add_argument("--no-python", action="store_true", help="do not require python3 (a Go hook, say)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = ks.add_parser("config", help="derive configuration.toml for kata-vfio (comments kept)", formatter_class=fmt,
@@ -201,12 +201,12 @@ def register(sub):
                                   "--base; or the bundled Kata 1.x sample when none is installed): q35,\n"
                                   "guest_hook_path, kernel_params with systemd.unified_cgroup_hierarchy=0,\n"
                                   "enable_iommu, the debug console, the kernel and initrd. Never edits the system's file.")
-    p.add_argument("--base", metavar="FILE")
-    p.add_argument("--kernel", metavar="FILE")
-    p.add_argument("--initrd", metavar="FILE")
-    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH)
+    p.add_argument("--base", metavar="FILE", help="configuration.toml to start from (default: the installed Kata one, else a bundled 1.x sample)")
+    p.add_argument("--kernel", metavar="FILE", help="guest kernel for [hypervisor.qemu] kernel")
+    p.add_argument("--initrd", metavar="FILE", help="guest initrd for [hypervisor.qemu] initrd (from build-initrd)")
+    p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH, help="guest_hook_path (default %(default)s)")
     p.add_argument("--kata-major", type=int, default=1, help="1: debug console as agent.debug_console; 2+: debug_console_enabled")
-    p.add_argument("--profile", default=None)
+    p.add_argument("--profile", default=None, help="IDs the hook binds without an annotation (default emulated)")
     p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=cmd_config)
 
@@ -235,6 +235,6 @@ def register(sub):
     add_target_argument(p)
     p.add_argument("--vf", action="append", default=[], metavar="ADDR", help="VF on vfio-pci on the target (repeatable)")
     p.add_argument("--annotation", default=None, help="io.katacontainers.x.vfio value (commas, no spaces)")
-    p.add_argument("--timeout", type=float, default=240.0)
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds for the nested guest to run and power off (default %(default)s)")
     p.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
     p.set_defaults(func=cmd_nested)

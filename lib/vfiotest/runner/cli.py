@@ -104,7 +104,7 @@ def register(subparsers):
     ssh.add_argument("command", nargs="*", help="command to run instead of a shell")
     ssh.set_defaults(func=cmd_ssh)
     con = sub.add_parser("console", help="the runner's serial console log")
-    con.add_argument("-n", "--lines", type=int, default=40)
+    con.add_argument("-n", "--lines", type=int, default=40, help="how many of the last lines (default 40)")
     con.add_argument("-f", "--follow", action="store_true", help="keep printing until the runner stops")
     con.set_defaults(func=cmd_console)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
