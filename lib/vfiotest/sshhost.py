@@ -266,6 +266,9 @@ class _RemoteLock:
 
     def release(self):
         if not self.chan.closed:
-            self.chan.shutdown_write()  # cat sees EOF, flock exits, the lock is gone
-            self.chan.recv_exit_status()
+            try:
+                self.chan.shutdown_write()  # cat sees EOF, flock exits, the lock is gone
+                self.chan.status_event.wait(10)  # bounded: a wedged target must not hang the release
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # the connection is gone, and the remote flock with it
             self.chan.close()
