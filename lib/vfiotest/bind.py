@@ -23,7 +23,7 @@ import json
 import time
 
 from .errors import BindError, DeviceNotFound, HarnessError, NotAllowed, UnbindError
-from .pci import PciAddress, read_inventory
+from .pci import SYSFS_READERS, PciAddress, read_inventory
 
 VFIO_DRIVER = "vfio-pci"
 SYS_PCI = "/sys/bus/pci"
@@ -35,13 +35,7 @@ import json, os, sys
 R = sys.argv[1]
 base = R + "/sys/bus/pci/devices"
 addrs = sys.argv[2:] or (sorted(os.listdir(base)) if os.path.isdir(base) else [])
-def rd(p):
-    try:
-        with open(p) as f: return f.read().strip()
-    except OSError: return None
-def link(p):
-    try: return os.path.basename(os.readlink(p))
-    except OSError: return None
+""" + SYSFS_READERS + r"""
 out = {}
 for a in addrs:
     d = base + "/" + a

@@ -36,12 +36,8 @@ class PciAddress(str):
 
 SYS_PCI = "/sys/bus/pci"
 
-# Runs on the target with python3 (argv[1] = sysroot, "" on a real host). Reads
-# everything in one process so that a host with hundreds of VFs costs one round trip.
-INVENTORY_SCRIPT = r"""
-import json, os, re, sys
-R = sys.argv[1] if len(sys.argv) > 1 else ""
-BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+# Readers shared by the scripts that run on the target (this one and bind.DEVICE_STATE_SCRIPT).
+SYSFS_READERS = r"""
 def rd(p):
     try:
         with open(p) as f: return f.read().strip()
@@ -49,6 +45,15 @@ def rd(p):
 def link(p):
     try: return os.path.basename(os.readlink(p))
     except OSError: return None
+"""
+
+# Runs on the target with python3 (argv[1] = sysroot, "" on a real host). Reads
+# everything in one process so that a host with hundreds of VFs costs one round trip.
+INVENTORY_SCRIPT = r"""
+import json, os, re, sys
+R = sys.argv[1] if len(sys.argv) > 1 else ""
+BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+""" + SYSFS_READERS + r"""
 def ls(p):
     try: return sorted(os.listdir(p))
     except OSError: return []
@@ -242,7 +247,12 @@ class Inventory:
         return lines
 
 
+def read_inventory_json(host, timeout=30):
+    """The whole PCI state of `host` as the script printed it (JSON-ready), in one round trip."""
+    res = host.python(INVENTORY_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="PCI inventory")
+    return json.loads(res.stdout)
+
+
 def read_inventory(host, timeout=30):
     """The whole PCI state of `host`, in one round trip."""
-    res = host.python(INVENTORY_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="PCI inventory")
-    return Inventory.from_json(json.loads(res.stdout))
+    return Inventory.from_json(read_inventory_json(host, timeout))

@@ -24,9 +24,10 @@ def default_profile(spec, value=None):
     return value or os.environ.get(PROFILE_ENV) or ("emulated" if spec == "virtual" else "seed")
 
 
-def open_host(spec, progress=None):
+def open_host(spec, progress=None, boot=True):
     """A connected Host for `spec`, and a `close()` that undoes what opening did
-    (for `virtual`: stops the runner if this call booted it)."""
+    (for `virtual`: stops the runner if this call booted it). boot=False attaches to the
+    runner that is running, whoever keeps it, and never boots one."""
     spec = target_spec(spec)
     if spec == "local":
         host = LocalHost()
@@ -45,6 +46,10 @@ def open_host(spec, progress=None):
     from .runner import Runner  # the emulated runner
 
     runner = Runner.default()
+    if not boot:
+        host = runner.host()
+        host.connect()
+        return host, host.close
     booted = False
     if not runner.is_up():
         runner.up(progress=progress)

@@ -253,17 +253,18 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
         regions = []
         for i in range(nregions):
             ri = encode_region_info(i)
+            name = PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i)
             try:
                 _ioctl("region-info", dfd, VFIO_DEVICE_GET_REGION_INFO, ri)
             except ProbeFailed as e:
                 if e.errno != errno_mod.EINVAL:
                     raise
                 # vfio-pci answers EINVAL for a region the device does not have (VGA on a non-VGA device)
-                regions.append({"index": i, "name": PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i),
+                regions.append({"index": i, "name": name,
                                 "absent": True, "size": 0, "offset": 0, "flags": 0, "read": False, "write": False, "mmap": False})
                 continue
             _, rflags, _, _, size, offset = REGION_INFO.unpack(ri)
-            regions.append({"index": i, "name": PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i),
+            regions.append({"index": i, "name": name,
                             "absent": False, "size": size, "offset": offset, "flags": rflags,
                             "read": bool(rflags & VFIO_REGION_INFO_FLAG_READ),
                             "write": bool(rflags & VFIO_REGION_INFO_FLAG_WRITE),
