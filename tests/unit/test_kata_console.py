@@ -193,12 +193,27 @@ def test_guest_report_over_the_console(console, tmp_path):
     log = tmp_path / "hook.log"
     log.write_text(json.dumps({"action": "bind", "container": "cid", "result": "bound"}) + "\n"
                    + json.dumps({"action": "bind", "container": "other", "result": "bound"}) + "\n")
-    rep = KataGuestReport.read(console, container_id="cid", hook_log_path=str(log))
+    # a hook as the agent runs it: argv [basename, stage], the state on stdin; it logs what it got
+    hook = tmp_path / "prestart" / "vfio-hook"
+    hook.parent.mkdir()
+    hook.write_text("#!/bin/sh\n"
+                    "state=$(cat)\n"
+                    f"printf '{{\"action\": \"got\", \"container\": \"%s\", \"argv0\": \"%s\"}}\\n' \"$1\" \"$0\" >> '{log}'\n"
+                    "case \"$state\" in *'\"id\": '*'\"pid\"'*) exit 0 ;; esac\n"
+                    "echo 'vfio-hook: state on stdin is not JSON' >&2; exit 2\n")
+    hook.chmod(0o755)
+    rep = KataGuestReport.read(console, container_id="cid", annotation="8086:10ca", hook=str(hook),
+                               hook_log_path=str(log))
     assert rep.standin is False
     assert [e["container"] for e in rep.log_for(container="cid", action="bind")] == ["cid"]
     assert rep.dev_vfio == standin_agent.dev_vfio() and rep.pci_before == {}
-    with pytest.raises(LookupError, match="only the stand-in"):
-        rep.run("again")
+    assert [r["kind"] for r in rep.runs] == ["again", "none", "malformed"]
+    again, malformed = rep.run("again")["results"][0], rep.run("malformed")["results"][0]
+    assert (again["rc"], again["argv"], again["stderr"]) == (0, ["vfio-hook", "prestart"], "")
+    assert malformed["rc"] == 2 and "not JSON" in malformed["stderr"]
+    # run from the hook's directory with its basename, as the agent does
+    assert [e["argv0"] for e in rep.log_for(action="got")] == ["./vfio-hook"] * 3
+    assert [e["container"] for e in rep.log_for(action="got")] == ["prestart"] * 3
 
 
 def test_parse_transcript_ignores_the_echoed_command():

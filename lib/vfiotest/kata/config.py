@@ -8,6 +8,15 @@ image just built; `image` is commented out, Kata refuses both), `kernel_params`
 `enable_iommu = true`, `guest_hook_path`, `enable_debug`; for Kata 2.x and
 later the debug console is `[agent.kata] debug_console_enabled = true`.
 
+For the Kata 1.x guest image the harness builds (agent as PID 1 behind its own
+init, `rdinit=`), `KataVfioSettings.for_kata_guest()` adds what a VF hot-plugged
+into that guest needs (measured with Kata 1.12.1 in the emulated runner):
+`hotplug_vfio_on_root_bus = true` and `pcie_root_port` (q35 hot-plugs a PCIe
+device on a root port), `use_vsock = true`, `disable_block_device_use = true`
+(the rootfs goes over 9p), a small `default_memory` (a VF pins all guest RAM),
+the QEMU binary (also in `valid_hypervisor_paths`), the shim and proxy of the
+Kata in use, and `[runtime] internetworking_model = "none"`.
+
 The result is written to the harness's own path (`KATA_VFIO_CONFIG`); the
 system's configuration is read, never written.
 """
@@ -34,6 +43,8 @@ BUNDLED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 STATE_DIR = "/var/lib/vfiotest/kata"
 KATA_VFIO_CONFIG = f"{STATE_DIR}/configuration.toml"
 MARKER = "vfiotest: derived for the kata-vfio runtime"
+# A VF pins all guest RAM; 384 MiB ran the probe and halved the Kata VM's RSS (measured, facts section 8).
+KATA_GUEST_MEMORY_MB = 384
 
 
 @dataclass
@@ -47,6 +58,24 @@ class KataVfioSettings:
     enable_debug: bool = True
     debug_console: bool = True
     kata_major: int = 1
+    # set by for_kata_guest(); None/empty leaves Kata's own value
+    init: Optional[str] = None                 # rdinit= of the guest image
+    hypervisor_path: Optional[str] = None
+    shim_path: Optional[str] = None
+    proxy_path: Optional[str] = None
+    default_memory: Optional[int] = None
+    hypervisor_extra: Tuple[Tuple[str, object], ...] = ()
+    runtime_extra: Tuple[Tuple[str, object], ...] = ()
+
+    @classmethod
+    def for_kata_guest(cls, *, kernel, initrd, init, hypervisor_path=None, shim_path=None, proxy_path=None,
+                       default_memory=KATA_GUEST_MEMORY_MB, **kw):
+        """Settings for the harness's Kata 1.x guest image with a VF hot-plugged (see module doc)."""
+        return cls(kernel=kernel, initrd=initrd, init=init, hypervisor_path=hypervisor_path, shim_path=shim_path,
+                   proxy_path=proxy_path, default_memory=default_memory,
+                   hypervisor_extra=(("hotplug_vfio_on_root_bus", True), ("pcie_root_port", 2),
+                                     ("use_vsock", True), ("disable_block_device_use", True)),
+                   runtime_extra=(("internetworking_model", "none"),), **kw)
 
 
 def find_installed_config(host=None):
@@ -108,13 +137,32 @@ def derive_config(base_text, settings, source="(text)"):
     params = list(settings.kernel_params)
     if settings.debug_console and settings.kata_major < 2:
         params.append("agent.debug_console")
+    if settings.init:
+        params.append(f"rdinit={settings.init}")
     _set(hv, "kernel_params", merge_params(str(hv.get("kernel_params", "")), params))
     _set(hv, "enable_iommu", bool(settings.enable_iommu))
     _set(hv, "guest_hook_path", settings.guest_hook_path)
     if settings.enable_debug:
         _set(hv, "enable_debug", True)
+    if settings.hypervisor_path:
+        _set(hv, "path", settings.hypervisor_path)
+        valid = [str(v) for v in hv.get("valid_hypervisor_paths", [])]
+        if settings.hypervisor_path not in valid:
+            _set(hv, "valid_hypervisor_paths", valid + [settings.hypervisor_path])
+    if settings.default_memory:
+        _set(hv, "default_memory", int(settings.default_memory))
+    for key, value in settings.hypervisor_extra:
+        _set(hv, key, value)
     if len(hv) > keys_before:
         hv.add(tomlkit.nl())  # keep the blank line before the next table
+    for table, path in (("shim", settings.shim_path), ("proxy", settings.proxy_path)):
+        if path:
+            section = doc.setdefault(table, tomlkit.table(is_super_table=True))
+            _set(section.setdefault("kata", tomlkit.table()), "path", path)
+    if settings.runtime_extra:
+        rt = doc.setdefault("runtime", tomlkit.table())
+        for key, value in settings.runtime_extra:
+            _set(rt, key, value)
     if settings.debug_console and settings.kata_major >= 2:
         agent = doc.setdefault("agent", tomlkit.table(is_super_table=True))
         kata = agent.setdefault("kata", tomlkit.table())

@@ -24,12 +24,14 @@ the host; inside the guest it is typed into the console's shell as it is.
 """
 
 import json
+import posixpath
 import re
 import secrets
 import shlex
 import time
 
 from ..errors import CommandTimeout, TargetError
+from .hook import ANNOTATION as HOOK_ANNOTATION
 from .hook import DEFAULT_LOG as HOOK_LOG
 from .nested import GuestReport
 
@@ -235,22 +237,51 @@ class KataConsole:
         return res
 
 
+# The extra hook runs made by hand in a real Kata guest, after the agent's own run:
+# "again" (same annotation: the device is already bound), "none" (empty annotation),
+# "malformed" (a state cut short). Container ids as the stand-in names them.
+EXTRA_RUNS = ("again", "none", "malformed")
+MALFORMED_STATE = '{"ociVersion": "1.0.2", "id": '
+KATA_BUNDLE_DIR = "/run/kata-containers/shared/containers"
+
+
+def oci_state(container_id, annotation):
+    """The OCI state a Kata 1.x agent gives a prestart hook (see the hook's module doc)."""
+    return {"ociVersion": "1.0.2", "id": container_id, "pid": 1, "status": "creating",
+            "bundle": f"{KATA_BUNDLE_DIR}/{container_id}",
+            "annotations": {HOOK_ANNOTATION: annotation}}
+
+
+def run_hook(console, hook, stage, stdin_text, timeout=60.0):
+    """Run the guest hook `hook` by hand in the guest, as the agent does (argv [basename, stage],
+    the state on stdin): {"argv", "rc", "seconds", "stderr"}."""
+    t0 = time.monotonic()
+    rc, out = console.run(f"cd {shlex.quote(posixpath.dirname(hook))} && printf %s {shlex.quote(stdin_text)} | "
+                          f"./{shlex.quote(posixpath.basename(hook))} {shlex.quote(stage)} 2>&1 >/dev/null",
+                          timeout=timeout)
+    return {"hook": hook, "argv": [posixpath.basename(hook), stage], "rc": rc,
+            "seconds": round(time.monotonic() - t0, 3), "stderr": out}
+
+
 class KataGuestReport(GuestReport):
-    """A real Kata guest read over its debug console, with GuestReport's interface where it
-    makes sense: `.hook_log`, `.log_for()`, `.dev_vfio`, `.pci_after`. There is no "before"
-    (the agent ran the hook before the console could be read) and no extra hook runs."""
+    """A real Kata guest read over its debug console, with GuestReport's interface:
+    `.hook_log`, `.log_for()`, `.dev_vfio`, `.pci_after`, `.run(kind)`. There is no "before"
+    (the agent ran the hook before the console could be read); the runs other than the
+    agent's own ("again", "none", "malformed") are made by hand over the console."""
 
     standin = False
 
     @classmethod
-    def read(cls, console, container_id, hook_log_path=HOOK_LOG):
+    def read(cls, console, container_id, annotation, hook, hook_log_path=HOOK_LOG, extra_runs=EXTRA_RUNS):
         t0 = time.monotonic()
-        entries = console.hook_log(hook_log_path)
-        data = {"container": container_id, "hook_log": "\n".join(json.dumps(e) for e in entries),
-                "vfio_after": console.dev_vfio(), "pci_after": console.pci_state()}
+        data = {"container": container_id, "vfio_after": console.dev_vfio(), "pci_after": console.pci_state(),
+                "hooks": [hook], "runs": []}
+        for i, kind in enumerate(extra_runs, 1):
+            cid = f"vfiotest-{kind}-{i}"
+            stdin = MALFORMED_STATE if kind == "malformed" else json.dumps(
+                oci_state(cid, "" if kind == "none" else annotation))
+            res = run_hook(console, hook, "prestart", stdin)
+            data["runs"].append({"kind": kind, "container": cid, "results": [res], "vfio_after": console.dev_vfio()})
+        data["hook_log"] = "\n".join(json.dumps(e) for e in console.hook_log(hook_log_path))
         # boot_seconds: here the time the reading took (the VM's boot is Kata's)
         return cls(data=data, console="", boot_seconds=round(time.monotonic() - t0, 2))
-
-    def run(self, kind):
-        raise LookupError(f"no hook run {kind!r}: on real Kata the agent runs the hook once per container "
-                          "(only the stand-in runs it again, with no devices and with a malformed state)")

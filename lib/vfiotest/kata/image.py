@@ -239,3 +239,27 @@ def verify_guest_image(listing, *, hook_name="vfio-hook", guest_hook_path="/usr/
                 not any(re.match(r"usr/lib/python3\.\d+/json/__init__\.py$", p) for p in listing.entries):
             problems.append("python3's json module is missing from the image")
     return ImageCheck(hook=hook, modules=found, python=py, problems=problems)
+
+
+def verify_kata_guest(listing, *, init, agent, modules=()):
+    """Check what a real Kata guest needs beyond the hook: the init given as `rdinit=`
+    (an executable regular file with an interpreter the image has), the agent, and the
+    modules the init loads (virtio console, vsock, 9p)."""
+    problems = []
+    e = listing.resolve(init)
+    if e is None or e.kind != "file" or not e.executable:
+        problems.append(f"init {init} is missing or not an executable file")
+    elif e.data is not None and e.data.startswith(b"#!"):
+        interp = e.data[2:].split(b"\n", 1)[0].split()[0].decode()
+        target = listing.resolve(interp)
+        if target is None or target.kind != "file" or not target.executable:
+            problems.append(f"init {init} needs {interp}, which the image does not have")
+    a = listing.resolve(agent)
+    if a is None or a.kind != "file" or not a.executable:
+        problems.append(f"the Kata agent {agent} is missing or not executable")
+    have, builtin = listing.modules(), listing.builtin_modules()
+    for m in modules:
+        key = m.replace("-", "_")
+        if key not in have and key not in builtin:
+            problems.append(f"kernel module {m} (needed by the Kata agent) is not in the image")
+    return ImageCheck(hook=None, modules={}, python=None, problems=problems)

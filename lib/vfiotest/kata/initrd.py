@@ -1,8 +1,8 @@
 """Building the guest initrd: the VFIO modules, python3, the hook, cached by its inputs.
 
-With Kata's osbuilder installed (bare-metal runners), `build_with_osbuilder`
-drives `kata-osbuilder.sh` with the hook and the VFIO drivers added. Elsewhere
-`build_initrd` runs Debian's dracut directly for Debian's 6.1 kernel:
+`build_initrd` runs Debian's dracut directly for Debian's 6.1 kernel (Kata's
+osbuilder is not used, on any runner: dracut from Debian is the one path that is
+built and booted here):
 
 - a private `dracutbasedir` (symlinks to the system's dracut plus the module
   `95vfiotest` written per build), so nothing under /usr is touched;
@@ -15,8 +15,16 @@ drives `kata-osbuilder.sh` with the hook and the VFIO drivers added. Elsewhere
   `<guest_hook_path>/prestart/vfio-hook` (0755) and the library it shares
   with the host side (`vfiotest.bind`, `host`, `pci`, `errors`) under
   `<guest_hook_path>/lib/`, and the hook's settings (allowed IDs, log path);
-- optionally the Kata agent, and the agent's stand-in for the nested test
-  guest (a pre-mount hook that runs the prestart hooks and powers off).
+- either the Kata agent (`agent=`: the real Kata guest image) or the agent's
+  stand-in for the nested test guest (a pre-mount hook that runs the prestart
+  hooks and powers off).
+
+The Kata guest image boots a small init (`KATA_INIT_PATH`, given to the kernel
+as `rdinit=` in configuration.toml) instead of dracut's: Kata passes
+`console=hvc0` and virtio_console is a module in Debian's kernel, so the init
+mounts proc/sys/dev, loads the virtio, vsock, 9p and VFIO modules, opens the
+console and execs kata-agent as PID 1. dracut is still what gathers the
+modules with their dependencies, python3 and the libraries.
 
 The result is checked by listing the image (dracut says FAILED for a missing
 driver and exits 0) and stored as CACHE/initrd/initrd-<key>.img with a JSON
@@ -54,6 +62,11 @@ NATIVE_DRIVERS = ("igbvf", "nvme")
 # The library the hook shares with the host side (standard library only).
 SHARED_MODULES = ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py")
 KATA_MODULES = ("__init__.py", "hook.py", "standin_agent.py")
+# The Kata guest: what the agent needs (console, vsock, 9p for the container rootfs), in load order.
+KATA_GUEST_MODULES = ("virtio_pci", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "9pnet_virtio", "9p",
+                      "overlay", "virtio_blk", "virtio_scsi", "virtio_net", "virtio_rng")
+KATA_INIT_PATH = "/usr/sbin/vfiotest-kata-init"
+GUEST_AGENT_PATH = "/usr/bin/kata-agent"
 
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lib/vfiotest
 
@@ -70,10 +83,11 @@ class InitrdSpec:
     allowed_ids: Tuple[str, ...] = ()          # the profile's vendor:device list (used without annotation)
     hook_log: str = HOOK_LOG
     hook_timeout: float = 30.0
-    agent: Optional[str] = None                # a kata-agent binary to include (run as init)
-    standin: bool = True                       # the agent's stand-in for the nested test guest
+    agent: Optional[str] = None                # a kata-agent binary: the real Kata guest image (agent as PID 1)
+    standin: bool = True                       # the agent's stand-in for the nested test guest (ignored with agent)
     extra_drivers: Tuple[str, ...] = NATIVE_DRIVERS
     compress: str = "zstd"                     # zstd | gzip | xz
+    hook: bool = True                          # False only to break the subject on purpose (VFIOTEST_BREAK=no-hook)
 
 
 @dataclass
@@ -88,6 +102,9 @@ class BuiltInitrd:
     modules: List[str] = field(default_factory=list)   # the VFIO modules asked for (those the kernel has)
     hook_path: str = ""        # the hook's path in the guest
     spec: dict = field(default_factory=dict)
+    init: Optional[str] = None  # the init to give as rdinit= (Kata guest image), None: dracut's /init
+    target_path: Optional[str] = None    # the image and kernel as the target sees them (stage_on_target)
+    target_kernel: Optional[str] = None
 
     def manifest(self):
         return asdict(self)
@@ -119,9 +136,6 @@ def _module_setup(spec, files_list):
     if spec.standin and not spec.agent:
         hooks = ('    inst_hook cmdline 90 "$moddir/vfiotest-cmdline.sh"\n'
                  '    inst_hook pre-mount 50 "$moddir/vfiotest-standin.sh"\n')
-    elif spec.agent:
-        hooks = ('    inst_hook cmdline 90 "$moddir/vfiotest-cmdline.sh"\n'
-                 '    inst_hook pre-mount 50 "$moddir/vfiotest-agent.sh"\n')
     return f"""#!/bin/bash
 # Written by vfiotest.kata.initrd for one build.
 check() {{ return 255; }}
@@ -154,9 +168,17 @@ echo o > /proc/sysrq-trigger
 sleep 30
 """
 
-AGENT_HOOK = """#!/bin/sh
-# Hand the guest to the Kata agent, as init (AGENT_INIT=yes in osbuilder terms).
-exec /usr/bin/kata-agent
+KATA_INIT = """#!/bin/sh
+# vfiotest: the Kata guest's init (rdinit=). Mount, load what the agent and the hook need,
+# then hand PID 1 to kata-agent (AGENT_INIT=yes in osbuilder terms).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mkdir -p /proc /sys /dev /tmp /run
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in {modules}; do modprobe -q "$m" || echo "vfiotest-kata-init: modprobe $m failed" > /dev/kmsg; done
+exec </dev/console >/dev/console 2>&1
+exec {agent}
 """
 
 
@@ -293,18 +315,26 @@ def _build(spec, kernel, key, out, work, timeout):
     launcher = os.path.join(work, HOOK_NAME)
     with open(launcher, "w") as f:
         f.write(_hook_launcher(spec))
-    files.append((launcher, f"{hook_dir}/prestart/{HOOK_NAME}", "0755"))
+    if spec.hook:
+        files.append((launcher, f"{hook_dir}/prestart/{HOOK_NAME}", "0755"))
     settings = os.path.join(work, "vfio-hook.json")
     with open(settings, "w") as f:
         f.write(_hook_settings(spec))
     files.append((settings, f"{hook_dir}/lib/vfio-hook.json", "0644"))
     for py in _python_files(lib):
         files.append((py, py, "0755" if py.endswith(".so") else "0644"))
+    guest_modules = [m for m in KATA_GUEST_MODULES if kernel.has_module(m)] if spec.agent else []
     if spec.agent:
         if not os.access(spec.agent, os.X_OK):
             raise ProvisionError(f"the Kata agent {spec.agent} is not an executable file",
                                  hint="give the path of a built kata-agent binary, or leave --agent out")
-        files.append((os.path.realpath(spec.agent), "/usr/bin/kata-agent", "0755"))
+        files.append((os.path.realpath(spec.agent), GUEST_AGENT_PATH, "0755"))
+        init = os.path.join(work, "vfiotest-kata-init")
+        load = guest_modules + [m for m in VFIO_MODULES if kernel.has_module(m) and not kernel.module_is_builtin(m)] \
+            + [d for d in spec.extra_drivers if kernel.has_module(d)]
+        with open(init, "w") as f:
+            f.write(KATA_INIT.format(modules=" ".join(m.replace("-", "_") for m in load), agent=GUEST_AGENT_PATH))
+        files.append((init, KATA_INIT_PATH, "0755"))
 
     module_dir = os.path.join(work, "95vfiotest")
     os.makedirs(module_dir)
@@ -315,7 +345,7 @@ def _build(spec, kernel, key, out, work, timeout):
                 raise ProvisionError(f"path with a space cannot go into the image: {src}", hint="move the file")
             f.write(f"{src} {dst} {mode}\n")
     scripts = {"module-setup.sh": _module_setup(spec, files_list), "vfiotest-cmdline.sh": CMDLINE_HOOK,
-               "vfiotest-standin.sh": STANDIN_HOOK.format(lib=f"{hook_dir}/lib"), "vfiotest-agent.sh": AGENT_HOOK}
+               "vfiotest-standin.sh": STANDIN_HOOK.format(lib=f"{hook_dir}/lib")}
     for name, text in scripts.items():
         with open(os.path.join(module_dir, name), "w") as f:
             f.write(text)
@@ -327,7 +357,7 @@ def _build(spec, kernel, key, out, work, timeout):
 
     vfio = vfio_modules_for(kernel)
     loadable = [m for m in vfio if not kernel.module_is_builtin(m)]
-    drivers = loadable + [d for d in spec.extra_drivers if kernel.has_module(d)]
+    drivers = guest_modules + loadable + [d for d in spec.extra_drivers if kernel.has_module(d)]
     tmp_out = out + f".tmp.{os.getpid()}"
     cmd = ["dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
            "--conf", "/dev/null", "--confdir", confdir, "--tmpdir", work,
@@ -349,7 +379,10 @@ def _build(spec, kernel, key, out, work, timeout):
     listing = image_mod.read_initrd(tmp_out)
     check = image_mod.verify_guest_image(listing, hook_name=HOOK_NAME, guest_hook_path=spec.guest_hook_path,
                                          modules=vfio)
-    problems = list(check.problems)
+    problems = [p for p in check.problems if spec.hook or not p.startswith("hook ")]
+    if spec.agent:
+        problems += image_mod.verify_kata_guest(listing, init=KATA_INIT_PATH, agent=GUEST_AGENT_PATH,
+                                                modules=guest_modules).problems
     for d in spec.extra_drivers:
         if kernel.has_module(d) and d.replace("-", "_") not in listing.modules():
             problems.append(f"driver {d} is not in the image")
@@ -360,13 +393,27 @@ def _build(spec, kernel, key, out, work, timeout):
     os.replace(tmp_out, out)
     return BuiltInitrd(path=out, key=key, kernel=kernel.vmlinuz, kver=kernel.kver, size=os.path.getsize(out),
                        build_seconds=0.0, cached=False, modules=vfio,
-                       hook_path=f"{hook_dir}/prestart/{HOOK_NAME}", spec=asdict(spec))
+                       hook_path=f"{hook_dir}/prestart/{HOOK_NAME}", spec=asdict(spec),
+                       init=KATA_INIT_PATH if spec.agent else None)
 
 
-OSBUILDER_SCRIPTS = ("/usr/libexec/kata-containers/osbuilder/kata-osbuilder.sh",
-                     "/usr/libexec/kata-containers/osbuilder/fedora-kata-osbuilder.sh")
+TARGET_DIR = "/var/lib/vfiotest/kata"
 
 
-def osbuilder_available():
-    """The first Kata osbuilder script installed here, or None."""
-    return next((s for s in OSBUILDER_SCRIPTS if os.access(s, os.X_OK)), None)
+def stage_on_target(host, built, progress=None, target_dir=TARGET_DIR):
+    """Copy the image and its kernel to a target that does not read this machine's files
+    (an ssh:// runner), under content-named paths; sets `built.target_path`/`target_kernel`.
+    A copy already there with the same sha256 is kept."""
+    from .bundle import put_file, sha256_file
+
+    for attr, local in (("target_path", built.path), ("target_kernel", built.kernel)):
+        digest = sha256_file(local)
+        remote = f"{target_dir}/{digest[:16]}-{os.path.basename(local)}"
+        res = host.run(["sha256sum", "--", remote], timeout=60)
+        if not (res.ok and res.stdout.split()[:1] == [digest]):
+            if progress:
+                progress(f"copying {os.path.basename(local)} ({os.path.getsize(local) / 1e6:.1f} MB) to {host.name}:{remote}")
+            put_file(host, local, remote, digest=digest)
+        setattr(built, attr, remote)
+    return built
+

@@ -174,24 +174,36 @@ class RuntimeRegistration:
                 return None
             raise
 
-    def register(self):
-        """Write the wrapper and the drop-in (idempotent); returns a RuntimeInfo."""
-        kata = self.kata if self.kata is not None else detect_kata(self.host)
-        self.kata = kata
-        wrapper_text = render_wrapper(kata, self.config_path)
-        dropin_text = render_dropin(self.wrapper, self.name)
-        for path, text, mode in ((self.wrapper, wrapper_text, 0o755), (self.dropin, dropin_text, 0o644)):
-            old = self._read(path)
+    def snapshot(self):
+        """Record what is at the wrapper and drop-in paths now (what `unregister()` puts back)."""
+        for path in (self.wrapper, self.dropin):
             if path not in self.previous:
+                old = self._read(path)
                 # a file of ours left by a crashed run is not "what was there before"
                 self.previous[path] = None if (old is not None and MARKER in old) else old
+        return dict(self.previous)
+
+    def info(self):
+        """The RuntimeInfo of this registration (as `register()` returns it)."""
+        kata = self.kata if self.kata is not None else detect_kata(self.host)
+        self.kata = kata
+        return RuntimeInfo(self.name, self.wrapper, self.dropin, self.config_path if kata.installed else None,
+                           kata, standin=not kata.installed)
+
+    def register(self):
+        """Write the wrapper and the drop-in (idempotent); returns a RuntimeInfo."""
+        info = self.info()
+        wrapper_text = render_wrapper(self.kata, self.config_path)
+        dropin_text = render_dropin(self.wrapper, self.name)
+        self.snapshot()
+        for path, text, mode in ((self.wrapper, wrapper_text, 0o755), (self.dropin, dropin_text, 0o644)):
+            old = self._read(path)
             if old != text:
                 self.host.run(["mkdir", "-p", os.path.dirname(path)], check=True, timeout=15,
                               what=f"creating {os.path.dirname(path)}")
                 self.host.write_atomic(path, text, mode=mode)
         self.applied = True
-        return RuntimeInfo(self.name, self.wrapper, self.dropin, self.config_path if kata.installed else None,
-                           kata, standin=not kata.installed)
+        return info
 
     def unregister(self):
         """Put back what was at the drop-in and wrapper paths (remove what we created)."""
@@ -232,3 +244,21 @@ class RuntimeRegistration:
             finally:
                 self.host.run(["podman", "rm", "-f", cname], timeout=timeout)
         return said
+
+
+# Where Kata 1.x keeps a sandbox's state on the host (the runtime's store, QEMU's sockets,
+# the shared directory the guest mounts over 9p).
+KATA_STATE_DIRS = ("/run/vc/sbs/{id}", "/run/vc/vm/{id}", "/run/kata-containers/shared/sandboxes/{id}")
+_LEFTOVERS_SCRIPT = ('for p in $(pgrep -f "sandbox-$1"); do echo "process $p: $(tr "\\0" " " < /proc/$p/cmdline | cut -c1-120)"; done; '
+                     'shift; for d do [ -e "$d" ] && echo "directory $d"; done; true')
+
+
+def kata_leftovers(host, sandbox_id, timeout=30):
+    """What the Kata 1.x sandbox `sandbox_id` left on `host`: its QEMU (and any process named
+    after the sandbox) and its state directories, one line each; [] when it is all gone."""
+    if not re.fullmatch(r"[0-9a-f]{12,64}", sandbox_id or ""):
+        raise ValueError(f"{sandbox_id!r} is not a container id")
+    dirs = [d.format(id=sandbox_id) for d in KATA_STATE_DIRS]
+    res = host.run(["sh", "-c", _LEFTOVERS_SCRIPT, "sh", sandbox_id, *dirs], timeout=timeout, check=True,
+                   what=f"looking for what Kata sandbox {sandbox_id[:12]} left")
+    return [line for line in res.stdout.splitlines() if line.strip()]

@@ -106,7 +106,14 @@ case $($B grep -m1 vendor_id /proc/cpuinfo) in
     *AuthenticAMD*) KVM=kvm_amd ;;
     *) KVM=kvm_intel ;;
 esac
-modprobe -a vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay $KVM || echo "vfiotest-stage2: some modules failed to load"
+modprobe -a vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay $KVM vhost_vsock vhost_net \
+    || echo "vfiotest-stage2: some modules failed to load"
+# What a systemd host has and Kata 1.x needs: shared mount propagation (its read-only slave bind
+# of the container rootfs sees nothing under a private /), and a syslog socket (kata-runtime logs
+# there and fails without one). The log stays in the runner: /var/log/vfiotest/syslog.
+mount --make-rshared /
+mount --make-rshared /run
+$B syslogd -O /var/log/vfiotest/syslog -s 4096 -b 1
 echo "vfiotest-stage2: [$(cut -d' ' -f1 /proc/uptime)] ready"
 """
 
