@@ -2,25 +2,63 @@
 
 Runs inside the Kata guest with the standard library only (python3 and the
 modules shipped next to it in the image: vfiotest.errors, host, pci, bind).
-The agent runs it with argv `[path, stage]` and the OCI state JSON on stdin.
+The agent runs it with argv `[name, stage]` (Kata 1.12.1 passes the hook's
+basename, e.g. `["vfio-hook", "prestart"]`; a missing stage means prestart)
+and the OCI state JSON on stdin (`id`, `pid`, `status`, `bundle`,
+`annotations`).
 
 Which devices: the annotation `io.katacontainers.x.vfio` (set by the harness
-when it starts a container; read from the state, else from the spec the agent
-keeps at /run/libcontainer/<id>/config.json): tokens separated by commas or
-spaces, each a `vendor:device` ID (`8086:10ca`) or a guest PCI address. An
-empty annotation asks for nothing. Without the annotation: the profile's
-vendor:device list from the hook's settings. Never a virtio device (vendor
-1af4), a bridge, or a device the guest itself needs (the inventory's
-protected set: default-route NIC, disks of mounted filesystems), nor a group
-that holds one.
+when it starts a container), read from the state, else from the spec at
+`<state bundle>/config.json` (Kata 1.x: /run/kata-containers/shared/containers/
+<id>), else from `/run/libcontainer/<id>/config.json`: tokens separated by
+commas or spaces, each a `vendor:device` ID (`8086:10ca`) or a guest PCI
+address. An empty annotation asks for nothing. Without the annotation: the
+profile's vendor:device list from the hook's settings (`allowed_ids`). Never a
+virtio device (vendor 1af4), a bridge (class 0x06xx: host, ISA or PCI bridge),
+a device the guest itself needs (the inventory's protected set: default-route
+NIC, disks of mounted filesystems), nor a device whose IOMMU group holds a
+virtio or needed device: such devices are refused (logged as "select"
+"refused"). An address the annotation names must be given; an ID it names
+must get at least one device (others with that ID may be refused).
+
+A device the annotation asks for may still be on its way (hot-plug): the hook
+polls the guest's PCI inventory every 0.25 s until every address asked for
+exists and every ID asked for matches at least one device it may bind, for at
+most `device_wait` seconds (settings, default 10) and never more than half of
+what is left of the hook's timeout, so the binding keeps the other half. The
+profile's IDs are not waited for (they are a filter, not a request).
 
 Each selected device's whole IOMMU group is bound with the device layer
 (`driver_override` + unbind + `drivers_probe`, verified by the driver link and
-`/dev/vfio/<group>`). One JSON line per action goes to the log under /tmp:
-`{"time", "stage", "container", "action", "device", "vendor_device",
-"old_driver", "new_driver", "group", "result", "error", "ms"}`. A device
-error is logged and the hook goes on (exit 0); a malformed state is logged and
-the hook exits 2 at once; the whole run is bounded (exit 3 on timeout).
+`/dev/vfio/<group>`); one group's failure does not stop the others. One JSON
+line per action goes to the log under /tmp: `{"time", "epoch", "pid",
+"stage", "container", "action", "device", "vendor_device", "old_driver",
+"new_driver", "group", "result", "error", "ms"}` with the actions "state",
+"start", "wait", "select", "bind", "verify", "end".
+
+Exit codes (a non-zero exit fails the container start in the agent; the
+hook's stderr, one `vfio-hook: ...` line per failure, is what the runtime's
+error shows):
+
+  0  EXIT_OK           every selected group bound and verified (or already
+                       on vfio-pci: "already-bound"), or nothing to do: an
+                       empty annotation, or no annotation and no device
+                       matching the profile's IDs ("no-devices"; devices the
+                       profile's IDs match but refused are skipped)
+  2  EXIT_BAD_STATE    the OCI state on stdin is malformed (logged at once)
+  3  EXIT_TIMEOUT      the whole run exceeded the hook's `timeout` (SIGALRM)
+  4  EXIT_INTERNAL     an unexpected error in the hook itself
+  5  EXIT_BIND_FAILED  a selected group (from the annotation or the profile)
+                       failed to bind or verify (`vfio-hook: 0000:02:00.0
+                       (8086:10ca) could not be bound to vfio-pci: <cause>`),
+                       or the annotation asked for what the guest cannot give
+                       after the wait: an address that does not exist or is
+                       refused, an ID that matches no device or only refused
+                       ones (the line names what was asked, the annotation,
+                       and lists the guest's devices). The other groups are
+                       still bound; the "end" entry says error.
+  6  EXIT_BAD_REQUEST  the annotation value is malformed (a token neither
+                       vendor:device nor a PCI address); nothing is changed.
 """
 
 import json
@@ -34,7 +72,11 @@ ANNOTATION = "io.katacontainers.x.vfio"
 DEFAULT_LOG = "/tmp/vfio-hook.log"
 DEFAULT_TIMEOUT = 20.0
 VIRTIO_VENDOR = "0x1af4"
+DEFAULT_DEVICE_WAIT = 10.0   # seconds to wait for a device the annotation asks for (hot-plug)
+DEVICE_POLL = 0.25           # seconds between two reads of the inventory while waiting
+VFIO_NODE_WAIT = 5.0         # seconds for /dev/vfio/<group> to appear after the bind (udev)
 EXIT_OK, EXIT_BAD_STATE, EXIT_TIMEOUT, EXIT_INTERNAL = 0, 2, 3, 4
+EXIT_BIND_FAILED, EXIT_BAD_REQUEST = 5, 6
 _ID_RE = re.compile(r"^(?:0x)?([0-9a-fA-F]{4}):(?:0x)?([0-9a-fA-F]{4})$")
 
 
@@ -84,19 +126,32 @@ def parse_state(text):
     return state
 
 
+def spec_paths(state, spec_root="/run/libcontainer"):
+    """Where the container's spec may be, in order: the state's bundle, then the agent's copy."""
+    paths = []
+    bundle = state.get("bundle")
+    if isinstance(bundle, str) and bundle:
+        paths.append(os.path.join(bundle, "config.json"))
+    paths.append(os.path.join(spec_root, state["id"], "config.json"))
+    return paths
+
+
 def requested(state, spec_root="/run/libcontainer"):
-    """The annotation value (None when the container set none), from the state or the agent's spec copy."""
+    """The annotation value (None when the container set none), from the state, else from the spec
+    in the state's bundle, else from the agent's copy under `spec_root`."""
     ann = state.get("annotations") or {}
     if ANNOTATION in ann:
         return ann[ANNOTATION]
-    path = os.path.join(spec_root, state["id"], "config.json")
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-        value = (spec.get("annotations") or {}).get(ANNOTATION)
-        return value
-    except (OSError, ValueError, AttributeError):
-        return None
+    for path in spec_paths(state, spec_root):
+        try:
+            with open(path) as f:
+                spec = json.load(f)
+            ann = spec.get("annotations") or {}
+            if ANNOTATION in ann:
+                return ann[ANNOTATION]
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def parse_selection(value):
@@ -117,36 +172,95 @@ def parse_selection(value):
     return ids, addrs
 
 
+def _needed(inv, a):
+    """Why the guest cannot give device `a` away (None when it can)."""
+    d = inv.devices[a]
+    if d.vendor == VIRTIO_VENDOR:
+        return "virtio device (the agent's own)"
+    if a in inv.protected:
+        return "the guest needs it: " + inv.protected[a]
+    return None
+
+
 def select_devices(inv, ids, addrs):
     """Devices asked for, and [(address, reason)] of those refused."""
     chosen, refused = [], []
     for a, d in sorted(inv.devices.items()):
         if a in addrs or d.vendor_device in ids:
-            if d.vendor == VIRTIO_VENDOR:
-                refused.append((a, "virtio device (the agent's own)"))
-            elif a in inv.protected:
-                refused.append((a, "the guest needs it: " + inv.protected[a]))
-            elif d.is_bridge:
-                refused.append((a, "a PCI bridge"))
-            else:
+            why = _needed(inv, a)
+            if why is None and (d.pci_class or "").startswith("0x06"):   # host, ISA and PCI bridges
+                why = f"a bridge (class {d.pci_class})"
+            if why is None:
+                for m in inv.group_of(a):
+                    if m != a and m in inv.devices and _needed(inv, m):
+                        why = (f"IOMMU group {d.iommu_group} also holds {m} ({inv.devices[m].vendor_device}), "
+                               "which the guest needs; group left alone")
+                        break
+            if why is None:
                 chosen.append(d)
+            else:
+                refused.append((a, why))
     for a in sorted(addrs - set(inv.devices)):
         refused.append((a, "no such device in the guest"))
     return chosen, refused
 
 
+def unmet(inv, ids, addrs):
+    """What of an explicit request the inventory cannot give yet: (absent addresses, IDs without a
+    device that may be bound)."""
+    chosen, _ = select_devices(inv, ids, addrs)
+    return sorted(addrs - set(inv.devices)), sorted(ids - {d.vendor_device for d in chosen})
+
+
+def guest_devices(inv, limit=32):
+    """The guest's PCI devices in one line: `0000:00:01.0 1af4:1000 (virtio-pci), ...`."""
+    items = [f"{a} {d.vendor_device} ({d.driver or 'no driver'})" for a, d in sorted(inv.devices.items())]
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f", and {more} more" if more > 0 else "") if items else "no PCI devices"
+
+
+def wait_for_devices(read, inv, ids, addrs, until, log):
+    """Poll the inventory (`read()`) until the explicit request is met or `until` (monotonic) passes.
+    Returns the last inventory and the seconds waited (0 when nothing was missing)."""
+    missing = unmet(inv, ids, addrs)
+    if not any(missing):
+        return inv, 0.0
+    t0 = time.monotonic()
+    while any(missing):
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(DEVICE_POLL, left))
+        inv = read()
+        missing = unmet(inv, ids, addrs)
+    waited = time.monotonic() - t0
+    log.write("wait", "ok" if not any(missing) else "incomplete", addresses=missing[0], ids=missing[1],
+              ms=round(waited * 1000, 1),
+              **({"error": "still missing after the wait"} if any(missing) else {}))
+    return inv, waited
+
+
+def _cause(e):
+    """One line saying why: the error's message (and its next step), without the type's noise."""
+    msg = getattr(e, "message", None) or str(e) or type(e).__name__
+    hint = getattr(e, "hint", None)
+    text = f"{msg} (next step: {hint})" if hint else msg
+    return " ".join(str(text).split())
+
+
 def bind_group(host, inv, dev, log):
-    """Bind the IOMMU group of `dev` to vfio-pci with the device layer; log each device."""
+    """Bind the IOMMU group of `dev` to vfio-pci with the device layer; log each device.
+    Returns the failures, one human-readable line each ([] when the group is bound and verified)."""
     from vfiotest import bind
 
     members = [inv.devices[a] for a in inv.group_of(dev.address) if a in inv.devices]
     for m in members:
-        if m.vendor == VIRTIO_VENDOR or m.address in inv.protected:
+        if m.vendor == VIRTIO_VENDOR or m.address in inv.protected:   # select_devices refuses these first
+            why = f"group {dev.iommu_group} also holds {m.address}, which the guest needs; group left alone"
             log.write("bind", "error", device=m.address, vendor_device=m.vendor_device, old_driver=m.driver,
-                      new_driver=m.driver, group=dev.iommu_group,
-                      error=f"group {dev.iommu_group} also holds {m.address}, which the guest needs; group left alone")
-            return False
-    ok = True
+                      new_driver=m.driver, group=dev.iommu_group, error=why)
+            return [f"{dev.address} ({dev.vendor_device}) could not be bound to vfio-pci: {why}"]
+    failures = []
     for m in members:
         if m.is_bridge:
             continue
@@ -167,14 +281,21 @@ def bind_group(host, inv, dev, log):
                       new_driver=os.path.basename(new) if new else None, group=m.iommu_group,
                       error=f"{type(e).__name__}: {getattr(e, 'message', None) or e}",
                       ms=round((time.monotonic() - t0) * 1000, 1))
-            ok = False
+            failures.append(f"{m.address} ({m.vendor_device}) could not be bound to vfio-pci: {_cause(e)}")
     dev_path = f"/dev/vfio/{dev.iommu_group}"
-    deadline = time.monotonic() + 5.0   # udev makes the node shortly after the last bind
+    if failures:   # the device layer put the failed devices back: the node cannot come, do not wait for it
+        log.write("verify", "error", device=dev.address, group=dev.iommu_group, path=dev_path,
+                  error=f"not checked: {len(failures)} device(s) of group {dev.iommu_group} failed to bind")
+        return failures
+    deadline = time.monotonic() + VFIO_NODE_WAIT   # udev makes the node shortly after the last bind
     while not (present := host.exists(dev_path)) and time.monotonic() < deadline:
         time.sleep(0.05)
     log.write("verify", "ok" if present else "error", device=dev.address, group=dev.iommu_group, path=dev_path,
               **({} if present else {"error": f"{dev_path} did not appear"}))
-    return ok and present
+    if not present:
+        failures.append(f"{dev.address} ({dev.vendor_device}) could not be bound to vfio-pci: {dev_path} did not "
+                        f"appear within {VFIO_NODE_WAIT:g} s of binding IOMMU group {dev.iommu_group}")
+    return failures
 
 
 def load_settings(path):
@@ -186,17 +307,43 @@ def load_settings(path):
         return {}
 
 
-def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcontainer", log=None):
-    """The hook's work for one call; returns the exit code. `host` is the guest
-    (LocalHost) or a simulated sysfs in tests."""
-    from vfiotest.pci import read_inventory
+def _budget(settings):
+    try:
+        return float(settings.get("timeout") or DEFAULT_TIMEOUT)
+    except (TypeError, ValueError):
+        return DEFAULT_TIMEOUT
+
+
+def say(line, err=None):
+    """One line on stderr, which the agent hands back in the runtime's error."""
+    out = err if err is not None else sys.stderr
+    try:
+        out.write(f"vfio-hook: {line}\n")
+        out.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcontainer", log=None, deadline=None,
+        err=None):
+    """The hook's work for one call; returns the exit code (see the module doc). `host` is the guest
+    (LocalHost) or a simulated sysfs in tests; `deadline` (time.monotonic()) is when the hook's budget
+    runs out (default: the settings' timeout from now); failures go to `err` (default sys.stderr)."""
+    from vfiotest import pci
 
     log = log or HookLog(log_path or settings.get("log") or DEFAULT_LOG, stage)
     t0 = time.monotonic()
+    budget = _budget(settings)
+    deadline = t0 + budget if deadline is None else deadline
+
+    def elapsed_ms():
+        return round((time.monotonic() - t0) * 1000, 1)
+
     try:
         state = parse_state(stdin_text)
     except BadState as e:
         log.write("state", "error", error=str(e), stdin=stdin_text[:200])
+        say(f"malformed OCI state on stdin: {e}", err)
         return EXIT_BAD_STATE
     log.container = state["id"]
     value = requested(state, spec_root)
@@ -209,18 +356,55 @@ def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcon
             ids, addrs = parse_selection(value)
         except ValueError as e:
             log.write("select", "error", source=source, annotation=value, error=str(e))
-            return EXIT_OK
+            line = (f"annotation {ANNOTATION}={value!r} is malformed: {e}; expected vendor:device IDs (8086:10ca) "
+                    "or guest PCI addresses (0000:02:00.0), separated by commas or spaces")
+            say(line, err)
+            log.write("end", "error", devices=0, error=line, ms=elapsed_ms())
+            return EXIT_BAD_REQUEST
     log.write("start", "ok", source=source, annotation=value, ids=sorted(ids), addresses=sorted(addrs))
     if not ids and not addrs:
         log.write("select", "no-devices", source=source)
-        log.write("end", "ok", devices=0, ms=round((time.monotonic() - t0) * 1000, 1))
+        log.write("end", "ok", devices=0, ms=elapsed_ms())
         return EXIT_OK
-    inv = read_inventory(host, timeout=max(1.0, settings.get("timeout", DEFAULT_TIMEOUT) / 2))
+
+    def read():
+        return pci.read_inventory(host, timeout=max(1.0, budget / 2))
+
+    inv = read()
+    explicit = source == "annotation"
+    waited = 0.0
+    if explicit:   # what was asked for may still be on its way (hot-plug): wait, within half the budget left
+        try:
+            device_wait = max(0.0, float(settings.get("device_wait", DEFAULT_DEVICE_WAIT)))
+        except (TypeError, ValueError):
+            device_wait = DEFAULT_DEVICE_WAIT
+        now = time.monotonic()
+        inv, waited = wait_for_devices(read, inv, ids, addrs, min(now + device_wait, now + (deadline - now) / 2), log)
     chosen, refused = select_devices(inv, ids, addrs)
+    failures = []
+    asked = f"asked for ({ANNOTATION}={value!r})"
     for a, why in refused:
         d = inv.devices.get(a)
         log.write("select", "refused", device=a, vendor_device=d.vendor_device if d else None,
                   old_driver=d.driver if d else None, group=d.iommu_group if d else None, error=why)
+        if explicit and a in addrs:
+            if d is None:
+                failures.append(f"{a} was {asked} but the guest has no such device (waited {waited:.1f} s); "
+                                f"the guest has: {guest_devices(inv)}")
+            else:
+                failures.append(f"{a} ({d.vendor_device}) was {asked} but is refused: {why}")
+    if explicit:
+        got = {d.vendor_device for d in chosen}
+        for i in sorted(ids - got):
+            refused_with = [(a, why) for a, why in refused if a in inv.devices and inv.devices[a].vendor_device == i]
+            if refused_with:
+                why = "every device with it is refused: " + "; ".join(f"{a}: {w}" for a, w in refused_with)
+            else:
+                why = "no device of the guest has that vendor:device"
+                log.write("select", "refused", device=None, vendor_device=i, error=why)
+            failures.append(f"{i} was {asked} but {why} (waited {waited:.1f} s); the guest has: {guest_devices(inv)}")
+    for line in failures:
+        say(line, err)
     if not chosen:
         log.write("select", "no-devices", source=source)
     done, failed = set(), 0
@@ -228,25 +412,36 @@ def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcon
         if d.iommu_group in done:
             continue
         done.add(d.iommu_group)
-        if not bind_group(host, inv, d, log):
+        lines = bind_group(host, inv, d, log)
+        if lines:
             failed += 1
-    log.write("end", "ok" if not failed else "error", devices=len(chosen), groups=sorted(done), failed_groups=failed,
-              ms=round((time.monotonic() - t0) * 1000, 1))
-    return EXIT_OK
+            for line in lines:
+                say(line, err)
+            failures += lines
+    log.write("end", "ok" if not failures else "error", devices=len(chosen), groups=sorted(done),
+              failed_groups=failed, ms=elapsed_ms(),
+              **({"error": "; ".join(failures)[:2000]} if failures else {}))
+    return EXIT_BIND_FAILED if failures else EXIT_OK
 
 
 def main(argv=None, settings_path=None, stdin=None, host=None):
-    """Entry point of the installed hook (argv = [path, stage])."""
+    """Entry point of the installed hook: argv = [name, stage] (the agent passes the basename as
+    argv[0]; the stage defaults to prestart)."""
+    t_start = time.monotonic()
     argv = list(sys.argv if argv is None else argv)
-    stage = argv[1] if len(argv) > 1 else "prestart"
+    stage = argv[1] if len(argv) > 1 and argv[1] else "prestart"
     settings = load_settings(settings_path) if settings_path else {}
     log_path = settings.get("log") or DEFAULT_LOG
-    budget = float(settings.get("timeout") or DEFAULT_TIMEOUT)
+    budget = _budget(settings)
 
     log = HookLog(log_path, stage)
 
     def on_alarm(signum, frame):
-        log.write("end", "timeout", error=f"hook exceeded {budget:.0f} s; gave up")
+        log.write("end", "timeout", error=f"hook exceeded {budget:g} s; gave up")
+        try:   # os._exit skips the buffers: write(2) directly
+            os.write(2, f"vfio-hook: gave up after {budget:g} s (the hook's timeout); see {log_path}\n".encode())
+        except OSError:
+            pass
         os._exit(EXIT_TIMEOUT)
 
     signal.signal(signal.SIGALRM, on_alarm)
@@ -258,9 +453,10 @@ def main(argv=None, settings_path=None, stdin=None, host=None):
             from vfiotest.host import LocalHost
 
             host = LocalHost("guest")
-        return run(stage, text, host, settings, log_path, log=log)
+        return run(stage, text, host, settings, log_path, log=log, deadline=t_start + budget)
     except Exception as e:
         log.write("end", "error", error=f"internal error: {type(e).__name__}: {e}")
+        say(f"internal error: {type(e).__name__}: {_cause(e)}; see {log_path}")
         return EXIT_INTERNAL
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
