@@ -343,6 +343,11 @@ def test_main_takes_the_stage_from_argv1_and_assumes_prestart(tmp_path, log_path
     assert p.returncode == 0, p.stderr
     assert {e["stage"] for e in entries(log_path)} == {"prestart"}
     assert read_inventory(SimulatedHost(sim_dir)).devices[VF1].driver == "vfio-pci"
+    # what the agent passed is in the log, for the guest_hook suite to compare with Kata's
+    start = next(e for e in entries(log_path) if e["action"] == "start")
+    assert start["argv"] == argv
+    assert set(start["state"]) == {"id", "pid", "status", "bundle"}
+    assert start["state"]["id"] == json.loads(state(annotation=VF1))["id"]
 
 
 def test_main_exits_5_with_one_stderr_line_per_failure(tmp_path, log_path):

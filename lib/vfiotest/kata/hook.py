@@ -325,7 +325,7 @@ def say(line, err=None):
 
 
 def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcontainer", log=None, deadline=None,
-        err=None):
+        err=None, argv=None):
     """The hook's work for one call; returns the exit code (see the module doc). `host` is the guest
     (LocalHost) or a simulated sysfs in tests; `deadline` (time.monotonic()) is when the hook's budget
     runs out (default: the settings' timeout from now); failures go to `err` (default sys.stderr)."""
@@ -361,7 +361,9 @@ def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcon
             say(line, err)
             log.write("end", "error", devices=0, error=line, ms=elapsed_ms())
             return EXIT_BAD_REQUEST
-    log.write("start", "ok", source=source, annotation=value, ids=sorted(ids), addresses=sorted(addrs))
+    log.write("start", "ok", source=source, annotation=value, ids=sorted(ids), addresses=sorted(addrs),
+              argv=list(argv) if argv is not None else None,
+              state={k: state.get(k) for k in ("id", "pid", "status", "bundle")})
     if not ids and not addrs:
         log.write("select", "no-devices", source=source)
         log.write("end", "ok", devices=0, ms=elapsed_ms())
@@ -453,7 +455,7 @@ def main(argv=None, settings_path=None, stdin=None, host=None):
             from vfiotest.host import LocalHost
 
             host = LocalHost("guest")
-        return run(stage, text, host, settings, log_path, log=log, deadline=t_start + budget)
+        return run(stage, text, host, settings, log_path, log=log, deadline=t_start + budget, argv=argv)
     except Exception as e:
         log.write("end", "error", error=f"internal error: {type(e).__name__}: {e}")
         say(f"internal error: {type(e).__name__}: {_cause(e)}; see {log_path}")

@@ -73,12 +73,13 @@ def run_hook(path, stage, stdin_bytes, timeout=HOOK_TIMEOUT):
     t0 = time.monotonic()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     try:
-        p = subprocess.run([path, stage], input=stdin_bytes, capture_output=True, timeout=timeout, env=env,
-                           cwd="/")
+        # argv[0] is the basename, as the Kata 1.x agent passes it
+        p = subprocess.run([os.path.basename(path), stage], executable=path, input=stdin_bytes, capture_output=True,
+                           timeout=timeout, env=env, cwd="/")
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = None, e.stdout or b"", (e.stderr or b"") + b"\n(timed out)"
-    return {"hook": path, "argv": [path, stage], "rc": rc, "seconds": round(time.monotonic() - t0, 3),
+    return {"hook": path, "argv": [os.path.basename(path), stage], "rc": rc, "seconds": round(time.monotonic() - t0, 3),
             "stdout": out.decode(errors="replace")[-2000:], "stderr": err.decode(errors="replace")[-2000:]}
 
 
