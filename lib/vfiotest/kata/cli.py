@@ -87,13 +87,28 @@ def cmd_config(args):
 
 
 def cmd_detect(args):
+    from ..targets import target_spec
+    from . import bundle
+
+    spec = target_spec(args.target)
+    # local, and the emulated runner (the controller's root over 9p, read-only), see the
+    # controller's bundle unpack at the same path; ssh:// targets get a copy
+    shares = spec in ("local", "virtual") or spec.startswith("sim:")
+    bundle.bundle_source()  # a bad VFIOTEST_KATA_BUNDLE fails before a runner is booted
     host, close = _open(args)
     try:
-        kata = runtime.detect_kata(host)
-        print(kata.describe())
-        return 0 if (not kata.installed or kata.has_oci_cli) else 1
+        choice = bundle.choose_kata(host, progress=_say, shares_controller_fs=shares)
     finally:
         close()
+    if args.json:
+        print(json.dumps({"target": spec, **choice.as_dict()}, indent=1))
+    else:
+        print(f"kind:      {choice.kind}\nversion:   {choice.version or '-'}\n"
+              f"runtime:   {choice.runtime_path or '-'}\nsource:    {choice.source or '-'}")
+        if choice.bundle:
+            print(f"sha256:    {choice.bundle.sha256}\nunpacked:  {choice.bundle.root}")
+        print(f"supported: {'yes' if choice.supported else 'no'}: {choice.reason}")
+    return 1 if choice.refused else 0
 
 
 def cmd_register(args):
@@ -210,8 +225,14 @@ def register(sub):
     p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=cmd_config)
 
-    p = ks.add_parser("detect", help="which Kata is installed on the target, and whether podman can use it")
+    p = ks.add_parser("detect", help="which Kata (bundle or installed), version, where from", formatter_class=fmt,
+                      description="Which Kata the target would use, in this order: the bundle named by\n"
+                                  "VFIOTEST_KATA_BUNDLE, a Kata 1.x installed on the target, the shared bundle\n"
+                                  "beside the checkout (../shared/kata). A bundle is verified against its\n"
+                                  "SHA256SUMS and unpacked into the asset cache (copied to an ssh:// target).\n"
+                                  "Exit 1 when the target has only Kata 2.x/3.x (no OCI CLI) and there is no bundle.")
     add_target_argument(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_detect)
 
     p = ks.add_parser("register", help="register kata-vfio for podman on the target (drop-in + wrapper)",
