@@ -410,3 +410,25 @@ def test_the_real_shared_bundle_unpacks_and_verifies(tmp_path, extracts):
     assert sorted(rel for rel, _ in b.entries()) == sorted(bundle.REQUIRED.values())
     again = bundle.unpack_bundle(REAL, cache_dir=str(tmp_path / "c"))
     assert again.root == b.root and extracts == [REAL]
+
+
+def test_guest_image_and_kernel_are_staged_on_a_target_that_does_not_share_files(tmp_path):
+    """An ssh:// runner does not read this machine's files: the image and kernel are copied
+    under content-named paths, checked, and a second staging sends nothing."""
+    from vfiotest.host import LocalHost
+    from vfiotest.kata import initrd
+
+    img, kernel = tmp_path / "initrd-abc.img", tmp_path / "vmlinuz-6.1"
+    img.write_bytes(os.urandom(3 * bundle.COPY_CHUNK + 17))
+    kernel.write_bytes(b"kernel" * 1000)
+    built = initrd.BuiltInitrd(path=str(img), key="abc", kernel=str(kernel), kver="6.1", size=img.stat().st_size,
+                               build_seconds=0.0, cached=True)
+    target = tmp_path / "target" / "kata"
+    initrd.stage_on_target(LocalHost(), built, target_dir=str(target))
+    assert built.target_path.startswith(str(target)) and built.target_path.endswith("-initrd-abc.img")
+    assert open(built.target_path, "rb").read() == img.read_bytes()
+    assert open(built.target_kernel, "rb").read() == kernel.read_bytes()
+    said = []
+    initrd.stage_on_target(LocalHost(), built, progress=said.append, target_dir=str(target))
+    assert said == []                                  # already there: nothing copied
+    assert sorted(os.listdir(target)) == sorted(os.path.basename(p) for p in (built.target_path, built.target_kernel))

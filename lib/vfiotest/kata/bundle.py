@@ -396,6 +396,36 @@ def _check_dest(dest):
                              hint=f"use the default ({REMOTE_DIR}/bundle-<sha16>)")
 
 
+def _send(host, local, remote, timeout):
+    """Write the local file `local` to `remote` on `host` in COPY_CHUNK pieces (an SSH channel's
+    window stays small; see sshhost)."""
+    with open(local, "rb") as f:
+        op = 'cat > "$1"'
+        while True:
+            chunk = f.read(COPY_CHUNK)
+            host.run(["sh", "-c", op, "sh", remote], input=chunk, timeout=timeout, check=True,
+                     what=f"writing {remote}")
+            op = 'cat >> "$1"'
+            if len(chunk) < COPY_CHUNK:
+                break
+
+
+def put_file(host: "Host", local: str, remote: str, digest: Optional[str] = None, timeout: float = 120.0) -> None:
+    """Copy one file to `host` (written beside `remote`, checked with sha256sum, then moved into place)."""
+    _check_dest(remote)
+    digest = digest or sha256_file(local)
+    partial = remote + ".partial"
+    host.run(["mkdir", "-p", "--", posixpath.dirname(remote)], timeout=timeout, check=True,
+             what=f"creating {posixpath.dirname(remote)}")
+    _send(host, local, partial, timeout)
+    res = host.run(["sha256sum", "--", partial], timeout=timeout)
+    if not (res.ok and res.stdout.split()[:1] == [digest]):
+        host.run(["rm", "-f", "--", partial], timeout=timeout)
+        raise ProvisionError(f"the copy of {local} at {host.name}:{partial} does not match its sha256 {digest[:16]}",
+                             hint="check free space on the target, then run again")
+    host.run(["mv", "-f", "--", partial, remote], timeout=timeout, check=True, what=f"moving {partial} to {remote}")
+
+
 def copy_bundle_to(host: "Host", bundle: KataBundle, dest_root: Optional[str] = None,
                    progress: Progress = None, timeout: float = 120.0) -> str:
     """Copy the files listed in the bundle's SHA256SUMS (and SHA256SUMS) to `dest_root`
@@ -431,15 +461,7 @@ def copy_bundle_to(host: "Host", bundle: KataBundle, dest_root: Optional[str] = 
         for rel in files:
             local = os.path.join(bundle.root, rel)
             remote = posixpath.join(partial, rel)
-            with open(local, "rb") as f:
-                op = 'cat > "$1"'
-                while True:
-                    chunk = f.read(COPY_CHUNK)
-                    host.run(["sh", "-c", op, "sh", remote], input=chunk, timeout=timeout, check=True,
-                             what=f"writing {remote}")
-                    op = 'cat >> "$1"'
-                    if len(chunk) < COPY_CHUNK:
-                        break
+            _send(host, local, remote, timeout)
             modes.setdefault("%o" % (os.stat(local).st_mode & 0o755), []).append(remote)
         for mode, paths in sorted(modes.items()):
             host.run(["chmod", mode, "--", *paths], timeout=timeout, check=True, what=f"chmod {mode}")

@@ -112,15 +112,21 @@ def cmd_detect(args):
 
 
 def cmd_register(args):
+    from ..targets import target_spec
+    from . import bundle, provision
+
+    shares = target_spec(args.target) in ("local", "virtual")
     host, close = _open(args)
     try:
-        kata = runtime.detect_kata(host)
-        if kata.installed and kata.has_oci_cli:
-            built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
-            written = kata_config.write_kata_vfio_config(
-                host, kata_config.KataVfioSettings(kernel=built.kernel, initrd=built.path, kata_major=kata.major))
+        choice = bundle.choose_kata(host, progress=_say, shares_controller_fs=shares)
+        if choice.refused:
+            raise runtime.ProvisionError(choice.reason, hint="give a Kata 1.x bundle: VFIOTEST_KATA_BUNDLE")
+        if choice.supported:
+            built = provision.guest_image(choice, _profile_ids(args.profile), host=host,
+                                          shares_controller_fs=shares, progress=_say)
+            written = provision.write_config(host, choice, built)
             _say(f"configuration {written.path} derived from {written.source}")
-        reg = runtime.RuntimeRegistration(host, kata=kata)
+        reg = runtime.RuntimeRegistration(host, kata=provision.kata_install(choice))
         info = reg.register()
         said = reg.verify(image=args.image)
         print(info.describe())
@@ -134,12 +140,13 @@ def cmd_unregister(args):
     host, close = _open(args)
     try:
         removed = []
-        for path in (runtime.DROPIN_PATH, runtime.WRAPPER_PATH):
+        for path, marker in ((runtime.DROPIN_PATH, runtime.MARKER), (runtime.WRAPPER_PATH, runtime.MARKER),
+                             (kata_config.KATA_VFIO_CONFIG, kata_config.MARKER)):
             try:
                 text = host.read_text(path)
             except OSError:
                 continue
-            if runtime.MARKER in text:
+            if marker in text:
                 host.remove(path)
                 removed.append(path)
             else:
@@ -244,7 +251,8 @@ def register(sub):
     p.add_argument("--image", help="also create (not start) a container with it and check inspect's OCIRuntime")
     p.set_defaults(func=cmd_register)
 
-    p = ks.add_parser("unregister", help="remove the kata-vfio drop-in and wrapper (only files vfiotest wrote)")
+    p = ks.add_parser("unregister", help="remove the kata-vfio drop-in, wrapper and derived configuration.toml "
+                                         "(only files vfiotest wrote)")
     add_target_argument(p)
     p.set_defaults(func=cmd_unregister)
 

@@ -1,0 +1,51 @@
+"""The Kata layers' provisioning steps, shared by the fixtures and `vfiotest kata register`:
+the guest image for a KataChoice, its configuration.toml, the kata-vfio registration."""
+
+import posixpath
+
+from ..errors import ProvisionError
+from . import config as kata_config
+from . import initrd, runtime
+from .bundle import REQUIRED, find_bundle
+
+
+def guest_image(choice, allowed_ids, host=None, shares_controller_fs=True, hook=True, progress=None):
+    """The guest initrd for `choice` (vfiotest.kata.bundle.KataChoice): with kata-agent as PID 1
+    when a Kata 1.x is there (the agent comes from the bundle), else the stand-in's image.
+    Staged on `host` when it does not read this machine's files."""
+    agent = None
+    if choice.supported:
+        source = choice.bundle or find_bundle(progress=progress)
+        if source is None:
+            raise ProvisionError("the Kata guest image needs a kata-agent and no Kata 1.x bundle was found",
+                                 hint="set VFIOTEST_KATA_BUNDLE to a Kata 1.x bundle (see `vfiotest kata detect`)")
+        agent = source.agent
+    spec = initrd.InitrdSpec(allowed_ids=tuple(allowed_ids), agent=agent, standin=agent is None, hook=hook)
+    built = initrd.build_initrd(spec, progress=progress)
+    if host is not None and not shares_controller_fs:
+        initrd.stage_on_target(host, built, progress=progress)
+    else:
+        built.target_path, built.target_kernel = built.path, built.kernel
+    return built
+
+
+def kata_install(choice):
+    """The runtime.KataInstall the kata-vfio wrapper runs (not installed: the runc stand-in)."""
+    if choice.supported:
+        return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
+    return runtime.KataInstall(None, None, None)
+
+
+def write_config(host, choice, image):
+    """configuration.toml for kata-vfio on `host`, derived from the bundle's (or the installed)
+    configuration, for `image` (a BuiltInitrd staged for the target)."""
+    res = host.run(["sh", "-c", "command -v qemu-system-x86_64"], timeout=15)
+    root = choice.target_root
+    def in_bundle(role):
+        return posixpath.join(root, REQUIRED[role]) if root else None
+
+    settings = kata_config.KataVfioSettings.for_kata_guest(
+        kernel=image.target_kernel, initrd=image.target_path, init=image.init,
+        hypervisor_path=res.stdout.strip() or None, shim_path=in_bundle("shim"), proxy_path=in_bundle("proxy"),
+        kata_major=choice.major)
+    return kata_config.write_kata_vfio_config(host, settings, base_path=in_bundle("config"))
