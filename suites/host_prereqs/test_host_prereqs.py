@@ -4,8 +4,6 @@ import re
 
 import pytest
 
-from vfiotest import prereqs
-
 
 def _check(checks, name):
     return next(c for c in checks if c.name == name)

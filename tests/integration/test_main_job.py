@@ -1,5 +1,7 @@
 """The README's main job, end to end: every suite against a freshly booted emulated runner,
-JUnit XML and Allure results written, the summary printed, the runner stopped afterwards."""
+on real Kata 1.12.1 (the bundle beside the checkout), 0 skipped, JUnit XML and Allure results
+written (lane per test, the guest hook's log attached), the summary printed, the runner
+stopped afterwards."""
 
 import os
 import subprocess
@@ -27,10 +29,20 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
            if c.find("skipped") is None and c.find("failure") is None and c.find("error") is None}
     assert {"host_prereqs", "rebind", "guest_hook", "podman_run"} <= ran, f"suites that passed tests: {ran}"
     skipped = [c for c in cases if c.find("skipped") is not None]
-    assert len(skipped) <= 1, [s.find("skipped").get("message") for s in skipped]  # kata-runtime absent
+    assert skipped == [], [s.find("skipped").get("message") for s in skipped]
+    # real Kata is the lane of every Kata test, and the report says so
+    lanes = {c.get("name"): {p.get("value") for p in c.iter("property") if p.get("name") == "lane"} for c in cases
+             if c.get("classname").split(".")[1] in ("guest_hook", "podman_run")}
+    assert lanes and all(v == {"kata-1.12.1"} for v in lanes.values()), lanes
     env_file = os.path.join(ROOT, "reports", "allure-results", "environment.properties")
     props = open(env_file).read()
-    assert "kata.guest=STAND-IN" in props and "kata.runtime=STAND-IN" in props, props
+    assert "kata.version=1.12.1" in props and "lane=kata-1.12.1" in props, props
+    assert "kata.bundle.sha256=" in props and "STAND-IN" not in props, props
+    # the hook's log read from the guest's /tmp is attached to the guest_hook results
+    results = os.path.join(ROOT, "reports", "allure-results")
+    logs = [f for f in os.listdir(results) if f.endswith("-attachment.txt")
+            and '"action": "bind"' in open(os.path.join(results, f)).read()]
+    assert logs, "no guest hook log among the Allure attachments"
     assert os.listdir(os.path.join(ROOT, "reports", "allure-results")), "no Allure results"
     assert "suite             passed" in out and "rebind" in out  # the summary table
     qemu = subprocess.run(["pgrep", "-f", str(tmp_path / "state")], capture_output=True, text=True)

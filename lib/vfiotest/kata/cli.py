@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 
-from ..errors import HarnessError
 from . import config as kata_config
 from . import image, initrd, runtime
 
