@@ -102,3 +102,45 @@ def test_not_an_initrd(tmp_path):
         read_initrd(str(p))
     with pytest.raises(ProvisionError, match="build it first"):
         read_initrd(str(tmp_path / "missing"))
+
+
+def _kata_guest(root, init_text="#!/bin/sh\nexec /usr/bin/kata-agent\n", agent=True, shell=True,
+                modules=("virtio_console", "vsock")):
+    make_tree(root)
+    os.makedirs(os.path.join(root, "usr/sbin"))
+    with open(os.path.join(root, "usr/sbin/vfiotest-kata-init"), "w") as f:
+        f.write(init_text)
+    os.chmod(os.path.join(root, "usr/sbin/vfiotest-kata-init"), 0o755)
+    if agent:
+        with open(os.path.join(root, "usr/bin/kata-agent"), "w") as f:
+            f.write("\x7fELF agent")
+        os.chmod(os.path.join(root, "usr/bin/kata-agent"), 0o755)
+    if shell:
+        os.makedirs(os.path.join(root, "bin"))
+        with open(os.path.join(root, "bin/dash"), "w") as f:
+            f.write("\x7fELF dash")
+        os.chmod(os.path.join(root, "bin/dash"), 0o755)
+        os.symlink("dash", os.path.join(root, "bin/sh"))
+    for m in modules:
+        open(os.path.join(root, MODS, f"{m}.ko"), "w").close()
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("good", None),
+    ("no-agent", "kata-agent is missing"),
+    ("no-shell", "needs /bin/sh"),
+    ("no-vsock", "module vsock"),
+])
+def test_kata_guest_check_finds_the_init_its_shell_the_agent_and_modules(tmp_path, case, problem):
+    from vfiotest.kata.image import verify_kata_guest
+
+    root = str(tmp_path / "root")
+    _kata_guest(root, agent=case != "no-agent", shell=case != "no-shell",
+                modules=("virtio_console",) if case == "no-vsock" else ("virtio_console", "vsock"))
+    listing = read_initrd(cpio(root, str(tmp_path / "i.img"), ["zstd", "-q"]))
+    check = verify_kata_guest(listing, init="/usr/sbin/vfiotest-kata-init", agent="/usr/bin/kata-agent",
+                              modules=("virtio_console", "vsock"))
+    if problem is None:
+        assert check.ok, check.problems
+    else:
+        assert len(check.problems) == 1 and problem in check.problems[0], check.problems

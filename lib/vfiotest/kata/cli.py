@@ -47,17 +47,28 @@ def cmd_inspect(args):
     modules = args.module or ["vfio", "vfio_iommu_type1", "vfio-pci"]
     check = image.verify_guest_image(listing, hook_name=args.hook_name, guest_hook_path=args.hook_path,
                                      modules=modules, needs_python=not args.no_python)
+    # A Kata guest image (the agent or our init in it): the init, its interpreter, the agent and
+    # the modules the agent needs are checked too; `--kata` asks for that on any image.
+    kata = args.kata or any(listing.get(p) for p in (initrd.KATA_INIT_PATH, initrd.GUEST_AGENT_PATH))
+    if kata:
+        check.problems += image.verify_kata_guest(listing, init=initrd.KATA_INIT_PATH, agent=initrd.GUEST_AGENT_PATH,
+                                                  modules=initrd.KATA_GUEST_MODULES).problems
     if args.json:
         print(json.dumps({"image": args.image, "size": listing.size, "compression": listing.compression,
                           "entries": len(listing.entries),
                           "hook": {"path": f"/{check.hook.path}", "mode": f"{check.hook.perms:o}", "kind": check.hook.kind}
                           if check.hook else None,
+                          "kata_guest": {"init": initrd.KATA_INIT_PATH, "agent": initrd.GUEST_AGENT_PATH} if kata else None,
                           "modules": check.modules, "python": check.python, "problems": check.problems}, indent=1))
     elif not args.list:
         print(f"{args.image}: {listing.size / 1e6:.1f} MB, {'+'.join(listing.compression)}, {len(listing.entries)} entries")
         h = check.hook
         print(f"hook:    {'/' + h.path + ' ' + h.kind + ' mode ' + format(h.perms, 'o') if h else 'MISSING'}")
         print(f"python:  {check.python or 'MISSING'}")
+        if kata:
+            for what, path in (("init", initrd.KATA_INIT_PATH), ("agent", initrd.GUEST_AGENT_PATH)):
+                e = listing.resolve(path)
+                print(f"{what + ':':8} {path + ' mode ' + format(e.perms, 'o') if e else 'MISSING'}")
         for m, where in check.modules.items():
             print(f"module:  {m:18} {where}")
         for p in check.problems:
@@ -214,6 +225,10 @@ def register(sub):
     p.add_argument("--hook-name", default=initrd.HOOK_NAME, help="hook file name under <hook-path>/prestart (default %(default)s)")
     p.add_argument("--module", action="append", help="a module that must be there (repeatable; default the VFIO set)")
     p.add_argument("--no-python", action="store_true", help="do not require python3 (a Go hook, say)")
+    p.add_argument("--kata", action="store_true",
+                   help=f"require a Kata guest: the init {initrd.KATA_INIT_PATH} (rdinit=), kata-agent at "
+                        f"{initrd.GUEST_AGENT_PATH}, the virtio console/vsock/9p modules (checked anyway when "
+                        "the image has the init or the agent)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
