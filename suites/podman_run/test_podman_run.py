@@ -42,31 +42,49 @@ def _report(res):
         pytest.fail(f"the probe printed no report:\n{res}")
 
 
-def test_container_runs_on_the_kata_vfio_runtime(container, vfio_group):
-    res = container.run(["true"], vfio=vfio_group)
+NODES_END = "--- end of /dev/vfio ---"
+
+
+@pytest.fixture(scope="module")
+def vf_run(request, target_host, sriov_pfs, lease_pool, device_manager, podman_client, podman_image):
+    """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe.
+    The three tests below read its result instead of booting a Kata VM each (about 30 s apiece);
+    each still checks its own thing. Yields (VfioGroup, RunResult)."""
+    from fixtures.container import ContainerFactory
+
+    factory = ContainerFactory(podman_client, podman_image, kata=not _same_kernel(podman_client))
+    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, _before):
+        script = (f"for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done; echo {shlex.quote(NODES_END)}; "
+                  f"exec {shlex.join(factory.probe_command())}")
+        res = factory.run(["sh", "-c", script], vfio=vf, ipc_lock=True)
+        yield vf, res
+
+
+def test_container_runs_on_the_kata_vfio_runtime(vf_run):
+    vf, res = vf_run
     assert res.exit_code == 0, str(res)
     assert res.oci_runtime == EXPECTED_RUNTIME, f"podman ran the container on {res.oci_runtime!r}"
     # the VF's vendor:device: the guest's PCI addresses are not the host's
-    assert res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio") == vfio_group.vendor_device
+    assert res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio") == vf.vendor_device
 
 
-def test_vfio_nodes_are_inside(container, vfio_group, podman_client):
-    res = container.run(["sh", "-c", "for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done"], vfio=vfio_group)
-    assert res.exit_code == 0, str(res)
-    nodes = dict(line.rsplit(" ", 1)[::-1] for line in res.stdout.strip().splitlines())
-    assert nodes.get("/dev/vfio/vfio") == "character special file", f"no /dev/vfio/vfio in the container: {nodes}"
+def test_vfio_nodes_are_inside(vf_run, podman_client):
+    vf, res = vf_run
+    listing = res.stdout.split(NODES_END)[0] if NODES_END in res.stdout else ""
+    nodes = dict(line.rsplit(" ", 1)[::-1] for line in listing.strip().splitlines() if " " in line)
+    assert nodes.get("/dev/vfio/vfio") == "character special file", f"no /dev/vfio/vfio in the container: {res}"
     groups = {p: kind for p, kind in nodes.items() if p.rsplit("/", 1)[-1].isdigit()}
     assert len(groups) == 1 and set(groups.values()) == {"character special file"}, f"group nodes inside: {nodes}"
     if _same_kernel(podman_client):
-        assert vfio_group.dev_path in groups, f"{vfio_group.dev_path} is not inside: {nodes}"
+        assert vf.dev_path in groups, f"{vf.dev_path} is not inside: {nodes}"
 
 
-def test_probe_maps_dma_with_cap_ipc_lock(container, vfio_group):
-    res = container.probe(vfio_group)
+def test_probe_maps_dma_with_cap_ipc_lock(vf_run):
+    vf, res = vf_run
     rep = _report(res)
     assert res.exit_code == 0 and rep["ok"], f"probe failed at {rep.get('step')}: {rep.get('error')}"
     assert rep["steps"] == ALL_STEPS
-    assert rep["vendor_device"] == vfio_group.vendor_device
+    assert rep["vendor_device"] == vf.vendor_device
     assert rep["pci"] and rep["num_regions"] >= 8
     assert any(r["name"] == "config" and r["size"] >= 256 for r in rep["regions"])
     assert rep["dma"]["size"] == 1 << 20
@@ -83,15 +101,16 @@ def test_dma_map_fails_without_cap_ipc_lock_and_small_memlock(container, vfio_gr
 
 
 def test_no_dev_vfio_without_device(container, podman_client):
-    res = container.run(["sh", "-c", "ls -A /dev/vfio 2>/dev/null; true"])
-    assert res.exit_code == 0, str(res)
-    listed = res.stdout.split()
+    script = f"ls -A /dev/vfio 2>/dev/null; echo {shlex.quote(NODES_END)}; exec {shlex.join(container.probe_command())}"
+    res = container.run(["sh", "-c", script])
+    assert NODES_END in res.stdout, str(res)
+    listed = res.stdout.split(NODES_END)[0].split()
     if _same_kernel(podman_client):
         assert listed == [], f"/dev/vfio exists in a container given no device: {listed}"
     else:
         # the guest's /dev is the container's (-v /dev:/dev): vfio loaded, no group without a device
         assert [n for n in listed if n.isdigit()] == [], f"a VFIO group in a container given no device: {listed}"
-    rep = _report(container.run(container.probe_command()))
+    rep = _report(res)
     expect = ("open-container", "ENOENT") if _same_kernel(podman_client) else ("open-group", "ENOENT")
     assert (rep["step"], rep["errname"]) == expect, rep
 
