@@ -1,0 +1,73 @@
+"""The harness's pytest options and their environment variables: bad values are refused at
+start-up with the option named (not a traceback, not at fixture time), and an option given on
+the command line replaces its environment variable. Runs pytest in a child process; no target
+is reached."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_child(tmp_path, *args, env=None):
+    probe = tmp_path / "test_options_probe.py"
+    probe.write_text(textwrap.dedent("""
+        import json, os
+        def test_show(request):
+            print("OPTIONS " + json.dumps({"pf": request.config.getoption("--pf"),
+                                           "numvfs": request.config.getoption("--numvfs"),
+                                           "target": request.config.getoption("--target")}))
+    """))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("VFIOTEST_", "PYTEST_"))}
+    full_env.update(env or {})
+    # the repository's conftest as a plugin: the probe file lives outside the repository
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "conftest", "-s", "-q",
+                           "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"), str(probe), *args],
+                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def shown(p):
+    import json
+
+    line = next(l for l in p.stdout.splitlines() if l.startswith("OPTIONS "))
+    return json.loads(line[len("OPTIONS "):])
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
+def test_a_bad_numvfs_in_the_environment_is_a_usage_error_naming_it(tmp_path, value):
+    p = pytest_child(tmp_path, env={"VFIOTEST_NUMVFS": value})
+    assert p.returncode == 4, p.stdout + p.stderr          # pytest's usage error, not a crash
+    said = p.stdout + p.stderr
+    assert "--numvfs" in said and value in said and "Traceback" not in said, said
+
+
+def test_help_works_whatever_the_environment_says(tmp_path):
+    p = pytest_child(tmp_path, "--help", env={"VFIOTEST_NUMVFS": "abc"})
+    assert p.returncode == 0 and "--numvfs" in p.stdout, p.stderr
+
+
+def test_pf_on_the_command_line_replaces_the_environment(tmp_path):
+    env = {"VFIOTEST_PF": "0000:01:00.0,0000:02:00.0", "VFIOTEST_TARGET": "sim:/nonexistent"}
+    assert shown(pytest_child(tmp_path, env=env))["pf"] == ["0000:01:00.0", "0000:02:00.0"]
+    got = shown(pytest_child(tmp_path, "--pf", "0000:03:00.0", env=env))
+    assert got["pf"] == ["0000:03:00.0"]
+
+
+def test_numvfs_from_the_environment_and_the_command_line(tmp_path):
+    env = {"VFIOTEST_NUMVFS": "2", "VFIOTEST_TARGET": "sim:/nonexistent"}
+    assert shown(pytest_child(tmp_path, env=env))["numvfs"] == 2
+    assert shown(pytest_child(tmp_path, "--numvfs", "3", env=env))["numvfs"] == 3
+
+
+@pytest.mark.parametrize("where", ["option", "env"])
+def test_a_bogus_target_is_refused_at_start_up(tmp_path, where):
+    args, env = (["--target", "bogus://x"], {}) if where == "option" else ([], {"VFIOTEST_TARGET": "bogus://x"})
+    p = pytest_child(tmp_path, *args, env=env)
+    said = p.stdout + p.stderr
+    assert p.returncode == 4, said
+    assert "unknown target 'bogus://x'" in said and "--target virtual" in said, said
+    assert "OPTIONS" not in said                             # no test ran
