@@ -73,11 +73,14 @@ class PodmanService:
         inner = (f"echo $$ > {shlex.quote(self.pid_path)}; exec {shlex.quote(self.podman)} "
                  f"--runtime {shlex.quote(self.runtime)} system service --time=0 "
                  f"{shlex.quote('unix://' + self.socket_path)}")
-        sock = shlex.quote(self.socket_path)
+        sock, pidf = shlex.quote(self.socket_path), shlex.quote(self.pid_path)
         cmd = (f"mkdir -p -m 0700 {shlex.quote(self.socket_dir)} && rm -f {sock} && "
                f"(nohup setsid sh -c {shlex.quote(inner)} > {shlex.quote(self.log_path)} 2>&1 < /dev/null &) && "
-               # wait for the socket in the same round trip
-               f"i=0; while [ ! -S {sock} ] && [ $i -lt {int(self.start_timeout * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
+               # wait for the socket in the same round trip, and no longer than the service lives
+               # (an unknown runtime makes podman exit at once: say so now, not after the timeout)
+               f"i=0; while [ ! -S {sock} ] && [ $i -lt {int(self.start_timeout * 10)} ]; do "
+               f"if [ -s {pidf} ] && ! kill -0 \"$(cat {pidf})\" 2>/dev/null; then break; fi; "
+               f"sleep 0.1; i=$((i+1)); done; "
                f"cat {shlex.quote(self.pid_path)}; [ -S {sock} ]")
         res = self.host.run(cmd, timeout=self.start_timeout + 15)
         pid = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
@@ -87,7 +90,7 @@ class PodmanService:
             self.stop()
             raise ProvisionError(
                 f"the podman API service for runtime {self.runtime!r} did not open {self.socket_path} on "
-                f"{self.host.name} within {self.start_timeout:.0f} s: {tail or res.stderr.strip()[-300:]}",
+                f"{self.host.name} (it exited, or {self.start_timeout:.0f} s passed): {tail or res.stderr.strip()[-300:]}",
                 hint=f"run `podman --runtime {self.runtime} system service --time=0 unix:///tmp/t.sock` on the target "
                      f"and read its error (is the runtime registered in containers.conf?)")
         log.info("podman service for %s on %s: pid %s, %s", self.runtime, self.host.name, self.pid, self.socket_path)
