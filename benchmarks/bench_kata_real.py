@@ -32,10 +32,10 @@ from vfiotest.kata.runtime import RuntimeRegistration
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image
+from vfiotest.podman.client import vfio_recipe
 from vfiotest.sriov import set_numvfs
 
 IGB_VF = "8086:10ca"
-DEV_MOUNT = [{"type": "bind", "source": "/dev", "target": "/dev"}]
 # kata-runtime logs to syslog: busybox's ring in the emulated runner, the journal on a systemd host
 RUNTIME_LOG = ("logread 2>/dev/null || /run/vfiotest/busybox logread 2>/dev/null "
                "|| journalctl -q --no-pager -t kata-runtime")
@@ -140,8 +140,7 @@ def main():
                 print("vf               no free igb VF group to lease")
                 return 1
             dm.bind_group(vf.address)
-            recipe = dict(devices=[f"/dev/vfio/{vf.iommu_group}"], cap_add=["CAP_IPC_LOCK"], mounts=DEV_MOUNT,
-                          network_mode="none", annotations={"io.katacontainers.x.vfio": IGB_VF})
+            recipe = dict(vfio_recipe(True, f"/dev/vfio/{vf.iommu_group}", IGB_VF), cap_add=["CAP_IPC_LOCK"])
             vf_t, plain_t, vf_ids = [], [], []
             for _ in range(a.runs):
                 t = time.monotonic()
@@ -152,7 +151,7 @@ def main():
                     return 1
                 vf_ids.append(res.id)
                 t = time.monotonic()
-                res = client.run(img.ref, ["true"], mounts=DEV_MOUNT, network_mode="none")
+                res = client.run(img.ref, ["true"], **vfio_recipe(True))
                 plain_t.append(time.monotonic() - t)
             print(f"vf               create -> probe JSON -> removed: {stats(vf_t)}")
             print(f"plain            create -> `true` -> removed:      {stats(plain_t)}")

@@ -22,7 +22,9 @@ def register(subparsers):
     s.set_defaults(func=cmd_image_show)
     img.set_defaults(func=lambda a: (img.print_help(), 2)[1])
 
-    p = subparsers.add_parser("probe", help="run the VFIO probe in a container on the target for a group already on vfio-pci")
+    p = subparsers.add_parser("probe", help="run the VFIO probe in a container on the target for a group already on "
+                                             "vfio-pci (on a Kata runtime with the seed's recipe: -v /dev:/dev, "
+                                             "--device /dev/vfio/N, the vendor:device annotation)")
     add_target_argument(p)
     p.add_argument("--group", required=True, help="IOMMU group number on the target (/dev/vfio/N)")
     p.add_argument("--device", help="PCI address in the group (default: the probe finds it in sysfs)")
@@ -62,7 +64,8 @@ def cmd_image_build(args):
 
 def cmd_probe(args):
     from .. import targets
-    from .client import RuntimeClient, vfio_devices
+    from ..pci import read_inventory
+    from .client import RuntimeClient, runtime_is_kata, vfio_recipe
     from .conf import PodmanBaseSettings
     from .image import ensure_image
 
@@ -74,8 +77,13 @@ def cmd_probe(args):
             settings.apply()
         img = ensure_image(host, image=args.image, progress=_say)
         cmd = img.probe_command + (["--device", args.device] if args.device else [])
+        # Kata: the seed's recipe, the group's first device's vendor:device as the annotation
+        kata = runtime_is_kata(host, args.runtime)
+        members = sorted((d for d in read_inventory(host).devices.values()
+                          if d.iommu_group == str(args.group) and not d.is_bridge), key=lambda d: str(d.address))
+        vendor_device = members[0].vendor_device if members else None
         with RuntimeClient.open(host, args.runtime) as client:
-            res = client.run(img.ref, cmd, devices=vfio_devices(f"/dev/vfio/{args.group}"),
+            res = client.run(img.ref, cmd, **vfio_recipe(kata, f"/dev/vfio/{args.group}", vendor_device),
                              cap_add=[] if args.no_ipc_lock else ["CAP_IPC_LOCK"],
                              cap_drop=["CAP_IPC_LOCK"] if args.no_ipc_lock else [],
                              ulimits={"memlock": args.memlock} if args.memlock else None)

@@ -84,6 +84,42 @@ def vfio_devices(dev_path):
     return [VFIO_CONTAINER_DEV, dev_path]
 
 
+DEV_MOUNT = {"type": "bind", "source": "/dev", "target": "/dev"}
+
+
+def vfio_recipe(kata, dev_path=None, vendor_device=None, dev_mount=True, device=True):
+    """podman-py create options that give a container the VFIO group `dev_path`.
+
+    On Kata 1.x, the seed's recipe: `-v /dev:/dev` (Kata maps a /dev bind mount to the
+    guest's /dev, where the guest hook made `/dev/vfio/<guest group>`), `--network none`,
+    `--device <group node>` (Kata hot-plugs the group's devices into its VM and drops the
+    node from the spec), and the annotation with the VF's `vendor_device` (the guest's PCI
+    addresses are not the host's). Elsewhere (runc): the two nodes. `dev_mount`/`device`
+    False leave a piece out (to break the subject on purpose)."""
+    opts = {"devices": [], "annotations": {}}
+    if kata:
+        opts["network_mode"] = "none"          # internetworking_model = "none" in our configuration.toml
+        if dev_mount:
+            opts["mounts"] = [dict(DEV_MOUNT)]
+    if dev_path is not None:
+        if device:
+            opts["devices"] = [dev_path] if kata else vfio_devices(dev_path)
+        if vendor_device:
+            opts["annotations"][VFIO_ANNOTATION] = vendor_device
+    return opts
+
+
+def runtime_is_kata(host, runtime, timeout=60):
+    """Whether podman's `runtime` on `host` is Kata: the executable it resolves to says
+    `kata-runtime` in its `--version` (a kata-vfio wrapper passes the flag on)."""
+    res = host.run(["podman", "--runtime", runtime, "info", "--format", "{{.Host.OCIRuntime.Path}}"], timeout=timeout)
+    path = res.stdout.strip().splitlines()[-1] if res.ok and res.stdout.strip() else ""
+    if not path:
+        return False
+    ver = host.run([path, "--version"], timeout=timeout)
+    return "kata-runtime" in ver.stdout + ver.stderr
+
+
 class RuntimeClient:
     """podman-py bound to one runtime on one target. Use `open()`, and `close()` at the end."""
 
