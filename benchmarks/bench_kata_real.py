@@ -95,7 +95,7 @@ def main():
     say = lambda s: print("  ..", s, flush=True)  # noqa: E731
 
     host, close = targets.open_host(a.target, progress=say)
-    shares = targets.target_spec(a.target) in ("virtual", "local")
+    shares = targets.shares_controller_fs(a.target)
     settings = PodmanBaseSettings(host)
     reg = None
     try:
@@ -114,7 +114,7 @@ def main():
             text = written.text.replace(f"default_memory = {kata_config.KATA_GUEST_MEMORY_MB}",
                                         f"default_memory = {a.memory}")
             host.write_atomic(written.path, text, mode=0o644)
-        reg = RuntimeRegistration(host, kata=provision.kata_install(choice))
+        reg = RuntimeRegistration(host, kata=provision.runtime_install(choice))
         reg.register()
         settings.apply()
         t_reg = time.monotonic() - t

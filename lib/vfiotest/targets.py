@@ -20,6 +20,14 @@ def target_spec(value=None):
                       hint="use --target virtual, --target local, or --target ssh://user@host[:port]")
 
 
+def shares_controller_fs(spec):
+    """Whether the target reads this machine's files at the same paths: `local` is this
+    machine, the emulated runner mounts its root over 9p, a simulated sysfs lives here.
+    Anything else (ssh://) gets a copy of what the harness built."""
+    spec = target_spec(spec)
+    return spec in ("virtual", "local") or spec.startswith("sim:")
+
+
 def default_profile(spec, value=None):
     return value or os.environ.get(PROFILE_ENV) or ("emulated" if spec == "virtual" else "seed")
 

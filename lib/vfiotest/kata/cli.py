@@ -97,13 +97,13 @@ def cmd_config(args):
 
 
 def cmd_detect(args):
-    from ..targets import target_spec
+    from ..targets import shares_controller_fs, target_spec
     from . import bundle
 
     spec = target_spec(args.target)
     # local, and the emulated runner (the controller's root over 9p, read-only), see the
     # controller's bundle unpack at the same path; ssh:// targets get a copy
-    shares = spec in ("local", "virtual") or spec.startswith("sim:")
+    shares = shares_controller_fs(spec)
     bundle.bundle_source()  # a bad VFIOTEST_KATA_BUNDLE fails before a runner is booted
     host, close = _open(args)
     try:
@@ -122,10 +122,10 @@ def cmd_detect(args):
 
 
 def cmd_register(args):
-    from ..targets import target_spec
+    from ..targets import shares_controller_fs
     from . import bundle, provision
 
-    shares = target_spec(args.target) in ("local", "virtual")
+    shares = shares_controller_fs(args.target)
     host, close = _open(args)
     try:
         choice = bundle.choose_kata(host, progress=_say, shares_controller_fs=shares)
@@ -136,7 +136,7 @@ def cmd_register(args):
                                           shares_controller_fs=shares, progress=_say)
             written = provision.write_config(host, choice, built)
             _say(f"configuration {written.path} derived from {written.source}")
-        reg = runtime.RuntimeRegistration(host, kata=provision.kata_install(choice))
+        reg = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice))
         info = reg.register()
         said = reg.verify(image=args.image)
         print(info.describe())

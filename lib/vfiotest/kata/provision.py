@@ -29,7 +29,7 @@ def guest_image(choice, allowed_ids, host=None, shares_controller_fs=True, hook=
     return built
 
 
-def kata_install(choice):
+def runtime_install(choice):
     """The runtime.KataInstall the kata-vfio wrapper runs (not installed: the runc stand-in)."""
     if choice.supported:
         return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
