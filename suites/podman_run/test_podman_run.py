@@ -50,7 +50,7 @@ def vf_run(request, target_host, sriov_pfs, lease_pool, device_manager, podman_c
     """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe.
     The three tests below read its result instead of booting a Kata VM each (about 30 s apiece);
     each still checks its own thing. Yields (VfioGroup, RunResult)."""
-    from fixtures.container import ContainerFactory
+    from vfiotest.fixtures.container import ContainerFactory
 
     factory = ContainerFactory(podman_client, podman_image, kata=not _same_kernel(podman_client))
     with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, _before):
@@ -156,7 +156,7 @@ def test_second_container_cannot_take_a_held_group(container, vfio_group, podman
 def _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager):
     """A VF leased and bound here (not by the vfio_group fixture), so the test itself can check
     what is left after it gives everything back. Yields (VfioGroup, states of its group before)."""
-    from fixtures.vfio import lease_vf
+    from vfiotest.fixtures.vfio import lease_vf
 
     vf, lease = lease_vf(request, target_host, sriov_pfs, lease_pool)
     members = device_states(target_host, [vf.address])[vf.address]["members"]

@@ -17,7 +17,7 @@ from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.pci import read_inventory
 from vfiotest.sriov import set_numvfs
 
-from fixtures.vfio import lease_vf
+from vfiotest.fixtures.vfio import lease_vf
 
 pytestmark = pytest.mark.mutating
 
