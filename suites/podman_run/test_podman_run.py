@@ -9,16 +9,13 @@ guest's own and is never compared with the host's. On the stand-in lane kata-vfi
 is runc and the container shares the runner's kernel and its group number.
 """
 
-import contextlib
-import json
 import os
 import shlex
 import time
 
 import pytest
-
-from vfiotest.bind import device_states
 from vfiotest.kata.runtime import kata_leftovers
+from vfiotest.pci import read_inventory
 
 pytestmark = [pytest.mark.mutating, pytest.mark.kata, pytest.mark.vm]
 
@@ -46,14 +43,12 @@ NODES_END = "--- end of /dev/vfio ---"
 
 
 @pytest.fixture(scope="module")
-def vf_run(request, target_host, sriov_pfs, lease_pool, device_manager, podman_client, podman_image):
+def vf_run(request, vf_leaser, podman_client, container_factory):
     """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe.
     The three tests below read its result instead of booting a Kata VM each (about 30 s apiece);
     each still checks its own thing. Yields (VfioGroup, RunResult)."""
-    from vfiotest.fixtures.container import ContainerFactory
-
-    factory = ContainerFactory(podman_client, podman_image, kata=not _same_kernel(podman_client))
-    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, _before):
+    factory = container_factory(kata=not _same_kernel(podman_client))
+    with vf_leaser.vfio(request.node.nodeid) as vf:
         script = (f"for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done; echo {shlex.quote(NODES_END)}; "
                   f"exec {shlex.join(factory.probe_command())}")
         res = factory.run(["sh", "-c", script], vfio=vf, ipc_lock=True)
@@ -152,28 +147,11 @@ def test_second_container_cannot_take_a_held_group(container, vfio_group, podman
     assert again.exit_code == 0, f"group {vfio_group.group} still busy after its holder was removed:\n{again}"
 
 
-@contextlib.contextmanager
-def _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager):
-    """A VF leased and bound here (not by the vfio_group fixture), so the test itself can check
-    what is left after it gives everything back. Yields (VfioGroup, states of its group before)."""
-    from vfiotest.fixtures.vfio import lease_vf
-
-    vf, lease = lease_vf(request, target_host, sriov_pfs, lease_pool)
-    members = device_states(target_host, [vf.address])[vf.address]["members"]
-    before = device_states(target_host, members)
-    try:
-        vf.members = device_manager.bind_group(vf.address)
-        yield vf, before
-    finally:
-        try:
-            device_manager.restore_group(vf.address)
-        finally:
-            lease.release()
-
-
-def test_crashing_container_leaves_no_lease_and_no_container(request, target_host, sriov_pfs, lease_pool,
-                                                            device_manager, podman_client, container):
-    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, before):
+def test_crashing_container_leaves_no_lease_and_no_container(request, target_host, vf_leaser, lease_pool,
+                                                            podman_client, container):
+    # leased and bound here (not by the vfio_group fixture), so the test itself checks what is
+    # left once everything is given back: vf.before and vf.after are the group's inventory
+    with vf_leaser.vfio(request.node.nodeid) as vf:
         # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
         ctr = container.start(["sh", "-c", shlex.join(container.probe_command("--hold", 600)) + " & echo $! > /tmp/probe.pid; wait $!"],
                               vfio=vf, ipc_lock=True)
@@ -193,18 +171,17 @@ def test_crashing_container_leaves_no_lease_and_no_container(request, target_hos
         group = vf.group
     held = lease_pool.held()
     assert group not in held, f"lease on group {group} left behind: {held[group]}"
-    after = device_states(target_host, list(before))
-    assert after == before, json.dumps({"before": before, "after": after}, indent=1)
+    assert vf.changes() == [], "the VF's group is not as it was before the container"
 
 
-def test_host_driver_state_after_teardown_equals_start(request, target_host, sriov_pfs, lease_pool,
-                                                       device_manager, podman_client, container):
-    with _leased_group(request, target_host, sriov_pfs, lease_pool, device_manager) as (vf, before):
-        during = device_states(target_host, list(before))
-        assert all(s["driver"] == "vfio-pci" for a, s in during.items() if not s["class"].startswith("0x0604"))
+def test_host_driver_state_after_teardown_equals_start(request, target_host, vf_leaser, podman_client, container):
+    with vf_leaser.vfio(request.node.nodeid) as vf:
+        during = read_inventory(target_host)
+        endpoints = [during.devices[a] for a in vf.before.devices if not during.devices[a].is_bridge]
+        assert endpoints and all(d.driver == "vfio-pci" for d in endpoints), \
+            {d.address: d.driver for d in endpoints}
         res = container.probe(vf)
         assert res.exit_code == 0, str(res)
         podman_client.cleanup()
-    after = device_states(target_host, list(before))
-    assert after == before, json.dumps({"before": before, "after": after}, indent=1)
+    assert vf.changes() == [], "the VF's group is not as it was before the container"
     assert not podman_client.leftovers()

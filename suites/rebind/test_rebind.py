@@ -10,14 +10,16 @@ import subprocess
 import sys
 
 import pytest
-
-from vfiotest.bind import DeviceManager
-from vfiotest.errors import AddressError, DeviceNotFound, JournalError, NotAllowed, VFCreateError
+from vfiotest.errors import (
+    AddressError,
+    DeviceNotFound,
+    JournalError,
+    NotAllowed,
+    VFCreateError,
+)
 from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.pci import read_inventory
 from vfiotest.sriov import set_numvfs
-
-from vfiotest.fixtures.vfio import lease_vf
 
 pytestmark = pytest.mark.mutating
 
@@ -77,29 +79,23 @@ def test_restore_returns_original_driver_and_clears_override(target_host, vf_lea
     assert not target_host.exists(vf_lease.dev_path) or before.driver == "vfio-pci"
 
 
-def test_two_vfs_with_the_same_id_bind_independently(request, target_host, sriov_pfs, lease_pool, device_manager):
+def test_two_vfs_with_the_same_id_bind_independently(request, target_host, vf_leaser, device_manager):
     """The seed's rebind.sh wrote new_id: the second VF of an ID got EEXIST after it was already unbound."""
-    first, lease1 = lease_vf(request, target_host, sriov_pfs, lease_pool)
-    try:
-        second, lease2 = lease_vf(request, target_host, sriov_pfs, lease_pool, first.vendor_device)
-    except BaseException:
-        lease1.release()
-        raise
-    try:
-        device_manager.bind_group(first.address)
-        device_manager.bind_group(second.address)
-        assert first.vendor_device == second.vendor_device
-        assert driver_of(target_host, first.address) == "vfio-pci"
-        assert driver_of(target_host, second.address) == "vfio-pci"
-        assert is_char_device(target_host, first.dev_path) and is_char_device(target_host, second.dev_path)
-        device_manager.restore_group(first.address)
-        assert driver_of(target_host, first.address) == first.original_driver
-        assert driver_of(target_host, second.address) == "vfio-pci", "restoring one VF must leave the other bound"
-    finally:
-        device_manager.restore_group(first.address)
-        device_manager.restore_group(second.address)
-        lease1.release()
-        lease2.release()
+    with vf_leaser.lease(request.node.nodeid) as first, \
+            vf_leaser.lease(request.node.nodeid, first.vendor_device) as second:
+        try:
+            device_manager.bind_group(first.address)
+            device_manager.bind_group(second.address)
+            assert first.vendor_device == second.vendor_device
+            assert driver_of(target_host, first.address) == "vfio-pci"
+            assert driver_of(target_host, second.address) == "vfio-pci"
+            assert is_char_device(target_host, first.dev_path) and is_char_device(target_host, second.dev_path)
+            device_manager.restore_group(first.address)
+            assert driver_of(target_host, first.address) == first.original_driver
+            assert driver_of(target_host, second.address) == "vfio-pci", "restoring one VF must leave the other bound"
+        finally:
+            device_manager.restore_group(first.address)
+            device_manager.restore_group(second.address)
     assert driver_of(target_host, second.address) == second.original_driver
 
 

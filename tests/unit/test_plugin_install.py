@@ -68,9 +68,11 @@ def test_installed_plugin_serves_a_suite_outside_the_repository(tmp_path):
     suite = tmp_path / "their-repo"
     suite.mkdir()
     (suite / "test_their_nic.py").write_text(textwrap.dedent(USER_SUITE))
+    state = tmp_path / "state"
     p = subprocess.run([str(py), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                         "--strict-markers", "test_their_nic.py"],
-                       cwd=suite, env=_clean_env(), capture_output=True, text=True, timeout=120)
+                       cwd=suite, env=dict(_clean_env(), VFIOTEST_STATE_DIR=str(state)),
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 tests collected" in p.stdout, p.stdout
     # the fixtures come from the plugin: asking for them is not "fixture 'vfio_group' not found"
@@ -85,6 +87,7 @@ def test_installed_plugin_serves_a_suite_outside_the_repository(tmp_path):
     assert "--target=TARGET" in helptext and "--numvfs=N" in helptext
     # a collection does not reach, boot or touch any target, and leaves no session state behind
     assert "booting" not in p.stderr and "host state guard" not in p.stdout
+    assert not state.exists() or not any(state.rglob("*")), sorted(map(str, state.rglob("*")))
 
 
 def test_repository_conftest_only_loads_the_plugin():

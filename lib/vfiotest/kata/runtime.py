@@ -26,6 +26,7 @@ from typing import Optional
 import tomlkit
 
 from ..errors import ProvisionError
+from ..session import register_undo
 from .config import KATA_VFIO_CONFIG, STATE_DIR
 
 RUNTIME_NAME = "kata-vfio"
@@ -262,3 +263,18 @@ def kata_leftovers(host, sandbox_id, timeout=30):
     res = host.run(["sh", "-c", _LEFTOVERS_SCRIPT, "sh", sandbox_id, *dirs], timeout=timeout, check=True,
                    what=f"looking for what Kata sandbox {sandbox_id[:12]} left")
     return [line for line in res.stdout.splitlines() if line.strip()]
+
+
+def registration_record(reg: "RuntimeRegistration", config_path: Optional[str]) -> dict:
+    """What `undo_registration` needs, taken (with `reg.snapshot()`) before `register()`."""
+    return {"previous": reg.previous, "config": config_path}
+
+
+@register_undo("kata-registration")
+def undo_registration(host, rec: dict) -> None:
+    """Remove the kata-vfio registration (putting back what it replaced) and the derived configuration."""
+    reg = RuntimeRegistration(host)
+    reg.previous = rec["previous"]
+    reg.unregister()
+    if rec.get("config"):
+        host.remove(rec["config"])

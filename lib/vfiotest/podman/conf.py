@@ -15,6 +15,7 @@ import os
 import tomlkit
 
 from ..errors import ProvisionError
+from ..session import register_undo
 
 DROPIN_DIR = "/etc/containers/containers.conf.d"
 DROPIN_PATH = f"{DROPIN_DIR}/50-vfiotest-podman.conf"
@@ -61,11 +62,18 @@ class PodmanBaseSettings:
             raise ProvisionError(f"cannot read {self.path} on {self.host.name}: {e}",
                                  hint="check permissions on /etc/containers on the target (the harness runs podman as root)") from e
 
-    def apply(self):
+    def snapshot(self):
+        """Take what restore() will put back (apply() does it when not done): to record before writing."""
         old = self._read()
         # our own file left by a crashed run is not "the user's state": drop it at teardown
         self.previous = None if old is not None and old.startswith(MARKER) else old
         self.created_dir = not self.host.exists(os.path.dirname(self.path))
+        self._snapshotted = True
+        return self
+
+    def apply(self):
+        if not getattr(self, "_snapshotted", False):
+            self.snapshot()
         text = render(self.settings)
         try:
             self.host.write_atomic(self.path, text, mode=0o644)
@@ -93,3 +101,16 @@ class PodmanBaseSettings:
 
     def __exit__(self, *exc):
         self.restore()
+
+
+def dropin_record(settings: "PodmanBaseSettings") -> dict:
+    """What `undo_dropin` needs, once `apply()` has taken the file's previous content."""
+    return {"path": settings.path, "previous": settings.previous, "created_dir": settings.created_dir}
+
+
+@register_undo("podman-dropin")
+def undo_dropin(host, rec: dict) -> None:
+    """Put back what the containers.conf drop-in replaced (or remove it)."""
+    s = PodmanBaseSettings(host, path=rec["path"])
+    s.previous, s.created_dir, s.applied = rec["previous"], rec["created_dir"], True
+    s.restore()

@@ -1,0 +1,296 @@
+"""One test session on one target, and everything that outlives a single test.
+
+A Session goes through labgrid-style states, each a step that is done once per session
+(by whichever process of it gets there first; xdist workers share the session through
+its directory, under file locks):
+
+    NEW        nothing touched; a session that stops here (`pytest --collect-only`) leaves nothing
+    REACHED    the target answers: the emulated runner booted or reused (`runner()`), the host open
+    BASELINED  what a crashed session left is put back, the host's PCI inventory snapshotted
+    FINISHED   `finish()`, once, by the controlling process after every worker is done:
+               the layers' undo records replayed (newest first), the session journal
+               replayed (VF counts), the host compared with the baseline (the state guard),
+               the runner released
+
+Undo records are what a layer changed on the target outside the PCI journal (a runtime
+registration, a containers.conf drop-in), written in the session directory before the
+change; the module that makes the change registers how to undo it (`register_undo`).
+
+The session's identity and directory come from the caller (the pytest plugin shares them
+with its workers); nothing here reads pytest's or xdist's environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import filelock
+
+from . import targets
+from .errors import HarnessError, JournalError
+from .pci import Inventory, read_inventory, read_inventory_json
+
+NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
+
+BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
+BOOTED = "runner-booted-by-this-session"
+RECORDS = "undo"                          # <dir>/undo/<seq>-<kind>.json
+
+Undo = Callable[[Any, dict], None]
+_UNDO: dict[str, Undo] = {}
+# modules that register undo kinds; imported before records are replayed
+UNDO_MODULES = ("vfiotest.kata.runtime", "vfiotest.podman.conf")
+
+
+def register_undo(kind: str) -> Callable[[Undo], Undo]:
+    """Decorator: `undo(host, record)` puts back what a record of `kind` says was changed."""
+    def deco(fn: Undo) -> Undo:
+        _UNDO[kind] = fn
+        return fn
+    return deco
+
+
+def _undo_for(kind: str) -> Undo:
+    if kind not in _UNDO:
+        for mod in UNDO_MODULES:
+            importlib.import_module(mod)
+    try:
+        return _UNDO[kind]
+    except KeyError:
+        raise HarnessError(f"no undo is registered for session records of kind {kind!r}",
+                           hint="a newer or older vfiotest wrote it: finish with that version, "
+                                "or put the change back by hand") from None
+
+
+@dataclass
+class Verdict:
+    """What `finish()` found: the guard's diff (empty: the host was left as found) and what it did."""
+
+    reached: bool = False
+    diff: list[str] = field(default_factory=list)
+    still_different: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.diff and not self.error
+
+
+class Session:
+    """A session on the target `spec` ("virtual", "local", "ssh://...", "sim:DIR"), its state
+    shared through `directory` by every process of the session."""
+
+    def __init__(self, session_id: str, spec: str, directory: str):
+        self.id, self.spec, self.dir = session_id, spec, directory
+        self._runner: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} on {self.spec}: {self.state}>"
+
+    # -- shared state ------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        os.makedirs(self.dir, exist_ok=True)
+        return os.path.join(self.dir, name)
+
+    def lock(self, name: str) -> filelock.FileLock:
+        """A lock shared by the processes of this session (one step done once)."""
+        return filelock.FileLock(self.path(name + ".lock"))
+
+    @property
+    def started(self) -> bool:
+        return os.path.isdir(self.dir)
+
+    @property
+    def state(self) -> str:
+        if not self.started:
+            return NEW
+        if os.path.exists(os.path.join(self.dir, BASELINE)):
+            return BASELINED
+        return REACHED
+
+    @property
+    def journal_owner(self) -> str:
+        """The owner of the session journal (vfiotest.journal): changes every worker shares."""
+        return f"session-{self.id}"
+
+    # -- REACHED -----------------------------------------------------------------------------
+    @property
+    def is_virtual(self) -> bool:
+        return self.spec == "virtual"
+
+    def runner(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+        """The emulated runner (virtual targets): used if it is up, else booted for the session."""
+        if not self.is_virtual:
+            return None
+        if self._runner is None:
+            from .runner import Runner
+
+            r = Runner.default()
+            with self.lock("runner"):
+                if not r.is_up():
+                    progress("booting the emulated SR-IOV runner (QEMU under TCG, about 30 s)")
+                    try:
+                        r.up(progress=progress)
+                    except HarnessError as e:
+                        raise HarnessError(f"the emulated runner did not boot: {e}") from e
+                    open(self.path(BOOTED), "w").close()
+            self._runner = r
+        return self._runner
+
+    def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+        """A connected Host for the target (the runner booted first when virtual)."""
+        r = self.runner(progress)
+        if r is not None:
+            host = r.host()
+            host.connect()
+            return host
+        host, _close = targets.open_host(self.spec)
+        return host
+
+    # -- BASELINED ---------------------------------------------------------------------------
+    def baseline(self, host: Any, progress: Callable[[str], None] = lambda s: None) -> Optional[Inventory]:
+        """The first process of the session puts back what a crashed session left (journals
+        whose owner is gone), then snapshots the inventory; returns it (None in the others).
+        JournalError (a corrupt or foreign journal) is for the user to decide."""
+        from .journal import restore_orphans
+
+        with self.lock("baseline"):
+            path = self.path(BASELINE)
+            if os.path.exists(path):
+                return None
+            try:
+                restored = restore_orphans(host)
+            except JournalError:
+                raise
+            except HarnessError as e:
+                # e.g. the devices are in use by another live session: theirs to finish first
+                restored = None
+                progress(f"warning: could not put back everything an earlier session left: {e}")
+            if restored:
+                progress(f"restored what an earlier crashed session left on {host.name}: {restored}")
+            raw = read_inventory_json(host)
+            with open(path, "w") as f:
+                json.dump({"target": self.spec, "inventory": raw}, f)
+            return Inventory.from_json(raw)
+
+    def baseline_inventory(self) -> Optional[Inventory]:
+        try:
+            with open(os.path.join(self.dir, BASELINE)) as f:
+                return Inventory.from_json(json.load(f)["inventory"])
+        except FileNotFoundError:
+            return None
+
+    # -- undo records ------------------------------------------------------------------------
+    def recorded(self, kind: str) -> Optional[dict]:
+        """The record of `kind` a process of this session wrote, or None."""
+        for name, rec in self._records():
+            if rec["kind"] == kind:
+                return rec["data"]
+        return None
+
+    def record(self, kind: str, data: dict) -> None:
+        """Write what `kind` is about to change (before the change: a crash right after it
+        still leaves the record). Replayed by `finish()` newest first."""
+        if kind not in _UNDO:
+            _undo_for(kind)             # refuse a kind nobody can undo before anything changes
+        d = self.path(RECORDS)
+        os.makedirs(d, exist_ok=True)
+        seq = len(os.listdir(d))
+        tmp = os.path.join(d, f".{seq:03d}-{kind}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"kind": kind, "data": data}, f)
+        os.replace(tmp, os.path.join(d, f"{seq:03d}-{kind}.json"))
+
+    def _records(self) -> list[tuple[str, dict]]:
+        d = os.path.join(self.dir, RECORDS)
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            with open(os.path.join(d, n)) as f:
+                out.append((n, json.load(f)))
+        return out
+
+    # -- FINISHED ----------------------------------------------------------------------------
+    def finish(self, keep_runner: bool = False, say: Callable[[str], None] = print) -> Verdict:
+        """Controlling process, once every worker is done: replay the undo records and the
+        session journal, compare the host with the baseline (restoring from the journals when
+        it differs), remove the session directory, release the runner. A session that never
+        started (NEW) does nothing."""
+        v = Verdict()
+        if not self.started:
+            return v
+        v.reached = True
+        booted = os.path.exists(os.path.join(self.dir, BOOTED))
+        base = self.baseline_inventory()
+        records = self._records()
+        if base is not None or records:
+            try:
+                host, close = targets.open_host(self.spec, boot=False)
+            except HarnessError as e:
+                v.error = f"cannot reach the target to undo and compare: {e}"
+                say(f"host state guard: {v.error}")
+                host = None
+            if host is not None:
+                try:
+                    self._finish_on(host, base, records, v, say)
+                finally:
+                    close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.is_virtual:
+            from .runner import Runner
+
+            r = Runner.default()
+            if booted and keep_runner:
+                r.keep()
+                say("the emulated runner stays up (--keep-runner); `vfiotest runner down` stops it")
+            elif booted:
+                say("stopping the emulated runner this session booted (--keep-runner leaves it up)")
+            # stops it only when no other live process uses it and `runner up` did not keep it
+            r.release()
+        return v
+
+    def _finish_on(self, host: Any, base: Optional[Inventory], records: list, v: Verdict,
+                   say: Callable[[str], None]) -> None:
+        from .journal import Journal, restore_orphans
+
+        for name, rec in reversed(records):
+            try:
+                _undo_for(rec["kind"])(host, rec["data"])
+            except HarnessError as e:
+                v.error = f"could not undo {rec['kind']} ({name}): {e}"
+                say(f"session: {v.error}")
+        journal = Journal.open(host, owner=self.journal_owner, wait=30)
+        try:
+            n = len(journal.entries())
+            journal.restore_all()
+        finally:
+            journal.close()
+        if n:
+            say(f"put back the session's journaled changes ({n} entries: VF counts)")
+        if base is None:
+            return
+        now = read_inventory(host)
+        v.diff = base.diff(now)
+        if v.diff:
+            say("host state guard: the host differs from how the session found it:")
+            for line in v.diff:
+                say(f"  {line}")
+            restored = restore_orphans(host)
+            v.still_different = base.diff(read_inventory(host))
+            say(f"host state guard: replayed journals {restored or '(none)'}; "
+                + ("host restored" if not v.still_different
+                   else f"still different: {v.still_different}; run `vfiotest restore`"))
+        else:
+            say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
+
+
+__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "register_undo"]

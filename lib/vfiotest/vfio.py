@@ -1,0 +1,151 @@
+"""The lease-and-bind cycle, once, for every fixture, suite and tool that hands a VF to a test.
+
+    with leased_vf(host, pool, pfs, owner="suite::test") as vf:          # lease only
+        ...
+    with vfio_vf(host, pool, manager, pfs, owner="suite::test") as vf:   # lease + bind the group
+        run_a_container(vf.dev_path)
+    assert vf.after == vf.before      # the group's inventory before the bind and after the restore
+
+A VF is taken from the session's PFs (anything with `.address` and `.vfs`); its IOMMU
+group is leased on the target (vfiotest.lease: one holder at a time, across workers and
+sessions), bound to vfio-pci through a journaled DeviceManager (vfiotest.bind), put back
+and released on the way out, also when the body raises. The before/after states are
+inventories of the group (vfiotest.pci), compared with `Inventory.diff`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from .errors import BindError, DeviceNotFound, HarnessError, LeaseBusy
+from .pci import Inventory, PciAddress, PciDevice, read_inventory
+
+LEASE_WAIT = 120.0     # seconds to wait for a free VF group while other tests hold them all
+POLL = 0.5
+
+
+@dataclass
+class VfioGroup:
+    """A VF of the target and its IOMMU group, as leased (and bound) for one user."""
+
+    address: PciAddress
+    group: str
+    vendor_device: str
+    pf: PciAddress
+    members: list[PciAddress] = field(default_factory=list)
+    original_driver: Optional[str] = None
+    #: the group's devices as read when the lease was taken, and after the restore (vfio_vf)
+    before: Optional[Inventory] = None
+    after: Optional[Inventory] = None
+
+    @property
+    def dev_path(self) -> str:
+        return f"/dev/vfio/{self.group}"
+
+    def changes(self) -> list[str]:
+        """How the group after the restore differs from before the bind ([] when as found)."""
+        if self.before is None or self.after is None:
+            raise HarnessError(f"{self.address}: no before/after inventory (only vfio_vf records them)")
+        return self.before.diff(self.after)
+
+
+def subset(inv: Inventory, addresses: Sequence[str]) -> Inventory:
+    """The part of `inv` about `addresses`: their devices, their groups' /dev/vfio nodes."""
+    keep = {PciAddress(a) for a in addresses}
+    devices = {a: d for a, d in inv.devices.items() if a in keep}
+    groups = {g: m for g, m in inv.groups.items() if any(a in keep for a in m)}
+    vfio = {g: v for g, v in inv.vfio.items() if g in groups}
+    return Inventory(devices, groups, vfio, inv.drivers, {a: r for a, r in inv.protected.items() if a in keep},
+                     inv.identity)
+
+
+def candidates(inv: Inventory, pfs: Sequence[Any], vendor_device: Optional[str] = None) -> list[tuple[PciDevice, Any]]:
+    """(VF, its PF) for every VF of `pfs` that has an IOMMU group (and the vendor:device asked for)."""
+    out = []
+    for pf in pfs:
+        for vf in pf.vfs:
+            dev = inv.devices.get(vf)
+            if dev and dev.iommu_group and (vendor_device is None or dev.vendor_device == vendor_device):
+                out.append((dev, pf))
+    return out
+
+
+def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+             vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
+    """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
+    DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
+    cands = candidates(read_inventory(host), pfs, vendor_device)
+    if not cands:
+        raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
+                             f"({', '.join(p.address for p in pfs) or 'none'})",
+                             hint="create VFs first (the sriov layer, or `vfiotest vfs`), or ask for another ID")
+    deadline = time.monotonic() + wait
+    while True:
+        for dev, pf in cands:
+            lease = pool.try_acquire(dev.iommu_group, test_id=owner, retry=0)
+            if lease is None:
+                continue
+            # read the group now that it is ours: the inventory above may predate another
+            # holder's restore of it, or VFs re-created meanwhile
+            inv = read_inventory(host)
+            now = inv.devices.get(dev.address)
+            if now is None or now.iommu_group != dev.iommu_group:
+                lease.release()
+                continue
+            members = inv.group_of(dev.address)
+            return VfioGroup(dev.address, dev.iommu_group, dev.vendor_device, pf.address, original_driver=now.driver,
+                             members=[], before=subset(inv, members)), lease
+        if time.monotonic() > deadline:
+            raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s",
+                            hint="`vfiotest devices` shows who holds them; run fewer workers or wait")
+        time.sleep(POLL)
+
+
+@contextlib.contextmanager
+def leased_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
+              on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
+    """A VF leased (not bound) for the `with` block; `on_release(vf, start, end)` after it is given back."""
+    vf, lease = lease_vf(host, pool, pfs, owner, vendor_device, wait)
+    start = time.time()
+    try:
+        yield vf
+    finally:
+        lease.release()
+        if on_release is not None:
+            on_release(vf, start, time.time())
+
+
+@contextlib.contextmanager
+def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
+    """`vf`'s whole IOMMU group on vfio-pci for the `with` block, put back after (also when the
+    bind itself fails half-way: then BindError names the VF). With `host`, `vf.after` is the
+    group's inventory once it is restored."""
+    try:
+        try:
+            vf.members = manager.bind_group(vf.address)
+        except HarnessError as e:
+            raise BindError(f"binding {vf.address} (group {vf.group}) to vfio-pci failed: {e}",
+                            hint=getattr(e, "hint", None)) from e
+        yield vf
+    finally:
+        manager.restore_group(vf.address)
+        if host is not None and vf.before is not None:
+            vf.after = subset(read_inventory(host), list(vf.before.devices))
+
+
+@contextlib.contextmanager
+def vfio_vf(host: Any, pool: Any, manager: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+            vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
+            on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
+    """Lease a VF, bind its group to vfio-pci, and on the way out restore it, read the group
+    again (`vf.after`) and release the lease."""
+    with leased_vf(host, pool, pfs, owner, vendor_device, wait, on_release) as vf:
+        with bound(manager, vf, host):
+            yield vf
+
+
+__all__ = ["LEASE_WAIT", "VfioGroup", "bound", "candidates", "lease_vf", "leased_vf", "subset", "vfio_vf"]

@@ -1,0 +1,97 @@
+"""The session object (vfiotest.session) on a simulated sysfs: its states, undo records
+replayed newest first, the session journal, and the host state guard's verdict."""
+
+import os
+
+import pytest
+
+from vfiotest import session as sessmod
+from vfiotest.bind import DeviceManager
+from vfiotest.journal import Journal
+from vfiotest.pci import read_inventory
+from vfiotest.session import BASELINED, NEW, REACHED, Session
+from vfiotest.simsysfs import SimulatedHost
+from vfiotest.sriov import set_numvfs
+
+VF = "0000:10:10.0"
+PF = "0000:10:00.0"
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+
+
+@pytest.fixture
+def sess(sim, tmp_path):
+    return Session("t1", f"sim:{sim.sysroot}", str(tmp_path / "sessions" / "t1"))
+
+
+@pytest.fixture
+def undo_log():
+    log = []
+    sessmod.register_undo("test-file")(lambda host, rec: log.append(rec["n"]))
+    yield log
+    sessmod._UNDO.pop("test-file", None)
+
+
+def test_a_session_that_never_started_leaves_nothing(sess, tmp_path):
+    assert sess.state == NEW
+    v = sess.finish(say=lambda s: None)
+    assert v.ok and not v.reached
+    assert not (tmp_path / "sessions").exists()
+
+
+def test_states_and_a_clean_finish(sim, sess):
+    lines = []
+    host = sess.open_host()
+    assert sess.state in (NEW, REACHED)
+    inv = sess.baseline(host)
+    assert inv is not None and VF in inv.devices
+    assert sess.state == BASELINED
+    assert sess.baseline(host) is None, "the baseline is taken once per session"
+    v = sess.finish(say=lines.append)
+    assert v.ok and v.reached and v.diff == []
+    assert any("left as found" in line for line in lines), lines
+    assert not os.path.exists(sess.dir)
+
+
+def test_undo_records_are_replayed_newest_first(sim, sess, undo_log):
+    sess.baseline(sess.open_host())
+    for n in (1, 2, 3):
+        sess.record("test-file", {"n": n})
+    assert sess.recorded("test-file") == {"n": 1}
+    v = sess.finish(say=lambda s: None)
+    assert v.ok
+    assert undo_log == [3, 2, 1]
+
+
+def test_a_record_nobody_can_undo_is_refused_before_the_change(sess):
+    with pytest.raises(Exception, match="no undo is registered"):
+        sess.record("no-such-kind", {})
+
+
+def test_the_session_journal_puts_vf_counts_back(sim, sess):
+    host = sess.open_host()
+    sess.baseline(host)
+    before = read_inventory(host).devices[PF].sriov.numvfs
+    j = Journal.open(host, owner=sess.journal_owner)
+    set_numvfs(host, PF, before + 2, journal=j)
+    j.close()
+    assert read_inventory(host).devices[PF].sriov.numvfs == before + 2
+    v = sess.finish(say=lambda s: None)
+    assert v.ok, v
+    assert read_inventory(host).devices[PF].sriov.numvfs == before
+
+
+def test_the_guard_reports_a_leak_and_fails(sim, sess):
+    host = sess.open_host()
+    sess.baseline(host)
+    # a change nobody journaled: the guard sees it, cannot put it back, and says so
+    DeviceManager(host, "emulated", None).bind_device(VF)
+    lines = []
+    v = sess.finish(say=lines.append)
+    assert not v.ok
+    assert any(VF in d and "driver" in d for d in v.diff), v.diff
+    assert v.still_different, "nothing journaled it, so nothing could restore it"
+    assert any("differs from how the session found it" in line for line in lines)
