@@ -4,6 +4,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.vm   # the default target is the emulated runner
+
 
 def _check(checks, name):
     return next(c for c in checks if c.name == name)

@@ -21,7 +21,7 @@ from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.pci import read_inventory
 from vfiotest.sriov import set_numvfs
 
-pytestmark = pytest.mark.mutating
+pytestmark = [pytest.mark.mutating, pytest.mark.vm]   # vm: the default target is the emulated runner
 
 
 def driver_of(host, address):

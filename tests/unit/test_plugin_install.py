@@ -21,6 +21,10 @@ def test_my_nic_in_a_kata_guest(vfio_group, container):
     assert vfio_group.dev_path.startswith("/dev/vfio/")
 
 
+def test_my_nic_again(vfio_group):     # no marker: the plugin marks it, it reaches the emulated runner
+    assert vfio_group.group
+
+
 def test_my_options(request):
     assert request.config.getoption("--target") == "virtual"
 '''
@@ -74,7 +78,12 @@ def test_installed_plugin_serves_a_suite_outside_the_repository(tmp_path):
                        cwd=suite, env=dict(_clean_env(), VFIOTEST_STATE_DIR=str(state)),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "2 tests collected" in p.stdout, p.stdout
+    assert "3 tests collected" in p.stdout, p.stdout
+    # a test that reaches the emulated runner is a `vm` test, marked or not
+    quick = subprocess.run([str(py), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "not vm",
+                            "test_their_nic.py"], cwd=suite, env=dict(_clean_env(), VFIOTEST_STATE_DIR=str(state)),
+                           capture_output=True, text=True, timeout=120)
+    assert "1/3 tests collected (2 deselected)" in quick.stdout, quick.stdout
     # the fixtures come from the plugin: asking for them is not "fixture 'vfio_group' not found"
     fx = subprocess.run([str(py), "-m", "pytest", "--fixtures", "-q", "-p", "no:cacheprovider", "test_their_nic.py"],
                         cwd=suite, env=_clean_env(), capture_output=True, text=True, timeout=120)
