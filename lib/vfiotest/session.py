@@ -144,13 +144,10 @@ class Session:
         return self._runner
 
     def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Any:
-        """A connected Host for the target (the runner booted first when virtual)."""
-        r = self.runner(progress)
-        if r is not None:
-            host = r.host()
-            host.connect()
-            return host
-        host, _close = targets.open_host(self.spec)
+        """A connected Host for the target (the runner booted first when virtual). The one way
+        the session reaches its target: `finish()` uses it too, never booting then."""
+        self.runner(progress)
+        host, _close = targets.open_host(self.spec, boot=False)
         return host
 
     # -- BASELINED ---------------------------------------------------------------------------
@@ -234,7 +231,7 @@ class Session:
         records = self._records()
         if base is not None or records:
             try:
-                host, close = targets.open_host(self.spec, boot=False)
+                host = targets.open_host(self.spec, boot=False)[0]
             except HarnessError as e:
                 v.error = f"cannot reach the target to undo and compare: {e}"
                 say(f"host state guard: {v.error}")
@@ -243,7 +240,7 @@ class Session:
                 try:
                     self._finish_on(host, base, records, v, say)
                 finally:
-                    close()
+                    host.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.is_virtual:
             from .runner import Runner
