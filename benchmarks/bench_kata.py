@@ -31,8 +31,6 @@ def bench_build():
 
 
 def bench_nested(built):
-    from vfiotest.bind import DeviceManager
-    from vfiotest.lease import LeasePool
     from vfiotest.pci import read_inventory
     from vfiotest.runner import Runner
 

@@ -18,6 +18,7 @@ What it changes on the target (VFs, binding, registration, podman settings) is u
 """
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -82,7 +83,7 @@ def phases(log_text, cid):
              ("delete", first(lambda c, m: c in ("delete", "kill"))),
              ("deleted", last(lambda c, m: c == "delete"))]
     got = [(k, t) for k, t in marks if t is not None]
-    return {f"{a}->{b}": round(tb - ta, 2) for (a, ta), (b, tb) in zip(got, got[1:])}
+    return {f"{a}->{b}": round(tb - ta, 2) for (a, ta), (b, tb) in itertools.pairwise(got)}
 
 
 def main():

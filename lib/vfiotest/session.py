@@ -186,7 +186,7 @@ class Session:
     # -- undo records ------------------------------------------------------------------------
     def recorded(self, kind: str) -> Optional[dict]:
         """The record of `kind` a process of this session wrote, or None."""
-        for name, rec in self._records():
+        for _name, rec in self._records():
             if rec["kind"] == kind:
                 return rec["data"]
         return None

@@ -138,11 +138,13 @@ class SimulatedHost(LocalHost):
 
     def _populate(self, pfs, others, protected, vfio_loaded):
         st = self._load()
-        routes, mounts, group_ids = [], [], {}
-        devices = []
+        routes: list[str] = []
+        mounts: list[str] = []
+        group_ids: dict[str, str] = {}
+        devices: list[dict] = []
         slot = 1
         for spec in others or ():
-            spec = dict(OTHER_PRESETS[spec]) if isinstance(spec, str) else dict(spec)
+            spec = dict(OTHER_PRESETS[spec]) if isinstance(spec, str) else dict(spec)  # type: ignore[call-overload]
             if "address" not in spec:
                 if spec["id"] == "8086:29c0":
                     spec["address"] = "0000:00:00.0"

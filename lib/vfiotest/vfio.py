@@ -96,7 +96,7 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
                 lease.release()
                 continue
             members = inv.group_of(dev.address)
-            return VfioGroup(dev.address, dev.iommu_group, dev.vendor_device, pf.address, original_driver=now.driver,
+            return VfioGroup(dev.address, str(dev.iommu_group), dev.vendor_device, pf.address, original_driver=now.driver,
                              members=[], before=subset(inv, members)), lease
         if time.monotonic() > deadline:
             raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s",

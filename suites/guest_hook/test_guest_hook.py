@@ -8,6 +8,7 @@ in a nested guest. Group numbers asserted here are the GUEST's own, never the ho
 """
 
 import pytest
+
 from vfiotest.kata.console import KATA_BUNDLE_DIR
 from vfiotest.podman.client import VFIO_ANNOTATION
 

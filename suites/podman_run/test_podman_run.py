@@ -14,6 +14,7 @@ import shlex
 import time
 
 import pytest
+
 from vfiotest.kata.runtime import kata_leftovers
 from vfiotest.pci import read_inventory
 

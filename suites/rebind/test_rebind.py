@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from vfiotest.errors import (
     AddressError,
     DeviceNotFound,

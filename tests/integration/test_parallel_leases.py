@@ -26,13 +26,13 @@ def test_rebind_suite_in_parallel_never_shares_a_group(tmp_path):
     assert "left as found" in out, out[-2000:]
     leases = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(leases) >= 6, leases  # every test of the suite that takes a VF through vf_lease
-    workers = {l["worker"] for l in leases}
+    workers = {rec["worker"] for rec in leases}
     assert len(workers) >= 2, f"only {workers} took leases: the run was not parallel"
     by_group = {}
-    for l in leases:
-        by_group.setdefault(l["group"], []).append(l)
+    for rec in leases:
+        by_group.setdefault(rec["group"], []).append(rec)
     for group, held in by_group.items():
-        held.sort(key=lambda l: l["start"])
+        held.sort(key=lambda rec: rec["start"])
         for a, b in itertools.pairwise(held):
             assert b["start"] >= a["end"], (f"group {group} held by {a['test']} ({a['worker']}) "
                                             f"and {b['test']} ({b['worker']}) at once")

@@ -5,15 +5,14 @@ developers or other sessions keep up (`vfiotest runner up`) is never touched.
 The asset cache is shared: the first run downloads the kernel (about 70 MB).
 """
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import io
 import textwrap
-import time
 
 import paramiko
 import pytest
