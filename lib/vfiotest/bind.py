@@ -82,31 +82,14 @@ def is_bridge(state):
     return (state.get("class") or "").startswith("0x0604")
 
 
-class MemoryJournal:
-    """A recorder kept in memory (no crash safety). vfiotest.journal.Journal is the durable one."""
+def __getattr__(name):
+    # MemoryJournal lives in vfiotest.journal now; `from vfiotest.bind import MemoryJournal` keeps working.
+    # (Not imported at load time: the Kata guest ships bind.py without journal.py.)
+    if name == "MemoryJournal":
+        from .journal import MemoryJournal
 
-    def __init__(self):
-        self._entries = []
-
-    def record(self, entry):
-        """Keep `entry` unless one for the same thing is already kept (the first original wins).
-        Returns the kept entry."""
-        for e in self._entries:
-            if entry_key(e) == entry_key(entry):
-                return e
-        self._entries.append(dict(entry))
-        return entry
-
-    def done(self, entry):
-        self._entries = [e for e in self._entries if entry_key(e) != entry_key(entry)]
-
-    def entries(self):
-        return [dict(e) for e in self._entries]
-
-
-def entry_key(entry):
-    """What a journal entry is about: (kind, device or ID)."""
-    return (entry["kind"], entry.get("address") or entry.get("id"), entry.get("driver") if entry["kind"] == "new_id" else None)
+        return MemoryJournal
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _record(recorder, entry):
@@ -304,40 +287,41 @@ def restore_driver(host, address, driver, override=None, settle=SETTLE_TIMEOUT):
                               hint=f"is the {driver} module loaded? try `modprobe {driver}`, then `vfiotest restore`")
 
 
-def restore_entry(host, entry):
-    """Undo one journal entry."""
-    kind = entry["kind"]
-    if kind == "driver":
-        restore_driver(host, entry["address"], entry["driver"], entry.get("driver_override"))
-    elif kind == "new_id":
-        words = " ".join(entry["id"].split(":"))
-        try:
-            host.write_text(f"{SYS_PCI}/drivers/{entry['driver']}/remove_id", words)
-        except OSError as e:
-            if e.errno not in (errno.ENODEV, errno.ENOENT):  # already gone
-                raise
-    elif kind == "numvfs":
-        from .sriov import restore_numvfs
+def undo_driver(host, entry):
+    """Undo a "driver" entry: the device back on its recorded driver and driver_override."""
+    restore_driver(host, entry["address"], entry["driver"], entry.get("driver_override"))
 
-        restore_numvfs(host, entry)
-    else:
-        raise UnbindError(f"unknown journal entry kind {kind!r}", hint="the journal was written by a newer vfiotest")
+
+def undo_new_id(host, entry):
+    """Undo a "new_id" entry: remove the ID from the driver's dynamic IDs (gone already is fine)."""
+    words = " ".join(entry["id"].split(":"))
+    try:
+        host.write_text(f"{SYS_PCI}/drivers/{entry['driver']}/remove_id", words)
+    except OSError as e:
+        if e.errno not in (errno.ENODEV, errno.ENOENT):  # already gone
+            raise
+
+
+# The journal entry kinds this module owns; vfiotest.journal registers them (journal.KIND_MODULES).
+JOURNAL_KINDS = [
+    {"kind": "driver", "required": ("address", "driver"), "undo": undo_driver},
+    {"kind": "new_id", "required": ("driver", "id"), "undo": undo_new_id,
+     "key": lambda e: (e["id"], e["driver"])},
+]
+
+
+def restore_entry(host, entry):
+    """Undo one journal entry (any kind): vfiotest.journal.undo_entry."""
+    from .journal import undo_entry
+
+    undo_entry(host, entry)
 
 
 def restore_entries(host, recorder, entries=None):
-    """Undo `entries` (default: all of the recorder's) in reverse order; each undone one is
-    marked done. Errors are collected: UnbindError lists what could not be put back."""
-    failed = []
-    for entry in reversed(recorder.entries() if entries is None else entries):
-        try:
-            restore_entry(host, entry)
-        except (OSError, HarnessError) as e:
-            failed.append(f"{entry.get('address') or entry.get('id')}: {e}")
-            continue
-        recorder.done(entry)
-    if failed:
-        raise UnbindError("could not put back: " + "; ".join(failed),
-                          hint="fix the cause shown, then run `vfiotest restore` again (the journal keeps these)")
+    """Undo `entries` (default: all of the recorder's), newest first: vfiotest.journal.undo_entries."""
+    from .journal import undo_entries
+
+    undo_entries(host, recorder, entries)
 
 
 # -- the checked, journaled API -------------------------------------------------------------
@@ -351,7 +335,11 @@ class DeviceManager:
 
         self.host = host
         self.profile = get_profile(profile)
-        self.journal = journal if journal is not None else MemoryJournal()
+        if journal is None:
+            from .journal import MemoryJournal
+
+            journal = MemoryJournal()
+        self.journal = journal
 
     def inventory(self):
         return read_inventory(self.host)

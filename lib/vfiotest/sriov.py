@@ -175,4 +175,7 @@ def restore_numvfs(host, entry, timeout=WRITE_TIMEOUT, settle=SETTLE_TIMEOUT, le
     wait_virtfns(host, pf, want, settle)
 
 
+# The journal entry kind this module owns; vfiotest.journal registers it (journal.KIND_MODULES).
+JOURNAL_KINDS = [{"kind": "numvfs", "required": ("address", "numvfs"), "undo": restore_numvfs}]
+
 __all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]

@@ -206,3 +206,35 @@ def test_unbind_enodev_is_tolerated(sim, dm):
     sim.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", VF)  # someone unbound it behind our back
     dm.restore_all()
     assert read_inventory(sim).devices[VF].driver == "igbvf"
+
+
+def test_bind_works_with_only_the_guest_modules(sim, tmp_path):
+    """The Kata guest ships bind.py with errors, host, pci and __init__ only (kata/initrd.SHARED_MODULES):
+    bind_to_vfio must import and run without the journal."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import vfiotest
+
+    pkg = tmp_path / "guest" / "vfiotest"
+    pkg.mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py"):
+        shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), name), pkg / name)
+    shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), "simsysfs.py"), pkg / "simsysfs.py")  # the test's host
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'guest')!r});"
+            f"from vfiotest.simsysfs import SimulatedHost; import vfiotest.bind as b;"
+            f"assert b.__file__.startswith({str(pkg)!r}), b.__file__;"
+            f"b.bind_to_vfio(SimulatedHost.open({sim.sysroot!r}), {VF!r});"
+            f"assert 'vfiotest.journal' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"
+
+
+def test_memory_journal_is_the_journals():
+    from vfiotest import journal
+
+    assert MemoryJournal is journal.MemoryJournal
