@@ -98,6 +98,11 @@ class JournalError(HarnessError):
 class LeaseBusy(HarnessError):
     """A device (IOMMU group) is held by another process."""
 
+    def __init__(self, message: str, hint: str = "", *, owner: dict[str, Any] | None = None, **fields: Any) -> None:
+        super().__init__(message, hint, **fields)
+        #: the holder's owner record (pid, controller, worker, session, test), when known
+        self.owner = owner
+
 
 class TargetError(HarnessError):
     """The target host cannot be reached, or a command on it failed."""
