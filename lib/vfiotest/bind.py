@@ -226,10 +226,10 @@ def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
     if added:
         host.write_text(f"{SYS_PCI}/drivers/{VFIO_DRIVER}/remove_id", words)
         _done(recorder, id_entry)
-    for d, e in zip(bystanders, by_entries):
+    for d, by_entry in zip(bystanders, by_entries):
         if wait_driver(host, d.address, None, 0) == VFIO_DRIVER:
             _unbind(host, d.address, VFIO_DRIVER)
-        _done(recorder, e)
+        _done(recorder, by_entry)
 
 
 def _verify_node(host: Any, address: PciAddress, group: str | None, settle: float) -> None:

@@ -233,11 +233,11 @@ def parse_journal(text: str, path: str = "journal") -> dict[str, Any]:
         raise _corrupt(path, f"no version {VERSION} header")
     if not isinstance(doc.get("identity"), dict) or not isinstance(doc.get("entries"), list):
         raise _corrupt(path, "identity or entries missing")
-    for e in doc["entries"]:
-        if not isinstance(e, dict) or "kind" not in e:
-            raise _corrupt(path, f"bad entry {e!r}")
-        if kind_of(e, path).missing(e):
-            raise _corrupt(path, f"bad entry {e!r}")
+    for entry in doc["entries"]:
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise _corrupt(path, f"bad entry {entry!r}")
+        if kind_of(entry, path).missing(entry):
+            raise _corrupt(path, f"bad entry {entry!r}")
     return doc
 
 

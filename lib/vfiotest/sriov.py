@@ -79,7 +79,7 @@ def _write_numvfs(host: Any, pf: str, n: int, timeout: float) -> None:
                  errno.ENOENT: "the PF needs its own driver bound to create VFs (`vfiotest devices`)",
                  errno.ENOMEM: "the PF has no room for that many VFs (BIOS SR-IOV / PCI resources)"}
         raise VFCreateError(f"writing {n} to {path} failed: {e.strerror} (errno {e.errno})",
-                            hint=hints.get(e.errno, "look at dmesg on the target"),
+                            hint=hints.get(e.errno or 0, "look at dmesg on the target"),
                             address=pf, path=path, errno=e.errno, cause=e) from None
 
 
