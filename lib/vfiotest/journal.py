@@ -96,10 +96,10 @@ def _load_kinds() -> None:
     for name in KIND_MODULES:
         if name in _loaded_modules:
             continue
-        _loaded_modules.add(name)
         mod = importlib.import_module(name)
         for spec in getattr(mod, "JOURNAL_KINDS", ()):
             register_kind(**spec)
+        _loaded_modules.add(name)
 
 
 def registered_kinds() -> dict[str, EntryKind]:
