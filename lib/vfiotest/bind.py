@@ -4,9 +4,9 @@ Standard library only: the Kata guest hook imports this module inside the guest.
 
 Two levels:
 - a journal-free core (`bind_to_vfio`, `bind_group_to_vfio`, `restore_driver`,
-  `restore_entry`, `ensure_vfio_driver`) that takes a Host and an optional
-  recorder: any object with `record(entry)` (called BEFORE each change) and
-  `done(entry)` (called once the change is undone or did not happen);
+  `ensure_vfio_driver`) that takes a Host and an optional recorder: any object
+  with `record(entry)` (called BEFORE each change) and `done(entry)` (called
+  once the change is undone or did not happen);
 - `DeviceManager(host, profile, journal)`: the same with the safety checks
   (profile allowlist, devices the host needs) and a journal to restore from.
 
@@ -16,124 +16,112 @@ drivers_probe, then verify the driver link AND that /dev/vfio/<group> is a char
 device (drivers_probe succeeds even when nothing binds). Where driver_override
 is missing (old kernels) it falls back to new_id (EEXIST handled; the ID is
 removed again when we added it; other devices new_id grabbed are released).
+
+Device state is read with pci.read_inventory (PciDevice objects), a few devices at a
+time. This module owns the journal kinds "driver" and "new_id" (JOURNAL_KINDS, their
+undo functions); vfiotest.journal registers and replays them.
 """
 
+from __future__ import annotations
+
 import errno
-import json
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import BindError, DeviceNotFound, HarnessError, NotAllowed, UnbindError
-from .pci import SYSFS_READERS, PciAddress, read_inventory
+from .pci import Inventory, PciAddress, PciDevice, read_inventory
 
 VFIO_DRIVER = "vfio-pci"
 SYS_PCI = "/sys/bus/pci"
 SETTLE_TIMEOUT = 5.0
 
-# One round trip: the state of some devices (or all, with no address), their groups and /dev/vfio nodes.
-DEVICE_STATE_SCRIPT = r"""
-import json, os, sys
-R = sys.argv[1]
-base = R + "/sys/bus/pci/devices"
-addrs = sys.argv[2:] or (sorted(os.listdir(base)) if os.path.isdir(base) else [])
-""" + SYSFS_READERS + r"""
-out = {}
-for a in addrs:
-    d = base + "/" + a
-    if not os.path.isdir(d):
-        out[a] = {"exists": False}
-        continue
-    ov = rd(d + "/driver_override")
-    g = link(d + "/iommu_group")
-    gd = R + "/sys/kernel/iommu_groups/" + str(g) + "/devices"
-    node = R + "/dev/vfio/" + str(g)
-    try:
-        kind = "char" if (os.stat(node).st_mode & 0o170000) == 0o020000 else "file"
-    except OSError:
-        kind = None
-    out[a] = {"exists": True, "driver": link(d + "/driver"), "override_attr": ov is not None,
-              "override": None if ov in (None, "", "(null)") else ov,
-              "vendor_device": (rd(d + "/vendor") or "")[2:] + ":" + (rd(d + "/device") or "")[2:],
-              "class": rd(d + "/class") or "", "group": g,
-              "members": sorted(os.listdir(gd)) if g and os.path.isdir(gd) else [a],
-              "vfio_node": kind}
-print(json.dumps(out))
-"""
+Entry = dict[str, Any]
 
 
-def device_states(host, addresses=None, timeout=30):
-    """{address: state} for `addresses` (all devices when None), in one round trip.
-    A state has exists, driver, override, override_attr, vendor_device, class, group,
-    members (of the group) and vfio_node ("char", "file" or None)."""
-    res = host.python(DEVICE_STATE_SCRIPT, [host.sysroot, *(addresses or [])], timeout=timeout,
-                      check=True, what="read device state")
-    return json.loads(res.stdout)
-
-
-def device_state(host, address):
+# -- reading device state: the one reader is pci.read_inventory --------------------------
+def read_device(host: Any, address: str, timeout: float = 30) -> PciDevice:
+    """The PciDevice at `address` on `host` (one round trip); DeviceNotFound when there is none."""
     address = PciAddress(address)
-    st = device_states(host, [address])[address]
-    if not st["exists"]:
+    return _found(read_inventory(host, timeout, addresses=[address]), address, host)
+
+
+def _found(inv: Inventory, address: PciAddress, host: Any) -> PciDevice:
+    dev = inv.devices.get(address)
+    if dev is None:
         raise DeviceNotFound(f"no PCI device {address} on {host.name}",
-                             hint="list the devices with `vfiotest devices`")
-    return st
+                             hint="list the devices with `vfiotest devices`", address=address)
+    return dev
 
 
-def is_bridge(state):
-    return (state.get("class") or "").startswith("0x0604")
+def state_dict(inv: Inventory, address: str) -> dict[str, Any]:
+    """The dict view of one device of `inv` that device_states() returns: exists, driver, override,
+    override_attr, vendor_device, class, group, members (of the group), vfio_node."""
+    dev = inv.devices.get(PciAddress(address))
+    if dev is None:
+        return {"exists": False}
+    g = dev.iommu_group
+    return {"exists": True, "driver": dev.driver, "override_attr": dev.has_override, "override": dev.driver_override,
+            "vendor_device": dev.vendor_device, "class": dev.pci_class, "group": g,
+            "members": list(inv.groups.get(g, [address])) if g else [address],
+            "vfio_node": inv.vfio.get(g) if g else None}
 
 
-class MemoryJournal:
-    """A recorder kept in memory (no crash safety). vfiotest.journal.Journal is the durable one."""
-
-    def __init__(self):
-        self._entries = []
-
-    def record(self, entry):
-        """Keep `entry` unless one for the same thing is already kept (the first original wins).
-        Returns the kept entry."""
-        for e in self._entries:
-            if entry_key(e) == entry_key(entry):
-                return e
-        self._entries.append(dict(entry))
-        return entry
-
-    def done(self, entry):
-        self._entries = [e for e in self._entries if entry_key(e) != entry_key(entry)]
-
-    def entries(self):
-        return [dict(e) for e in self._entries]
+def device_states(host: Any, addresses: Iterable[str] | None = None, timeout: float = 30) -> dict[str, dict[str, Any]]:
+    """{address: state dict} for `addresses` (all devices when None), in one round trip: a dict
+    view (state_dict) of read_inventory, kept for the suites that compare these dicts."""
+    wanted = None if addresses is None else [str(a) for a in addresses]
+    if wanted == []:
+        return {}
+    inv = read_inventory(host, timeout, addresses=wanted)
+    return {a: state_dict(inv, a) for a in (wanted if wanted is not None else inv.devices)}
 
 
-def entry_key(entry):
-    """What a journal entry is about: (kind, device or ID)."""
-    return (entry["kind"], entry.get("address") or entry.get("id"), entry.get("driver") if entry["kind"] == "new_id" else None)
+def device_state(host: Any, address: str) -> dict[str, Any]:
+    """The state dict of one device (see device_states); DeviceNotFound when there is none."""
+    address = PciAddress(address)
+    inv = read_inventory(host, addresses=[address])
+    _found(inv, address, host)
+    return state_dict(inv, address)
 
 
-def _record(recorder, entry):
+def __getattr__(name: str) -> Any:
+    # MemoryJournal lives in vfiotest.journal now; `from vfiotest.bind import MemoryJournal` keeps working.
+    # (Not imported at load time: the Kata guest ships bind.py without journal.py.)
+    if name == "MemoryJournal":
+        from .journal import MemoryJournal
+
+        return MemoryJournal
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _record(recorder: Any, entry: Entry) -> Entry:
     return recorder.record(entry) if recorder is not None else entry
 
 
-def _done(recorder, entry):
+def _done(recorder: Any, entry: Entry) -> None:
     if recorder is not None:
         recorder.done(entry)
 
 
 # -- the core --------------------------------------------------------------------------
-def ensure_vfio_driver(host, timeout=60):
-    """Load vfio-pci when /sys/bus/pci/drivers/vfio-pci is missing; BindError when it cannot be."""
+def ensure_vfio_driver(host: Any, timeout: float = 60) -> bool:
+    """Load vfio-pci when /sys/bus/pci/drivers/vfio-pci is missing (True when it loaded it);
+    BindError when it cannot be."""
     if host.exists(f"{SYS_PCI}/drivers/{VFIO_DRIVER}"):
         return False
     res = host.run(["modprobe", VFIO_DRIVER], timeout=timeout)
     if res.ok and host.exists(f"{SYS_PCI}/drivers/{VFIO_DRIVER}"):
         return True
+    out = (res.stderr or res.stdout).strip() or "exit " + str(res.rc)
     raise BindError(
-        f"the vfio-pci driver is not loaded on {host.name} and `modprobe vfio-pci` failed: "
-        f"{(res.stderr or res.stdout).strip() or 'exit ' + str(res.rc)}",
+        f"the vfio-pci driver is not loaded on {host.name} and `modprobe vfio-pci` failed: {out}",
         hint="install the kernel's modules (Debian: linux-image-$(uname -r) ships vfio-pci), check "
-             "`modinfo vfio-pci` on the target and that the IOMMU is on; nothing was changed")
+             "`modinfo vfio-pci` on the target and that the IOMMU is on; nothing was changed",
+        driver=VFIO_DRIVER, cause=out, reason="modprobe")
 
 
-def _unbind(host, address, driver):
+def _unbind(host: Any, address: str, driver: str) -> None:
     try:
         host.write_text(f"{SYS_PCI}/drivers/{driver}/unbind", address)
     except OSError as e:
@@ -142,7 +130,7 @@ def _unbind(host, address, driver):
             raise
 
 
-def wait_driver(host, address, driver, timeout=SETTLE_TIMEOUT):
+def wait_driver(host: Any, address: str, driver: str | None, timeout: float = SETTLE_TIMEOUT) -> str | None:
     """Poll the driver link of `address` until it is `driver` (None: no driver). Returns the last seen."""
     deadline = time.monotonic() + timeout
     while True:
@@ -153,48 +141,57 @@ def wait_driver(host, address, driver, timeout=SETTLE_TIMEOUT):
         time.sleep(0.05)
 
 
-def bind_to_vfio(host, address, recorder=None, verify_node=True, settle=SETTLE_TIMEOUT):
+def bind_to_vfio(host: Any, address: str, recorder: Any = None, verify_node: bool = True,
+                 settle: float = SETTLE_TIMEOUT) -> Entry | None:
     """Bind one device to vfio-pci. Returns the recorded entry, or None when it already was
     (idempotent: a device already on vfio-pci is left as it is and not recorded).
-    On failure the device is put back on its original driver and BindError is raised."""
-    address = PciAddress(address)
-    st = device_state(host, address)
-    if st["driver"] == VFIO_DRIVER:
+    On failure the device is put back on its original driver and BindError is raised
+    (fields: address, driver, reason = the step that failed, cause, errno)."""
+    return _bind_device(host, read_device(host, address), recorder, verify_node, settle)
+
+
+def _bind_device(host: Any, dev: PciDevice, recorder: Any, verify_node: bool, settle: float) -> Entry | None:
+    """bind_to_vfio for a device whose state was read just before."""
+    address = dev.address
+    if dev.driver == VFIO_DRIVER:
         if verify_node:
-            _verify_node(host, address, st["group"], settle)
+            _verify_node(host, address, dev.iommu_group, settle)
         return None
     ensure_vfio_driver(host)
-    entry = _record(recorder, {"kind": "driver", "address": address, "driver": st["driver"],
-                               "driver_override": st["override"]})
-    step = "driver_override"
+    entry = _record(recorder, {"kind": "driver", "address": address, "driver": dev.driver,
+                               "driver_override": dev.driver_override})
+    step, reason = "driver_override", "driver_override"
     try:
-        if st["override_attr"]:
+        if dev.has_override:
             host.write_text(f"{SYS_PCI}/devices/{address}/driver_override", VFIO_DRIVER)
-            if st["driver"]:
-                step = f"unbind from {st['driver']}"
-                _unbind(host, address, st["driver"])
-            step = "drivers_probe"
+            if dev.driver:
+                step, reason = f"unbind from {dev.driver}", "unbind"
+                _unbind(host, address, dev.driver)
+            step = reason = "drivers_probe"
             host.write_text(f"{SYS_PCI}/drivers_probe", address)
         else:
-            step = "new_id"
-            _bind_with_new_id(host, address, st, recorder)
-        step = "verify"
+            step = reason = "new_id"
+            _bind_with_new_id(host, dev, recorder)
+        step = reason = "verify"
         got = wait_driver(host, address, VFIO_DRIVER, settle)
         if got != VFIO_DRIVER:
-            raise BindError(f"{address} is on {got or 'no driver'} after the bind, not {VFIO_DRIVER}")
+            raise BindError(f"{address} is on {got or 'no driver'} after the bind, not {VFIO_DRIVER}",
+                            address=address, driver=got)
         if verify_node:
-            _verify_node(host, address, st["group"], settle)
+            _verify_node(host, address, dev.iommu_group, settle)
     except (OSError, HarnessError) as e:
         cause = e.message if isinstance(e, HarnessError) else f"{e.strerror or e} (errno {e.errno})"
         back = _rollback(host, address, entry, recorder)
         raise BindError(
-            f"binding {address} ({st['vendor_device']}) to {VFIO_DRIVER} failed at {step}: {cause}; {back}",
+            f"binding {address} ({dev.vendor_device}) to {VFIO_DRIVER} failed at {step}: {cause}; {back}",
             hint="look at `dmesg` on the target; check the IOMMU is on and the device is not in use; "
-                 "`vfiotest restore` puts back anything left over") from e
+                 "`vfiotest restore` puts back anything left over",
+            address=address, driver=VFIO_DRIVER, group=dev.iommu_group, reason=reason, cause=e,
+            errno=e.errno if isinstance(e, OSError) else getattr(e, "errno", None)) from e
     return entry
 
 
-def _rollback(host, address, entry, recorder):
+def _rollback(host: Any, address: str, entry: Entry, recorder: Any) -> str:
     try:
         restore_driver(host, address, entry["driver"], entry["driver_override"])
     except (OSError, HarnessError) as e:
@@ -203,19 +200,19 @@ def _rollback(host, address, entry, recorder):
     return f"it was put back on {entry['driver'] or 'no driver'}"
 
 
-def _bind_with_new_id(host, address, st, recorder):
+def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
     """Old kernels without driver_override: new_id binds EVERY unbound device with the ID,
     so the bystanders are recorded first and released afterwards."""
-    vd = st["vendor_device"]
+    address, vd = dev.address, dev.vendor_device
     words = " ".join(vd.split(":"))
-    everyone = device_states(host)
-    bystanders = [a for a, s in everyone.items()
-                  if a != address and s.get("exists") and s["vendor_device"] == vd and not s["driver"]]
-    by_entries = [_record(recorder, {"kind": "driver", "address": a, "driver": None,
-                                     "driver_override": everyone[a]["override"]}) for a in bystanders]
+    everyone = read_inventory(host)
+    bystanders = [d for a, d in sorted(everyone.devices.items())
+                  if a != address and d.vendor_device == vd and not d.driver]
+    by_entries = [_record(recorder, {"kind": "driver", "address": d.address, "driver": None,
+                                     "driver_override": d.driver_override}) for d in bystanders]
     id_entry = _record(recorder, {"kind": "new_id", "driver": VFIO_DRIVER, "id": vd})
-    if st["driver"]:
-        _unbind(host, address, st["driver"])
+    if dev.driver:
+        _unbind(host, address, dev.driver)
     added = True
     try:
         host.write_text(f"{SYS_PCI}/drivers/{VFIO_DRIVER}/new_id", words)
@@ -229,64 +226,71 @@ def _bind_with_new_id(host, address, st, recorder):
     if added:
         host.write_text(f"{SYS_PCI}/drivers/{VFIO_DRIVER}/remove_id", words)
         _done(recorder, id_entry)
-    for a, e in zip(bystanders, by_entries):
-        if wait_driver(host, a, None, 0) == VFIO_DRIVER:
-            _unbind(host, a, VFIO_DRIVER)
-        _done(recorder, e)
+    for d, by_entry in zip(bystanders, by_entries):
+        if wait_driver(host, d.address, None, 0) == VFIO_DRIVER:
+            _unbind(host, d.address, VFIO_DRIVER)
+        _done(recorder, by_entry)
 
 
-def _verify_node(host, address, group, settle):
+def _verify_node(host: Any, address: PciAddress, group: str | None, settle: float) -> None:
     deadline = time.monotonic() + settle
     while True:
-        kind = device_states(host, [address])[address].get("vfio_node")
+        inv = read_inventory(host, addresses=[address])
+        dev = inv.devices.get(address)
+        kind = inv.vfio.get(dev.iommu_group) if dev is not None and dev.iommu_group else None
         if kind == "char":
             return
         if time.monotonic() >= deadline:
             raise BindError(f"/dev/vfio/{group} is {'not a char device' if kind else 'missing'} after binding "
                             f"{address} to {VFIO_DRIVER}",
                             hint="every device of the IOMMU group must be on vfio-pci (bind the group); "
-                                 "check that the IOMMU is on (`vfiotest doctor`)")
+                                 "check that the IOMMU is on (`vfiotest doctor`)",
+                            address=address, group=group, path=f"/dev/vfio/{group}", reason="vfio-node")
         time.sleep(0.05)
 
 
-def bind_group_to_vfio(host, address, recorder=None, settle=SETTLE_TIMEOUT):
+def bind_group_to_vfio(host: Any, address: str, recorder: Any = None,
+                       settle: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Bind every device of the IOMMU group of `address` to vfio-pci (bridges are left alone).
     Returns the addresses of the group's endpoints. All or nothing: on failure the ones bound
-    here are put back, in reverse order."""
-    st = device_state(host, address)
-    members = st["members"]
-    states = device_states(host, members)
-    endpoints = [PciAddress(a) for a in members if not is_bridge(states[a])]
-    bound = []
+    here are put back, in reverse order. The group's state is read once, up front."""
+    address = PciAddress(address)
+    inv = read_inventory(host, addresses=[address], groups=True)
+    dev = _found(inv, address, host)
+    endpoints = [a for a in inv.group_of(address) if a in inv.devices and not inv.devices[a].is_bridge]
+    bound: list[tuple[PciAddress, Entry]] = []
     try:
         for a in endpoints:
-            entry = bind_to_vfio(host, a, recorder, verify_node=False, settle=settle)
+            entry = _bind_device(host, inv.devices[a], recorder, verify_node=False, settle=settle)
             if entry is not None:
                 bound.append((a, entry))
-        _verify_node(host, address, st["group"], settle)
+        _verify_node(host, address, dev.iommu_group, settle)
     except (OSError, HarnessError) as e:
         for a, entry in reversed(bound):
             _rollback(host, a, entry, recorder)
         if isinstance(e, BindError):
             raise
-        raise BindError(f"binding IOMMU group {st['group']} ({', '.join(endpoints)}) failed: {e}",
-                        hint="the devices bound so far were put back; `vfiotest restore` handles leftovers") from e
+        raise BindError(f"binding IOMMU group {dev.iommu_group} ({', '.join(endpoints)}) failed: {e}",
+                        hint="the devices bound so far were put back; `vfiotest restore` handles leftovers",
+                        address=address, group=dev.iommu_group, driver=VFIO_DRIVER, cause=e,
+                        errno=e.errno if isinstance(e, OSError) else getattr(e, "errno", None)) from e
     return endpoints
 
 
-def restore_driver(host, address, driver, override=None, settle=SETTLE_TIMEOUT):
+def restore_driver(host: Any, address: str, driver: str | None, override: str | None = None,
+                   settle: float = SETTLE_TIMEOUT) -> None:
     """Put `address` back on `driver` (None: no driver) with `override` as its driver_override
     (None clears it, by writing a newline). A device that no longer exists is left alone."""
     address = PciAddress(address)
-    st = device_states(host, [address])[address]
-    if not st["exists"]:
+    dev = read_inventory(host, addresses=[address]).devices.get(address)
+    if dev is None:
         return
-    if st["override_attr"] and st["override"] != override:
+    if dev.has_override and dev.driver_override != override:
         host.write_text(f"{SYS_PCI}/devices/{address}/driver_override", (override or "") + "\n")
-    if st["driver"] == driver:
+    if dev.driver == driver:
         return
-    if st["driver"]:
-        _unbind(host, address, st["driver"])
+    if dev.driver:
+        _unbind(host, address, dev.driver)
     if driver:
         host.write_text(f"{SYS_PCI}/drivers_probe", address)
         current = wait_driver(host, address, driver, 0.5)
@@ -301,43 +305,45 @@ def restore_driver(host, address, driver, override=None, settle=SETTLE_TIMEOUT):
         got = wait_driver(host, address, driver, settle)
         if got != driver:
             raise UnbindError(f"{address} should be back on {driver} but is on {got or 'no driver'}",
-                              hint=f"is the {driver} module loaded? try `modprobe {driver}`, then `vfiotest restore`")
+                              hint=f"is the {driver} module loaded? try `modprobe {driver}`, then `vfiotest restore`",
+                              address=address, driver=driver, cause=f"on {got or 'no driver'}")
 
 
-def restore_entry(host, entry):
-    """Undo one journal entry."""
-    kind = entry["kind"]
-    if kind == "driver":
-        restore_driver(host, entry["address"], entry["driver"], entry.get("driver_override"))
-    elif kind == "new_id":
-        words = " ".join(entry["id"].split(":"))
-        try:
-            host.write_text(f"{SYS_PCI}/drivers/{entry['driver']}/remove_id", words)
-        except OSError as e:
-            if e.errno not in (errno.ENODEV, errno.ENOENT):  # already gone
-                raise
-    elif kind == "numvfs":
-        from .sriov import restore_numvfs
-
-        restore_numvfs(host, entry)
-    else:
-        raise UnbindError(f"unknown journal entry kind {kind!r}", hint="the journal was written by a newer vfiotest")
+def undo_driver(host: Any, entry: Entry) -> None:
+    """Undo a "driver" entry: the device back on its recorded driver and driver_override."""
+    restore_driver(host, entry["address"], entry["driver"], entry.get("driver_override"))
 
 
-def restore_entries(host, recorder, entries=None):
-    """Undo `entries` (default: all of the recorder's) in reverse order; each undone one is
-    marked done. Errors are collected: UnbindError lists what could not be put back."""
-    failed = []
-    for entry in reversed(recorder.entries() if entries is None else entries):
-        try:
-            restore_entry(host, entry)
-        except (OSError, HarnessError) as e:
-            failed.append(f"{entry.get('address') or entry.get('id')}: {e}")
-            continue
-        recorder.done(entry)
-    if failed:
-        raise UnbindError("could not put back: " + "; ".join(failed),
-                          hint="fix the cause shown, then run `vfiotest restore` again (the journal keeps these)")
+def undo_new_id(host: Any, entry: Entry) -> None:
+    """Undo a "new_id" entry: remove the ID from the driver's dynamic IDs (gone already is fine)."""
+    words = " ".join(entry["id"].split(":"))
+    try:
+        host.write_text(f"{SYS_PCI}/drivers/{entry['driver']}/remove_id", words)
+    except OSError as e:
+        if e.errno not in (errno.ENODEV, errno.ENOENT):  # already gone
+            raise
+
+
+# The journal entry kinds this module owns; vfiotest.journal registers them (journal.KIND_MODULES).
+JOURNAL_KINDS: list[dict[str, Any]] = [
+    {"kind": "driver", "required": ("address", "driver"), "undo": undo_driver},
+    {"kind": "new_id", "required": ("driver", "id"), "undo": undo_new_id,
+     "key": lambda e: (e["id"], e["driver"])},
+]
+
+
+def restore_entry(host: Any, entry: Entry) -> None:
+    """Undo one journal entry (any kind): vfiotest.journal.undo_entry."""
+    from .journal import undo_entry
+
+    undo_entry(host, entry)
+
+
+def restore_entries(host: Any, recorder: Any, entries: list[Entry] | None = None) -> None:
+    """Undo `entries` (default: all of the recorder's), newest first: vfiotest.journal.undo_entries."""
+    from .journal import undo_entries
+
+    undo_entries(host, recorder, entries)
 
 
 # -- the checked, journaled API -------------------------------------------------------------
@@ -346,31 +352,37 @@ class DeviceManager:
 
     journal: a vfiotest.journal.Journal (durable) or None (kept in memory)."""
 
-    def __init__(self, host, profile="emulated", journal=None):
+    def __init__(self, host: Any, profile: Any = "emulated", journal: Any = None) -> None:
         from .profiles import get_profile
 
         self.host = host
         self.profile = get_profile(profile)
-        self.journal = journal if journal is not None else MemoryJournal()
+        if journal is None:
+            from .journal import MemoryJournal
 
-    def inventory(self):
+            journal = MemoryJournal()
+        self.journal = journal
+
+    def inventory(self) -> Inventory:
         return read_inventory(self.host)
 
     # -- safety --------------------------------------------------------------------
-    def check_device(self, inv, address):
+    def check_device(self, inv: Inventory, address: str) -> PciDevice:
         """The device at `address` if the profile allows it and the host does not need it."""
         dev = inv.device(address)
         why = inv.protected.get(dev.address)
         if why:
             raise NotAllowed(f"{dev.address} {why}: the host needs it, it will not be rebound",
-                             hint="use a device that carries no route, SSH session or mounted filesystem")
+                             hint="use a device that carries no route, SSH session or mounted filesystem",
+                             address=dev.address, cause=why, reason=NotAllowed.PROTECTED)
         if not self.profile.allows(dev.vendor_device):
             raise NotAllowed(f"{dev.address} ({dev.vendor_device}) is not in the {self.profile.name} profile's allowlist",
                              hint=f"allowed IDs: {', '.join(sorted(self.profile.ids))}; pick another device or "
-                                  f"another profile (--profile)")
+                                  f"another profile (--profile)",
+                             address=dev.address, reason=NotAllowed.NOT_ALLOWLISTED)
         return dev
 
-    def check_group(self, inv, address):
+    def check_group(self, inv: Inventory, address: str) -> tuple[str | None, list[PciAddress]]:
         """(group, endpoints) of the IOMMU group of `address`, when every member may be touched."""
         dev = inv.device(address)
         members = inv.group_of(dev.address)
@@ -378,18 +390,20 @@ class DeviceManager:
             why = inv.protected.get(a)
             if why:
                 raise NotAllowed(f"IOMMU group {dev.iommu_group} of {dev.address} also holds {a}, which {why}",
-                                 hint="a group is passed through whole: pick a device in another group")
+                                 hint="a group is passed through whole: pick a device in another group",
+                                 address=a, group=dev.iommu_group, cause=why, reason=NotAllowed.PROTECTED)
         endpoints = [a for a in members if not inv.devices[a].is_bridge]
         for a in endpoints:
             if not self.profile.allows(inv.devices[a].vendor_device):
                 raise NotAllowed(
                     f"IOMMU group {dev.iommu_group} of {dev.address} also holds {a} ({inv.devices[a].vendor_device}), "
                     f"which is not in the {self.profile.name} profile's allowlist",
-                    hint="a group is bound whole: pick a device whose group holds only allowed devices")
+                    hint="a group is bound whole: pick a device whose group holds only allowed devices",
+                    address=a, group=dev.iommu_group, reason=NotAllowed.NOT_ALLOWLISTED)
         return dev.iommu_group, endpoints
 
     # -- actions --------------------------------------------------------------------------
-    def bind_device(self, address):
+    def bind_device(self, address: str) -> PciAddress:
         """Bind one device to vfio-pci; its IOMMU group must hold no other endpoint."""
         inv = self.inventory()
         dev = self.check_device(inv, address)
@@ -397,35 +411,36 @@ class DeviceManager:
         if len(endpoints) > 1:
             raise NotAllowed(f"IOMMU group {group} of {dev.address} holds {len(endpoints)} devices "
                              f"({', '.join(endpoints)}); binding one of them alone leaves the group unusable",
-                             hint="bind the whole group: `vfiotest bind --group ADDR` / DeviceManager.bind_group")
+                             hint="bind the whole group: `vfiotest bind --group ADDR` / DeviceManager.bind_group",
+                             address=dev.address, group=group, reason=NotAllowed.GROUP)
         bind_to_vfio(self.host, dev.address, self.journal)
         return dev.address
 
-    def bind_group(self, address):
+    def bind_group(self, address: str) -> list[PciAddress]:
         """Bind the whole IOMMU group of `address` to vfio-pci; returns the bound addresses."""
         inv = self.inventory()
         self.check_device(inv, address)
         self.check_group(inv, address)
         return bind_group_to_vfio(self.host, PciAddress(address), self.journal)
 
-    def _entries_for(self, addresses):
+    def _entries_for(self, addresses: Iterable[str]) -> list[Entry]:
         wanted = set(addresses)
         return [e for e in self.journal.entries() if e["kind"] == "driver" and e["address"] in wanted]
 
-    def restore_device(self, address):
+    def restore_device(self, address: str) -> None:
         """Put a device back as the journal recorded it (nothing to do if it has no entry)."""
         address = PciAddress(address)
         restore_entries(self.host, self.journal, self._entries_for([address]))
 
-    def restore_group(self, address):
+    def restore_group(self, address: str) -> None:
         inv = self.inventory()
         restore_entries(self.host, self.journal, self._entries_for(inv.group_of(address)))
 
-    def restore_all(self):
+    def restore_all(self) -> None:
         """Undo everything the journal holds, newest first."""
         restore_entries(self.host, self.journal)
 
 
 __all__ = ["DeviceManager", "MemoryJournal", "bind_to_vfio", "bind_group_to_vfio", "restore_driver",
-           "restore_entry", "restore_entries", "ensure_vfio_driver", "device_states", "device_state",
-           "wait_driver", "VFIO_DRIVER"]
+           "restore_entry", "restore_entries", "ensure_vfio_driver", "read_device", "device_states", "device_state",
+           "state_dict", "undo_driver", "undo_new_id", "wait_driver", "VFIO_DRIVER", "JOURNAL_KINDS"]

@@ -4,10 +4,10 @@ import argparse
 import json
 import sys
 
-from .bind import VFIO_DRIVER, DeviceManager, restore_driver, restore_entries
+from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import add_target_argument
 
-from .journal import Journal, orphaned_journals, restore_orphans
+from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool
 from . import prereqs
 from .pci import PciAddress, read_inventory
@@ -103,7 +103,7 @@ def _restore_address(host, profile, address):
         for j in journals:
             entries = [e for e in j.entries() if e.get("address") == address]
             if entries:
-                restore_entries(host, j, entries)
+                undo_entries(host, j, entries)
                 done.append(f"restored {address} from journal {j.owner}")
     finally:
         for j in journals:

@@ -1,17 +1,48 @@
-"""Typed errors. Each message names the thing, the step, and what to do next."""
+"""Typed errors. Each message names the thing, the step, and what to do next.
+
+Besides the message and the hint, an error carries what it is about as fields
+(address, driver, group, path, cause, errno, reason; None when not known), so
+callers match on those instead of on the message text:
+
+    except JournalError as e:
+        if e.reason == JournalError.HELD: ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class HarnessError(Exception):
-    """Base error. `hint` is the next step for the user; the CLI prints both."""
+    """Base error. `hint` is the next step for the user; the CLI prints both.
+
+    Fields (keyword arguments, all default None): address (PCI address), driver,
+    group (IOMMU group), path (file on the target), cause (the underlying error),
+    errno (the kernel's, when an OSError was behind it), reason (a subclass's own
+    short code, see its constants)."""
 
     exit_code = 2
 
-    def __init__(self, message, hint=""):
+    def __init__(self, message: str, hint: str = "", *, address: str | None = None, driver: str | None = None,
+                 group: str | None = None, path: str | None = None, cause: BaseException | str | None = None,
+                 errno: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.address = address
+        self.driver = driver
+        self.group = group
+        self.path = path
+        self.cause = cause
+        self.errno = errno
+        self.reason = reason
 
-    def __str__(self):
+    def fields(self) -> dict[str, Any]:
+        """The fields that are set ({name: value}), for logs and reports."""
+        names = ("address", "driver", "group", "path", "cause", "errno", "reason")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def __str__(self) -> str:
         return f"{self.message}\n  next step: {self.hint}" if self.hint else self.message
 
 
@@ -26,6 +57,10 @@ class DeviceNotFound(HarnessError):
 class NotAllowed(HarnessError):
     """A device outside the profile's allowlist, or one the host needs (root disk, SSH NIC)."""
 
+    PROTECTED = "protected"        # the host needs the device
+    NOT_ALLOWLISTED = "allowlist"  # the profile does not allow its vendor:device
+    GROUP = "group"                # its IOMMU group holds other endpoints (bind the group)
+
 
 class BindError(HarnessError):
     """Binding a device to a driver failed; the device was restored where possible."""
@@ -38,13 +73,35 @@ class UnbindError(HarnessError):
 class VFCreateError(HarnessError):
     """Creating or removing SR-IOV virtual functions failed."""
 
+    IN_USE = "in-use"          # VFs bound to vfio-pci or leased
+    TOO_MANY = "too-many"      # over sriov_totalvfs
+    TIMEOUT = "timeout"        # the write did not return in time
+    NOT_PF = "not-pf"          # no SR-IOV capability
+    NO_DRIVER = "no-driver"    # the PF has no driver bound
+
 
 class JournalError(HarnessError):
     """The restore journal is missing, corrupt, or belongs to another host."""
 
+    HELD = "held"                  # another live process holds it
+    CORRUPT = "corrupt"            # does not parse, or an entry lacks fields
+    FOREIGN = "foreign"            # written on another host
+    UNKNOWN_KIND = "unknown-kind"  # an entry kind no module registers
+    CLOSED = "closed"              # used after close()
+
+    def __init__(self, message: str, hint: str = "", *, kind: str | None = None, **fields: Any) -> None:
+        super().__init__(message, hint, **fields)
+        #: the entry kind, for UNKNOWN_KIND
+        self.kind = kind
+
 
 class LeaseBusy(HarnessError):
     """A device (IOMMU group) is held by another process."""
+
+    def __init__(self, message: str, hint: str = "", *, owner: dict[str, Any] | None = None, **fields: Any) -> None:
+        super().__init__(message, hint, **fields)
+        #: the holder's owner record (pid, controller, worker, session, test), when known
+        self.owner = owner
 
 
 class TargetError(HarnessError):

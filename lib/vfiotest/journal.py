@@ -9,34 +9,196 @@ and the start of every session run) puts back what it records, newest first.
 A journal records the host it was written on (machine-id, hostname); one from
 another host, or one that does not parse, is refused with the way out.
 
-Entries (see vfiotest.bind.restore_entry):
-  {"kind": "driver", "address", "driver", "driver_override"}   original driver binding
-  {"kind": "new_id", "driver", "id"}                             an ID we added to new_id
-  {"kind": "numvfs", "address", "numvfs", "drivers_autoprobe"}   original SR-IOV state
+The journal owns undo. Every entry has a kind, and each kind is registered here
+(`register_kind`) with the fields it needs, the function that undoes it and what
+makes two entries about the same thing. The modules that make the changes own
+their kinds and declare them in a module-level `JOURNAL_KINDS` (a list of
+`register_kind` keyword arguments); the journal imports the modules named in
+KIND_MODULES the first time it needs a kind, so the kinds are known whenever a
+journal is read or replayed, and this module imports none of them at load time.
+(bind.py declares rather than calls register_kind because the Kata guest image
+ships bind.py without this module, see kata/initrd.SHARED_MODULES.)
+
+Kinds (their owners):
+  {"kind": "driver", "address", "driver", "driver_override"}   original driver binding   (vfiotest.bind)
+  {"kind": "new_id", "driver", "id"}                             an ID we added to new_id  (vfiotest.bind)
+  {"kind": "numvfs", "address", "numvfs", "drivers_autoprobe"}   original SR-IOV state     (vfiotest.sriov)
+  {"kind": "file", "path", "existed", "content", "mode"}         a file as it was          (vfiotest.undo_files)
 """
 
+from __future__ import annotations
+
+import importlib
 import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from .bind import entry_key, restore_entries
-from .errors import HarnessError, JournalError
+from .errors import HarnessError, JournalError, UnbindError
 
 JOURNAL_ROOT = "/var/lib/vfiotest/journal"
 VERSION = 1
-REQUIRED = {"driver": ("address", "driver"), "new_id": ("driver", "id"), "numvfs": ("address", "numvfs")}
+
+#: The modules that own entry kinds (each has a JOURNAL_KINDS list), imported on first use.
+KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.undo_files")
+
+Entry = dict[str, Any]
 
 
-def default_owner():
-    """A name unique to this process: controller host, pid, xdist worker."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+class Recorder(Protocol):
+    """What the device layer records into: Journal (durable) or MemoryJournal."""
+
+    def record(self, entry: Entry) -> Entry: ...
+
+    def done(self, entry: Entry) -> None: ...
+
+    def entries(self) -> list[Entry]: ...
+
+
+# -- the registry of entry kinds ----------------------------------------------------------------
+@dataclass(frozen=True)
+class EntryKind:
+    """One kind of journal entry: the fields it must have, how to undo it (`undo(host, entry)`),
+    and what it is about (`key(entry)`, a tuple; default: the first required field)."""
+
+    kind: str
+    required: tuple[str, ...]
+    undo: Callable[[Any, Entry], None]
+    key: Callable[[Entry], tuple] | None = None
+
+    def key_of(self, entry: Entry) -> tuple:
+        return (self.kind, *(self.key(entry) if self.key else (entry.get(self.required[0]),)))
+
+    def missing(self, entry: Entry) -> list[str]:
+        return [f for f in self.required if f not in entry]
+
+
+_KINDS: dict[str, EntryKind] = {}
+_loaded_modules: set[str] = set()
+
+
+def register_kind(kind: str, required: Iterable[str], undo: Callable[[Any, Entry], None],
+                  key: Callable[[Entry], tuple] | None = None) -> EntryKind:
+    """Register (or replace) the entry kind `kind`: entries must have the `required` fields,
+    `undo(host, entry)` puts back what one records, `key(entry)` says what it is about."""
+    required = tuple(required)
+    if not required and key is None:
+        raise ValueError(f"entry kind {kind!r} needs required fields or a key")
+    k = EntryKind(kind, required, undo, key)
+    _KINDS[kind] = k
+    return k
+
+
+def _load_kinds() -> None:
+    for name in KIND_MODULES:
+        if name in _loaded_modules:
+            continue
+        mod = importlib.import_module(name)
+        for spec in getattr(mod, "JOURNAL_KINDS", ()):
+            register_kind(**spec)
+        _loaded_modules.add(name)
+
+
+def registered_kinds() -> dict[str, EntryKind]:
+    """{kind: EntryKind} of every kind known (the owning modules are loaded first)."""
+    _load_kinds()
+    return dict(_KINDS)
+
+
+def _unknown_kind(kind: Any, where: str) -> JournalError:
+    known = ", ".join(sorted(registered_kinds()))
+    return JournalError(
+        f"the restore journal {where} holds an entry of unknown kind {kind!r} (known: {known}); it is refused",
+        hint=f"it was written by a newer vfiotest (or by hand): run `vfiotest restore` with that version, or put "
+             f"back what it lists by hand and move it aside: mv {where} {where}.unknown",
+        path=where, reason=JournalError.UNKNOWN_KIND, kind=kind if isinstance(kind, str) else repr(kind))
+
+
+def kind_of(entry: Entry, where: str = "(in memory)") -> EntryKind:
+    """The EntryKind of `entry`; JournalError naming the kind and `where` when no module registers it."""
+    kind = entry.get("kind")
+    found = _KINDS.get(kind) if isinstance(kind, str) else None
+    if found is None:
+        _load_kinds()
+        found = _KINDS.get(kind) if isinstance(kind, str) else None
+    if found is None:
+        raise _unknown_kind(kind, where)
+    return found
+
+
+def entry_key(entry: Entry) -> tuple:
+    """What a journal entry is about, e.g. ("driver", address) or ("new_id", driver, id)."""
+    return kind_of(entry).key_of(entry)
+
+
+def undo_entry(host: Any, entry: Entry, where: str = "(in memory)") -> None:
+    """Undo one journal entry with the undo of its kind."""
+    kind_of(entry, where).undo(host, entry)
+
+
+def _where(recorder: Any) -> str:
+    return getattr(recorder, "path", None) or "(in memory)"
+
+
+def undo_entries(host: Any, recorder: Recorder, entries: list[Entry] | None = None) -> None:
+    """Undo `entries` (default: all of the recorder's) in reverse order; each undone one is
+    marked done. An unknown kind raises JournalError before anything is undone; other errors
+    are collected: UnbindError lists what could not be put back."""
+    todo = recorder.entries() if entries is None else list(entries)
+    where = _where(recorder)
+    kinds = [kind_of(e, where) for e in todo]
+    failed = []
+    for entry, kind in reversed(list(zip(todo, kinds))):
+        try:
+            kind.undo(host, entry)
+        except (OSError, HarnessError) as e:
+            failed.append(f"{entry.get('address') or entry.get('id') or entry.get('path')}: {e}")
+            continue
+        recorder.done(entry)
+    if failed:
+        raise UnbindError("could not put back: " + "; ".join(failed),
+                          hint="fix the cause shown, then run `vfiotest restore` again (the journal keeps these)")
+
+
+class MemoryJournal:
+    """A recorder kept in memory (no crash safety). Journal is the durable one."""
+
+    def __init__(self) -> None:
+        self._entries: list[Entry] = []
+
+    def record(self, entry: Entry) -> Entry:
+        """Keep `entry` unless one for the same thing is already kept (the first original wins).
+        Returns the kept entry."""
+        key = entry_key(entry)
+        for e in self._entries:
+            if entry_key(e) == key:
+                return e
+        self._entries.append(dict(entry))
+        return entry
+
+    def done(self, entry: Entry) -> None:
+        key = entry_key(entry)
+        self._entries = [e for e in self._entries if entry_key(e) != key]
+
+    def entries(self) -> list[Entry]:
+        return [dict(e) for e in self._entries]
+
+    def restore_all(self, host: Any) -> None:
+        undo_entries(host, self)
+
+
+def default_owner(worker: str | None = None) -> str:
+    """A name unique to this process: controller host, pid, and `worker` (e.g. an xdist
+    worker id) when given."""
     return f"{socket.gethostname()}-{os.getpid()}" + (f"-{worker}" if worker else "")
 
 
-def host_identity(host):
+def host_identity(host: Any) -> dict[str, str | None]:
     """{"machine_id", "hostname", "boot_id"} of the target, as its files say."""
-    def rd(p):
+    def rd(p: str) -> str | None:
         try:
             return host.read_text(p).strip() or None
         except OSError:
@@ -45,22 +207,24 @@ def host_identity(host):
             "boot_id": rd("/proc/sys/kernel/random/boot_id")}
 
 
-def _same_host(a, b):
+def _same_host(a: dict, b: dict) -> bool:
     for key in ("machine_id", "hostname"):
         if a.get(key) and b.get(key) and a[key] != b[key]:
             return False
     return True
 
 
-def _corrupt(path, why):
+def _corrupt(path: str, why: str) -> JournalError:
     return JournalError(
         f"the restore journal {path} is corrupt ({why}); it is refused",
         hint=f"read it (`cat {path}`), put the devices it lists back by hand if needed (`vfiotest devices`, "
-             f"`vfiotest unbind ADDR`), then move it aside: mv {path} {path}.corrupt")
+             f"`vfiotest unbind ADDR`), then move it aside: mv {path} {path}.corrupt",
+        path=path, reason=JournalError.CORRUPT)
 
 
-def parse_journal(text, path="journal"):
-    """The journal document in `text`, validated; JournalError when it is not a journal."""
+def parse_journal(text: str, path: str = "journal") -> dict[str, Any]:
+    """The journal document in `text`, validated; JournalError when it is not a journal
+    (reason CORRUPT), or holds a kind no module registers (reason UNKNOWN_KIND)."""
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -69,38 +233,43 @@ def parse_journal(text, path="journal"):
         raise _corrupt(path, f"no version {VERSION} header")
     if not isinstance(doc.get("identity"), dict) or not isinstance(doc.get("entries"), list):
         raise _corrupt(path, "identity or entries missing")
-    for e in doc["entries"]:
-        if not isinstance(e, dict) or e.get("kind") not in REQUIRED or any(k not in e for k in REQUIRED[e["kind"]]):
-            raise _corrupt(path, f"bad entry {e!r}")
+    for entry in doc["entries"]:
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise _corrupt(path, f"bad entry {entry!r}")
+        if kind_of(entry, path).missing(entry):
+            raise _corrupt(path, f"bad entry {entry!r}")
     return doc
 
 
 class Journal:
-    """A durable recorder (same interface as bind.MemoryJournal) for one process.
+    """A durable recorder (same interface as MemoryJournal) for one process.
 
     Open it with `Journal.open(host)`; `close()` releases its lock and removes it when empty.
     keep=True marks a journal that sessions must not replay on their own (the CLI's manual
     binds); `vfiotest restore` replays it."""
 
-    def __init__(self, host, owner, root, lock, doc, keep=False):
+    def __init__(self, host: Any, owner: str, root: str, lock: Any, doc: dict[str, Any], keep: bool = False) -> None:
         self.host, self.owner, self.root, self._lock = host, owner, root.rstrip("/"), lock
         self.doc = doc
         self.doc["keep"] = bool(keep or doc.get("keep"))
 
     @property
-    def path(self):
+    def path(self) -> str:
         return f"{self.root}/{self.owner}.json"
 
     @classmethod
-    def open(cls, host, owner=None, root=JOURNAL_ROOT, keep=False, wait=0.0):
-        """Take the journal `owner` (default: this process) on `host`, loading what it already holds.
-        JournalError when another live process holds it, or it is corrupt or from another host."""
+    def open(cls, host: Any, owner: str | None = None, root: str = JOURNAL_ROOT, keep: bool = False,
+             wait: float = 0.0) -> Journal:
+        """Take the journal `owner` (default: `default_owner()`, this process) on `host`, loading
+        what it already holds. JournalError when another live process holds it (reason HELD),
+        or it is corrupt or from another host."""
         owner = owner or default_owner()
         root = root.rstrip("/")
         lock = host.hold_lock(f"{root}/{owner}.lock", blocking=wait > 0, timeout=wait)
         if lock is None:
             raise JournalError(f"the journal {root}/{owner}.json on {host.name} is held by another running process",
-                               hint="wait for that vfiotest/pytest process to finish (journals are one per process)")
+                               hint="wait for that vfiotest/pytest process to finish (journals are one per process)",
+                               path=f"{root}/{owner}.json", reason=JournalError.HELD)
         try:
             ident = host_identity(host)
             doc = load_journal(host, f"{root}/{owner}.json", ident)
@@ -113,28 +282,37 @@ class Journal:
         return cls(host, owner, root, lock, doc, keep)
 
     # -- the recorder interface ------------------------------------------------------------
-    def record(self, entry):
+    def record(self, entry: Entry) -> Entry:
         """Write `entry` to the target (atomically) before the change it describes.
-        If the same thing is already recorded, the first (original) state is kept."""
+        If the same thing is already recorded, the first (original) state is kept.
+        JournalError for a kind no module registers, or an entry missing its kind's fields."""
+        kind = kind_of(entry, self.path)
+        if kind.missing(entry):
+            raise JournalError(f"a {kind.kind} entry needs {', '.join(kind.missing(entry))}: {entry!r}",
+                               hint="this is a bug in the caller of record()", path=self.path,
+                               reason=JournalError.CORRUPT)
+        key = kind.key_of(entry)
         for e in self.doc["entries"]:
-            if entry_key(e) == entry_key(entry):
+            if entry_key(e) == key:
                 return e
         self.doc["entries"].append(dict(entry))
         self._save()
         return entry
 
-    def done(self, entry):
+    def done(self, entry: Entry) -> None:
+        key = entry_key(entry)
         before = len(self.doc["entries"])
-        self.doc["entries"] = [e for e in self.doc["entries"] if entry_key(e) != entry_key(entry)]
+        self.doc["entries"] = [e for e in self.doc["entries"] if entry_key(e) != key]
         if len(self.doc["entries"]) != before:
             self._save()
 
-    def entries(self):
+    def entries(self) -> list[Entry]:
         return [dict(e) for e in self.doc["entries"]]
 
-    def _save(self):
+    def _save(self) -> None:
         if self._lock is None:
-            raise JournalError(f"the journal {self.path} was closed", hint="open a new one (Journal.open)")
+            raise JournalError(f"the journal {self.path} was closed", hint="open a new one (Journal.open)",
+                               path=self.path, reason=JournalError.CLOSED)
         if not self.doc["entries"] and not self.doc["keep"]:
             self.host.remove(self.path)
             return
@@ -142,11 +320,11 @@ class Journal:
         self.host.write_atomic(self.path, json.dumps(self.doc, indent=1), mode=0o600)
 
     # -- restore ------------------------------------------------------------------------------
-    def restore_all(self):
+    def restore_all(self) -> None:
         """Undo every entry, newest first (UnbindError lists what could not be undone)."""
-        restore_entries(self.host, self)
+        undo_entries(self.host, self)
 
-    def close(self):
+    def close(self) -> None:
         """Release the lock; an empty journal is removed, one with entries stays (an orphan)."""
         if self._lock is None:
             return
@@ -155,17 +333,17 @@ class Journal:
         self._lock.release()
         self._lock = None
 
-    def __enter__(self):
+    def __enter__(self) -> Journal:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Journal {self.path} {len(self.doc['entries'])} entries>"
 
 
-def load_journal(host, path, identity=None):
+def load_journal(host: Any, path: str, identity: dict[str, str | None] | None = None) -> dict[str, Any] | None:
     """The document at `path` on `host` (None when there is none), checked to be ours."""
     try:
         text = host.read_text(path)
@@ -183,15 +361,16 @@ def load_journal(host, path, identity=None):
             f"the journal {path} was written on {theirs.get('hostname')} (machine-id {theirs.get('machine_id')}), "
             f"but this host is {identity.get('hostname')} (machine-id {identity.get('machine_id')}); it is refused",
             hint=f"run `vfiotest restore` on the host that wrote it; if that host is gone or the file was copied "
-                 f"here by mistake, move it aside: mv {path} {path}.other-host")
+                 f"here by mistake, move it aside: mv {path} {path}.other-host",
+            path=path, reason=JournalError.FOREIGN)
     return doc
 
 
-def orphaned_journals(host, root=JOURNAL_ROOT, include_kept=True):
+def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = True) -> list[Journal]:
     """Journals on `host` whose process is gone, each opened (its lock now held by us).
     Corrupt or foreign ones raise JournalError after the lock is released."""
     root = root.rstrip("/")
-    found = []
+    found: list[Journal] = []
     for name in host.listdir(root) or []:
         if not name.endswith(".json"):
             continue
@@ -199,7 +378,7 @@ def orphaned_journals(host, root=JOURNAL_ROOT, include_kept=True):
         try:
             j = Journal.open(host, owner, root)
         except JournalError as e:
-            if "held by another running process" in e.message:
+            if e.reason == JournalError.HELD:
                 continue  # alive
             for other in found:
                 other.close()
@@ -211,11 +390,12 @@ def orphaned_journals(host, root=JOURNAL_ROOT, include_kept=True):
     return found
 
 
-def restore_orphans(host, root=JOURNAL_ROOT, include_kept=False):
+def restore_orphans(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = False) -> list[tuple[str, int]]:
     """Replay every orphaned journal on `host` (newest entry first). Returns
     [(owner, entries restored)]. Problems are collected and raised together at the end,
     after everything that could be restored was."""
-    done, problems = [], []
+    done: list[tuple[str, int]] = []
+    problems: list[HarnessError] = []
     try:
         journals = orphaned_journals(host, root, include_kept)
     except JournalError as e:
@@ -249,5 +429,6 @@ def restore_orphans(host, root=JOURNAL_ROOT, include_kept=False):
     return done
 
 
-__all__ = ["Journal", "JOURNAL_ROOT", "default_owner", "host_identity", "load_journal", "parse_journal",
-           "orphaned_journals", "restore_orphans"]
+__all__ = ["Journal", "MemoryJournal", "Recorder", "EntryKind", "JOURNAL_ROOT", "KIND_MODULES", "default_owner",
+           "host_identity", "load_journal", "parse_journal", "orphaned_journals", "restore_orphans",
+           "register_kind", "registered_kinds", "kind_of", "entry_key", "undo_entry", "undo_entries"]

@@ -3,68 +3,76 @@
 A lease is a lock file on the TARGET (`host.hold_lock`: flock locally, a remote
 flock held by an SSH channel otherwise), so it works across xdist workers and
 across concurrent sessions, and it dies with the process that holds it. Next to
-the lock an owner record (pid, worker, test) says who holds it; `held()` lists
-the groups whose lock is really held (records left by dead holders are dropped).
+the lock an owner record (pid, worker, session, test) says who holds it; `held()`
+lists the groups whose lock is really held (records left by dead holders are dropped).
+The worker and session names are the caller's to give (LeasePool(worker=, session=)):
+this module reads no environment.
 """
+
+from __future__ import annotations
 
 import json
 import os
 import socket
 import time
+from typing import Any
 
 from .errors import LeaseBusy
 
 LEASE_ROOT = "/run/vfiotest/leases"
 
 
-def who_am_i(test_id=None):
-    """The owner record of this process."""
+def who_am_i(test_id: str | None = None, worker: str | None = None, session: str | None = None) -> dict[str, Any]:
+    """The owner record of this process: pid, controller host, and the `worker` (e.g. an
+    xdist worker id), `session` and `test_id` the caller names (None when not given)."""
     return {"pid": os.getpid(), "controller": socket.gethostname(),
-            "worker": os.environ.get("PYTEST_XDIST_WORKER") or None,
-            "session": os.environ.get("VFIOTEST_SESSION") or None,
+            "worker": worker or None, "session": session or None,
             "test": test_id, "since": round(time.time(), 3)}
 
 
 class Lease:
     """A held IOMMU group. `release()` (or leaving the `with` block) gives it back."""
 
-    def __init__(self, pool, group, owner, lock):
+    def __init__(self, pool: LeasePool, group: str | int, owner: dict[str, Any], lock: Any) -> None:
         self.pool, self.group, self.owner, self._lock = pool, str(group), owner, lock
 
     @property
-    def active(self):
+    def active(self) -> bool:
         return self._lock is not None
 
-    def release(self):
+    def release(self) -> None:
         if self._lock is None:
             return
         self.pool.host.remove(self.pool.record_path(self.group))
         self._lock.release()
         self._lock = None
 
-    def __enter__(self):
+    def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Lease group {self.group} {'held' if self.active else 'released'}>"
 
 
 class LeasePool:
-    """Leases of IOMMU groups on `host`, under `root` on the target."""
+    """Leases of IOMMU groups on `host`, under `root` on the target. `worker` and `session`
+    name this process in the owner records of the leases it takes (see who_am_i)."""
 
-    def __init__(self, host, root=LEASE_ROOT):
+    def __init__(self, host: Any, root: str = LEASE_ROOT, worker: str | None = None,
+                 session: str | None = None) -> None:
         self.host, self.root = host, root.rstrip("/")
+        self.worker, self.session = worker, session
 
-    def lock_path(self, group):
+    def lock_path(self, group: str | int) -> str:
         return f"{self.root}/{group}.lock"
 
-    def record_path(self, group):
+    def record_path(self, group: str | int) -> str:
         return f"{self.root}/{group}.json"
 
-    def try_acquire(self, group, test_id=None, retry=0.3):
+    def try_acquire(self, group: str | int, test_id: str | None = None, retry: float = 0.3) -> Lease | None:
         """A Lease on `group`, or None when another process holds it (never waits longer than
         `retry` seconds, which covers someone merely probing the lock in `held()`)."""
         group = str(group)
@@ -72,14 +80,14 @@ class LeasePool:
         while True:
             lock = self.host.hold_lock(self.lock_path(group), blocking=False)
             if lock is not None:
-                owner = who_am_i(test_id)
+                owner = who_am_i(test_id, self.worker, self.session)
                 self.host.write_atomic(self.record_path(group), json.dumps(owner), mode=0o644)
                 return Lease(self, group, owner, lock)
             if self.owner(group) is not None or time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
 
-    def acquire(self, group, test_id=None):
+    def acquire(self, group: str | int, test_id: str | None = None) -> Lease:
         """A Lease on `group`; LeaseBusy names the holder when another process has it."""
         lease = self.try_acquire(group, test_id)
         if lease is None:
@@ -88,10 +96,11 @@ class LeasePool:
                 f"IOMMU group {group} is leased by pid {owner.get('pid', '?')} on {owner.get('controller', '?')}"
                 f"{' (worker ' + owner['worker'] + ')' if owner.get('worker') else ''}"
                 f"{' for ' + owner['test'] if owner.get('test') else ''}",
-                hint="wait for that test to finish, or pick another group (`vfiotest devices` shows leases)")
+                hint="wait for that test to finish, or pick another group (`vfiotest devices` shows leases)",
+                group=str(group), owner=owner or None)
         return lease
 
-    def acquire_first(self, groups, test_id=None):
+    def acquire_first(self, groups: list[str] | list[int], test_id: str | None = None) -> Lease | None:
         """A Lease on the first free group of `groups`, or None when all are taken."""
         for g in groups:
             lease = self.try_acquire(g, test_id, retry=0)
@@ -99,16 +108,16 @@ class LeasePool:
                 return lease
         return None
 
-    def owner(self, group):
+    def owner(self, group: str | int) -> dict[str, Any] | None:
         """The owner record of `group`, or None when there is none (or it is unreadable)."""
         try:
             return json.loads(self.host.read_text(self.record_path(group)))
         except (OSError, ValueError):
             return None
 
-    def held(self):
+    def held(self) -> dict[str, dict[str, Any]]:
         """{group: owner record} for every group whose lease is held right now."""
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for name in self.host.listdir(self.root) or []:
             if not name.endswith(".json"):
                 continue

@@ -6,10 +6,13 @@ state and network interfaces, the IOMMU groups, `/dev/vfio`, and the devices the
 host itself needs (default-route NIC, SSH NIC, disks backing mounted filesystems).
 """
 
+from __future__ import annotations
+
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any
 
 from .errors import AddressError, DeviceNotFound
 
@@ -19,7 +22,7 @@ _ADDR_RE = re.compile(r"^(?:(?P<dom>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?
 class PciAddress(str):
     """A normalised PCI address `dddd:bb:dd.f`. `01:00.1` gets domain 0000."""
 
-    def __new__(cls, text):
+    def __new__(cls, text: str) -> PciAddress:
         if isinstance(text, PciAddress):
             return text
         m = _ADDR_RE.match(str(text).strip())
@@ -30,13 +33,13 @@ class PciAddress(str):
         return super().__new__(cls, f"{(m['dom'] or '0000').lower()}:{m['bus'].lower()}:{m['dev'].lower()}.{m['fn']}")
 
     @classmethod
-    def is_valid(cls, text):
+    def is_valid(cls, text: str) -> bool:
         return bool(_ADDR_RE.match(str(text).strip()))
 
 
 SYS_PCI = "/sys/bus/pci"
 
-# Readers shared by the scripts that run on the target (this one and bind.DEVICE_STATE_SCRIPT).
+# Readers for the scripts that run on the target.
 SYSFS_READERS = r"""
 def rd(p):
     try:
@@ -47,11 +50,15 @@ def link(p):
     except OSError: return None
 """
 
-# Runs on the target with python3 (argv[1] = sysroot, "" on a real host). Reads
-# everything in one process so that a host with hundreds of VFs costs one round trip.
+# Runs on the target with python3: argv[1] = sysroot ("" on a real host), then optionally
+# "--groups" and the addresses to read (none: every device). Reads everything in one process
+# so that a host with hundreds of VFs costs one round trip.
 INVENTORY_SCRIPT = r"""
 import json, os, re, sys
 R = sys.argv[1] if len(sys.argv) > 1 else ""
+want = sys.argv[2:]
+expand = bool(want) and want[0] == "--groups"
+if expand: want = want[1:]
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 """ + SYSFS_READERS + r"""
 def ls(p):
@@ -61,36 +68,49 @@ def bdfs_in(p):
     try: real = os.path.realpath(p)
     except OSError: return []
     return [c for c in real.split("/") if BDF.match(c)]
-devs = {}
 base = R + "/sys/bus/pci/devices"
-for a in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+gbase = R + "/sys/kernel/iommu_groups"
+def read_dev(a):
     d = base + "/" + a
     try:
         names = os.listdir(d)
     except OSError:
-        continue  # removed while we read (VFs going away)
+        return None  # absent, or removed while we read (VFs going away)
     dev = {"address": a, "vendor": rd(d + "/vendor"), "device": rd(d + "/device"), "class": rd(d + "/class"),
            "driver": link(d + "/driver"), "driver_override": rd(d + "/driver_override"),
+           "override_attr": "driver_override" in names,
            "iommu_group": link(d + "/iommu_group"), "physfn": link(d + "/physfn"),
            "net": ls(d + "/net") if "net" in names else [],
            "virtfns": {n[6:]: link(d + "/" + n) for n in names if n.startswith("virtfn")}}
     if dev["driver_override"] in ("(null)", ""): dev["driver_override"] = None
     if dev["vendor"] is None:
-        continue  # removed while we read
+        return None  # removed while we read
     if "sriov_totalvfs" in names:
         dev["sriov"] = {"totalvfs": int(rd(d + "/sriov_totalvfs") or 0), "numvfs": int(rd(d + "/sriov_numvfs") or 0),
                         "drivers_autoprobe": rd(d + "/sriov_drivers_autoprobe") == "1"}
-    devs[a] = dev
+    return dev
+devs = {}
+for a in want or (sorted(os.listdir(base)) if os.path.isdir(base) else []):
+    dev = read_dev(a)
+    if dev is not None:
+        devs[a] = dev
 groups = {}
-gbase = R + "/sys/kernel/iommu_groups"
-for g in os.listdir(gbase) if os.path.isdir(gbase) else []:
+for g in (sorted({d["iommu_group"] for d in devs.values() if d["iommu_group"]}) if want
+          else (os.listdir(gbase) if os.path.isdir(gbase) else [])):
     try:
         groups[g] = sorted(os.listdir(gbase + "/" + g + "/devices"))
     except OSError:
         pass  # a group that went away with its VF
+if expand:
+    for g in list(groups):
+        for a in groups[g]:
+            if a not in devs:
+                dev = read_dev(a)
+                if dev is not None:
+                    devs[a] = dev
 vfio = {}
 vbase = R + "/dev/vfio"
-for n in os.listdir(vbase) if os.path.isdir(vbase) else []:
+for n in (sorted(groups) if want else (os.listdir(vbase) if os.path.isdir(vbase) else [])):
     try:
         st = os.stat(vbase + "/" + n)
     except OSError:
@@ -147,30 +167,33 @@ class PciDevice:
     vendor: str
     device: str
     pci_class: str
-    driver: Optional[str]
-    driver_override: Optional[str]
-    iommu_group: Optional[str]
-    physfn: Optional[PciAddress] = None
-    virtfns: Dict[int, PciAddress] = field(default_factory=dict)
-    sriov: Optional[SriovState] = None
-    net: List[str] = field(default_factory=list)
+    driver: str | None
+    driver_override: str | None
+    iommu_group: str | None
+    physfn: PciAddress | None = None
+    virtfns: dict[int, PciAddress] = field(default_factory=dict)
+    sriov: SriovState | None = None
+    net: list[str] = field(default_factory=list)
+    #: the device has a driver_override attribute (kernels before 3.16 do not: bind falls back to new_id)
+    has_override: bool = True
 
     @property
-    def vendor_device(self):
+    def vendor_device(self) -> str:
         """`8086:10ca` (no 0x)."""
         return f"{self.vendor[2:] if self.vendor.startswith('0x') else self.vendor}:" \
                f"{self.device[2:] if self.device.startswith('0x') else self.device}"
 
     @property
-    def is_vf(self):
+    def is_vf(self) -> bool:
         return self.physfn is not None
 
     @property
-    def is_pf(self):
+    def is_pf(self) -> bool:
         return self.sriov is not None
 
     @property
-    def is_bridge(self):
+    def is_bridge(self) -> bool:
+        """A PCI-to-PCI bridge (class 0x0604): left alone when a group is bound."""
         return (self.pci_class or "").startswith("0x0604")
 
 
@@ -178,15 +201,15 @@ class PciDevice:
 class Inventory:
     """A snapshot of a host's PCI state. Compare two with `diff()`."""
 
-    devices: Dict[str, PciDevice]
-    groups: Dict[str, List[str]]
-    vfio: Dict[str, str]
-    drivers: List[str]
-    protected: Dict[str, str]
-    identity: Dict[str, Optional[str]]
+    devices: dict[str, PciDevice]
+    groups: dict[str, list[str]]
+    vfio: dict[str, str]
+    drivers: list[str]
+    protected: dict[str, str]
+    identity: dict[str, str | None]
 
     @classmethod
-    def from_json(cls, data):
+    def from_json(cls, data: dict[str, Any]) -> Inventory:
         devs = {}
         for a, d in data["devices"].items():
             s = d.get("sriov")
@@ -195,28 +218,34 @@ class Inventory:
                 driver=d["driver"], driver_override=d["driver_override"], iommu_group=d["iommu_group"],
                 physfn=PciAddress(d["physfn"]) if d.get("physfn") else None,
                 virtfns={int(k): PciAddress(v) for k, v in d.get("virtfns", {}).items() if v},
-                sriov=SriovState(**s) if s else None, net=d.get("net", []))
+                sriov=SriovState(**s) if s else None, net=d.get("net", []),
+                has_override=d.get("override_attr", True))
         return cls(devs, data["groups"], data["vfio"], data["drivers"], data["protected"], data["identity"])
 
-    def device(self, address):
+    def device(self, address: str) -> PciDevice:
         addr = PciAddress(address)
         try:
             return self.devices[addr]
         except KeyError:
             raise DeviceNotFound(f"no PCI device {addr} on {self.identity.get('hostname') or 'the target'}",
-                                 hint="list the devices with `vfiotest devices`") from None
+                                 hint="list the devices with `vfiotest devices`", address=addr) from None
 
-    def group_of(self, address):
+    def vfio_node(self, address: str) -> str | None:
+        """What /dev/vfio/<group> of `address` is: "char", "file", or None (missing, or no group)."""
+        group = self.device(address).iommu_group
+        return self.vfio.get(group) if group else None
+
+    def group_of(self, address: str) -> list[PciAddress]:
         """The addresses in the IOMMU group of `address` (itself included)."""
         dev = self.device(address)
         if dev.iommu_group is None:
             return [dev.address]
         return [PciAddress(a) for a in self.groups.get(dev.iommu_group, [dev.address])]
 
-    def vfs_of(self, pf):
+    def vfs_of(self, pf: str) -> list[PciDevice]:
         return [self.devices[a] for _, a in sorted(self.device(pf).virtfns.items()) if a in self.devices]
 
-    def state(self):
+    def state(self) -> dict[str, Any]:
         """What the host state guard compares: drivers, overrides, VF counts, groups, /dev/vfio."""
         return {
             "devices": {a: {"driver": d.driver, "driver_override": d.driver_override,
@@ -227,7 +256,7 @@ class Inventory:
             "vfio": dict(sorted(self.vfio.items())),
         }
 
-    def diff(self, other):
+    def diff(self, other: Inventory) -> list[str]:
         """Readable lines saying how `other` differs from this snapshot; [] when equal."""
         a, b = self.state(), other.state()
         lines = []
@@ -247,12 +276,31 @@ class Inventory:
         return lines
 
 
-def read_inventory_json(host, timeout=30):
-    """The whole PCI state of `host` as the script printed it (JSON-ready), in one round trip."""
-    res = host.python(INVENTORY_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="PCI inventory")
+def _inventory_args(host: Any, addresses: Iterable[str] | None, groups: bool) -> list[str]:
+    args = [host.sysroot]
+    if addresses is not None:
+        wanted = [str(PciAddress(a)) for a in addresses]
+        if not wanted:
+            raise ValueError("read_inventory: an empty address list (give None for every device)")
+        args += (["--groups"] if groups else []) + wanted
+    return args
+
+
+def read_inventory_json(host: Any, timeout: float = 30, *, addresses: Iterable[str] | None = None,
+                        groups: bool = False) -> dict[str, Any]:
+    """The PCI state of `host` as the script printed it (JSON-ready), in one round trip
+    (the arguments are those of read_inventory)."""
+    res = host.python(INVENTORY_SCRIPT, _inventory_args(host, addresses, groups), timeout=timeout, check=True,
+                      what="PCI inventory")
     return json.loads(res.stdout)
 
 
-def read_inventory(host, timeout=30):
-    """The whole PCI state of `host`, in one round trip."""
-    return Inventory.from_json(read_inventory_json(host, timeout))
+def read_inventory(host: Any, timeout: float = 30, *, addresses: Iterable[str] | None = None,
+                   groups: bool = False) -> Inventory:
+    """The PCI state of `host`, in one round trip.
+
+    addresses: read only these devices (an absent one is simply not in `devices`), with
+    their IOMMU groups' member lists and /dev/vfio nodes; groups=True also reads every
+    other member of those groups. None (the default) reads every device. `protected`,
+    `drivers` and `identity` are always the whole host's."""
+    return Inventory.from_json(read_inventory_json(host, timeout, addresses=addresses, groups=groups))

@@ -8,22 +8,24 @@ the first change. A PF whose VFs are in use (bound to vfio-pci, or leased) is
 refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 """
 
+from __future__ import annotations
+
 import errno
 import threading
 import time
+from typing import Any
 
 from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
-from .pci import PciAddress, read_inventory
+from .lease import LeasePool
+from .pci import Inventory, PciAddress, read_inventory
 
 SYS_DEV = "/sys/bus/pci/devices"
 WRITE_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 30.0
 
 
-def vfs_in_use(host, inv, pf, leases=None):
+def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = None) -> list[str]:
     """Reasons the VFs of `pf` cannot be removed: bound to vfio-pci, or leased."""
-    from .lease import LeasePool
-
     reasons = []
     vfs = inv.vfs_of(pf)
     for vf in vfs:
@@ -39,14 +41,14 @@ def vfs_in_use(host, inv, pf, leases=None):
     return reasons
 
 
-def timed_write(host, path, data, timeout):
+def timed_write(host: Any, path: str, data: str, timeout: float) -> None:
     """host.write_text with a deadline. Remote hosts bound it themselves; a local write(2)
     cannot be interrupted, so it runs in a daemon thread that is abandoned on timeout."""
     if not getattr(host, "is_local", False) or getattr(host, "simulated", False):
         return host.write_text(path, data, timeout=timeout)
-    outcome = {}
+    outcome: dict[str, BaseException] = {}
 
-    def write():
+    def write() -> None:
         try:
             host.write_text(path, data, timeout=timeout)
         except BaseException as e:  # handed to the caller
@@ -57,29 +59,31 @@ def timed_write(host, path, data, timeout):
     worker.join(timeout)
     if worker.is_alive():
         raise CommandTimeout(f"write of {data!r} to {path} did not finish in {timeout:.0f} s on {host.name}",
-                             hint="the driver is blocking in the kernel; look at dmesg")
+                             hint="the driver is blocking in the kernel; look at dmesg", path=path)
     if "error" in outcome:
         raise outcome["error"]
 
 
-def _write_numvfs(host, pf, n, timeout):
+def _write_numvfs(host: Any, pf: str, n: int, timeout: float) -> None:
     path = f"{SYS_DEV}/{pf}/sriov_numvfs"
     try:
         timed_write(host, path, str(n), timeout)
     except CommandTimeout:
         raise VFCreateError(f"writing {n} to {path} did not return within {timeout:.0f} s",
                             hint="some PF drivers block for minutes; the write may still be pending in the kernel: "
-                                 "look at dmesg on the target, then run `vfiotest restore`") from None
+                                 "look at dmesg on the target, then run `vfiotest restore`",
+                            address=pf, path=path, reason=VFCreateError.TIMEOUT) from None
     except OSError as e:
         hints = {errno.EBUSY: "VFs already exist: the count must go to 0 first (set_numvfs does that)",
                  errno.ERANGE: "ask for at most sriov_totalvfs VFs",
                  errno.ENOENT: "the PF needs its own driver bound to create VFs (`vfiotest devices`)",
                  errno.ENOMEM: "the PF has no room for that many VFs (BIOS SR-IOV / PCI resources)"}
         raise VFCreateError(f"writing {n} to {path} failed: {e.strerror} (errno {e.errno})",
-                            hint=hints.get(e.errno, "look at dmesg on the target")) from None
+                            hint=hints.get(e.errno or 0, "look at dmesg on the target"),
+                            address=pf, path=path, errno=e.errno, cause=e) from None
 
 
-def wait_virtfns(host, pf, n, timeout=SETTLE_TIMEOUT):
+def wait_virtfns(host: Any, pf: str, n: int, timeout: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Wait until `pf` has exactly virtfn0..virtfn{n-1}, each naming an existing device.
     Returns the VF addresses in order."""
     deadline = time.monotonic() + timeout
@@ -93,12 +97,14 @@ def wait_virtfns(host, pf, n, timeout=SETTLE_TIMEOUT):
                     return addrs
         if time.monotonic() >= deadline:
             raise VFCreateError(f"{pf} has {len(names)} virtfn links, expected {n}, after {timeout:.0f} s",
-                                hint="look at dmesg on the target; the PF driver may have refused some VFs")
+                                hint="look at dmesg on the target; the PF driver may have refused some VFs",
+                                address=pf)
         time.sleep(0.05)
 
 
-def set_numvfs(host, pf, n, journal=None, timeout=WRITE_TIMEOUT, autoprobe=None, profile=None,
-               leases=None, settle=SETTLE_TIMEOUT):
+def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float = WRITE_TIMEOUT,
+               autoprobe: bool | None = None, profile: Any = None, leases: LeasePool | None = None,
+               settle: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Give `pf` exactly `n` VFs; returns their addresses.
 
     journal: recorder for the original count (written before any change).
@@ -107,33 +113,39 @@ def set_numvfs(host, pf, n, journal=None, timeout=WRITE_TIMEOUT, autoprobe=None,
     leases: the LeasePool that says whether VFs are in use (default: the host's)."""
     pf = PciAddress(pf)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise VFCreateError(f"{n!r} is not a VF count for {pf}", hint="give a whole number from 0 to sriov_totalvfs")
+        raise VFCreateError(f"{n!r} is not a VF count for {pf}", hint="give a whole number from 0 to sriov_totalvfs",
+                            address=pf)
     inv = read_inventory(host)
     dev = inv.device(pf)
     if dev.sriov is None:
         raise VFCreateError(f"{pf} ({dev.vendor_device}) is not an SR-IOV PF (it has no sriov_totalvfs)",
-                            hint="pick a PF from `vfiotest devices` (the SR-IOV column)")
+                            hint="pick a PF from `vfiotest devices` (the SR-IOV column)",
+                            address=pf, reason=VFCreateError.NOT_PF)
     if profile is not None:
         if inv.protected.get(pf):
             raise NotAllowed(f"{pf} {inv.protected[pf]}: its VFs will not be changed",
-                             hint="use a PF that carries no route, SSH session or mounted filesystem")
+                             hint="use a PF that carries no route, SSH session or mounted filesystem",
+                             address=pf, cause=inv.protected[pf], reason=NotAllowed.PROTECTED)
         if not profile.allows(dev.vendor_device):
             raise NotAllowed(f"{pf} ({dev.vendor_device}) is not in the {profile.name} profile's allowlist",
-                             hint=f"allowed IDs: {', '.join(sorted(profile.ids))}")
+                             hint=f"allowed IDs: {', '.join(sorted(profile.ids))}",
+                             address=pf, reason=NotAllowed.NOT_ALLOWLISTED)
     total, cur = dev.sriov.totalvfs, dev.sriov.numvfs
     if n > total:
         raise VFCreateError(f"{pf} can have at most {total} VFs (sriov_totalvfs), {n} were asked for; nothing was changed",
-                            hint=f"ask for {total} or fewer (--numvfs)")
+                            hint=f"ask for {total} or fewer (--numvfs)", address=pf, reason=VFCreateError.TOO_MANY)
     if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
         return [vf.address for vf in inv.vfs_of(pf)]
     if cur and n != cur:
         busy = vfs_in_use(host, inv, pf, leases)
         if busy:
             raise VFCreateError(f"{pf} has VFs in use, its VF count stays {cur}: " + "; ".join(busy),
-                                hint="release them first (end the tests using them, `vfiotest restore`), then retry")
+                                hint="release them first (end the tests using them, `vfiotest restore`), then retry",
+                                address=pf, cause="; ".join(busy), reason=VFCreateError.IN_USE)
     if not dev.driver:
         raise VFCreateError(f"{pf} has no driver bound; the kernel creates VFs through the PF's driver",
-                            hint="put the PF back on its driver (`vfiotest unbind` / `vfiotest restore`)")
+                            hint="put the PF back on its driver (`vfiotest unbind` / `vfiotest restore`)",
+                            address=pf, reason=VFCreateError.NO_DRIVER)
     entry = {"kind": "numvfs", "address": pf, "numvfs": cur, "drivers_autoprobe": dev.sriov.drivers_autoprobe}
     if journal is not None:
         entry = journal.record(entry)
@@ -147,7 +159,8 @@ def set_numvfs(host, pf, n, journal=None, timeout=WRITE_TIMEOUT, autoprobe=None,
     return wait_virtfns(host, pf, n, settle)
 
 
-def restore_numvfs(host, entry, timeout=WRITE_TIMEOUT, settle=SETTLE_TIMEOUT, leases=None):
+def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIMEOUT, settle: float = SETTLE_TIMEOUT,
+                   leases: LeasePool | None = None) -> None:
     """Put a PF back to the VF count and autoprobe setting of a journal entry."""
     pf = PciAddress(entry["address"])
     try:
@@ -167,12 +180,16 @@ def restore_numvfs(host, entry, timeout=WRITE_TIMEOUT, settle=SETTLE_TIMEOUT, le
         busy = vfs_in_use(host, inv, pf, leases)
         if busy:
             raise UnbindError(f"cannot put {pf} back to {want} VFs: " + "; ".join(busy),
-                              hint="release those VFs, then run `vfiotest restore` again")
+                              hint="release those VFs, then run `vfiotest restore` again",
+                              address=pf, cause="; ".join(busy), reason=VFCreateError.IN_USE)
         _write_numvfs(host, pf, 0, timeout)
         wait_virtfns(host, pf, 0, settle)
     if want:
         _write_numvfs(host, pf, want, timeout)
     wait_virtfns(host, pf, want, settle)
 
+
+# The journal entry kind this module owns; vfiotest.journal registers it (journal.KIND_MODULES).
+JOURNAL_KINDS: list[dict[str, Any]] = [{"kind": "numvfs", "required": ("address", "numvfs"), "undo": restore_numvfs}]
 
 __all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]

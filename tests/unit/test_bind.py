@@ -206,3 +206,95 @@ def test_unbind_enodev_is_tolerated(sim, dm):
     sim.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", VF)  # someone unbound it behind our back
     dm.restore_all()
     assert read_inventory(sim).devices[VF].driver == "igbvf"
+
+
+def test_bind_works_with_only_the_guest_modules(sim, tmp_path):
+    """The Kata guest ships bind.py with errors, host, pci and __init__ only (kata/initrd.SHARED_MODULES):
+    bind_to_vfio must import and run without the journal."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import vfiotest
+
+    pkg = tmp_path / "guest" / "vfiotest"
+    pkg.mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py"):
+        shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), name), pkg / name)
+    shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), "simsysfs.py"), pkg / "simsysfs.py")  # the test's host
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'guest')!r});"
+            f"from vfiotest.simsysfs import SimulatedHost; import vfiotest.bind as b;"
+            f"assert b.__file__.startswith({str(pkg)!r}), b.__file__;"
+            f"b.bind_to_vfio(SimulatedHost.open({sim.sysroot!r}), {VF!r});"
+            f"assert 'vfiotest.journal' not in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"
+
+
+def test_memory_journal_is_the_journals():
+    from vfiotest import journal
+
+    assert MemoryJournal is journal.MemoryJournal
+
+
+def test_read_inventory_filtered_reads_only_what_is_asked(sim):
+    whole = read_inventory(sim)
+    one = read_inventory(sim, addresses=["00:05.0"])
+    assert list(one.devices) == ["0000:00:05.0"]
+    assert one.devices["0000:00:05.0"] == whole.devices["0000:00:05.0"]
+    g = whole.devices["0000:00:05.0"].iommu_group
+    assert one.groups == {g: whole.groups[g]} and one.protected == whole.protected
+    grp = read_inventory(sim, addresses=["0000:00:05.0"], groups=True)
+    assert sorted(grp.devices) == sorted(whole.groups[g]) and grp.devices["0000:00:04.0"].is_bridge
+    assert read_inventory(sim, addresses=["0000:00:1f.0"]).devices == {}
+    with pytest.raises(AddressError):
+        read_inventory(sim, addresses=["nope"])
+
+
+def test_group_state_is_read_once_up_front(sim, monkeypatch):
+    import vfiotest.bind as bind_mod
+
+    events, real_read, real_write = [], bind_mod.read_inventory, sim.write_text
+
+    def read(host, timeout=30, **kw):
+        events.append(("read", tuple(kw.get("addresses") or ()), kw.get("groups", False)))
+        return real_read(host, timeout, **kw)
+
+    def write(path, data, timeout=30):
+        events.append(("write", path))
+        return real_write(path, data, timeout)
+
+    monkeypatch.setattr(bind_mod, "read_inventory", read)
+    sim.write_text = write
+    assert bind_group_to_vfio(sim, "0000:00:05.0") == ["0000:00:05.0", "0000:00:06.0"]
+    first_write = next(i for i, e in enumerate(events) if e[0] == "write")
+    assert events[:first_write] == [("read", ("0000:00:05.0",), True)]
+    assert all(e[1] for e in events if e[0] == "read"), "no whole-host read to bind a group"
+
+
+def test_device_state_is_a_view_of_the_inventory(sim):
+    from vfiotest.bind import device_state, device_states, read_device
+
+    st = device_state(sim, VF)
+    dev = read_device(sim, VF)
+    assert st["driver"] == dev.driver == "igbvf" and st["group"] == dev.iommu_group and st["override_attr"]
+    assert st["members"] == [VF] and st["vfio_node"] is None and st["exists"]
+    assert device_states(sim, [VF, "0000:00:1f.0"])["0000:00:1f.0"] == {"exists": False}
+    with pytest.raises(DeviceNotFound) as e:
+        device_state(sim, "0000:00:1f.0")
+    assert e.value.address == "0000:00:1f.0"
+
+
+def test_errors_carry_fields(sim, dm):
+    with pytest.raises(NotAllowed) as e:
+        dm.bind_device("0000:00:05.0")
+    assert e.value.reason == NotAllowed.GROUP and e.value.address == "0000:00:05.0" and e.value.group
+    with pytest.raises(NotAllowed) as e:
+        dm.bind_device("0000:00:08.0")
+    assert e.value.reason == NotAllowed.NOT_ALLOWLISTED and e.value.address == "0000:00:08.0"
+    with pytest.raises(NotAllowed) as e:
+        dm.bind_device("0000:00:01.0")
+    assert e.value.reason == NotAllowed.PROTECTED and "default route" in e.value.cause

@@ -130,3 +130,109 @@ def test_journal_from_another_host_refused(sim):
         restore_orphans(sim)
     assert "on the host that wrote it" in e.value.hint and ".other-host" in e.value.hint
     assert read_inventory(sim).devices[VF].driver == "vfio-pci"  # nothing was changed
+
+
+# -- the registry of entry kinds ------------------------------------------------------------------
+def test_journal_imports_no_kind_owner_at_load():
+    code = ("import sys; import vfiotest.journal;"
+            "bad = [m for m in ('vfiotest.bind', 'vfiotest.sriov', 'vfiotest.lease', 'vfiotest.undo_files') if m in sys.modules];"
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "..", "lib")})
+    assert res.returncode == 0, res.stderr
+
+
+def test_owning_modules_register_their_kinds():
+    from vfiotest import bind, journal, undo_files
+
+    kinds = journal.registered_kinds()
+    assert {"driver", "new_id", "numvfs", "file"} <= set(kinds)
+    assert kinds["driver"].undo is bind.undo_driver and kinds["numvfs"].undo is sriov.restore_numvfs
+    assert kinds["file"].undo is undo_files.undo_file
+    assert journal.entry_key({"kind": "new_id", "driver": "vfio-pci", "id": "8086:10ca"}) == \
+        ("new_id", "8086:10ca", "vfio-pci")
+
+
+def test_unknown_kind_in_a_journal_is_refused_naming_kind_and_file(sim):
+    os.makedirs(f"{sim.sysroot}{ROOT}", exist_ok=True)
+    with Journal.open(sim, "new") as j:
+        DeviceManager(sim, "emulated", j).bind_device(VF)
+    doc = json.load(open(jfile(sim, "new")))
+    doc["entries"].append({"kind": "teleport", "address": VF})
+    open(jfile(sim, "new"), "w").write(json.dumps(doc))
+    with pytest.raises(JournalError, match=f"{ROOT}/new.json.*unknown kind 'teleport'") as e:
+        restore_orphans(sim)
+    assert e.value.reason == JournalError.UNKNOWN_KIND and e.value.kind == "teleport"
+    assert e.value.path == f"{ROOT}/new.json" and "mv " in e.value.hint
+    assert read_inventory(sim).devices[VF].driver == "vfio-pci"  # nothing undone from a journal we cannot read
+    assert os.path.exists(jfile(sim, "new"))
+
+
+def test_unknown_kind_cannot_be_recorded(sim):
+    from vfiotest.journal import MemoryJournal
+
+    with Journal.open(sim, "rec") as j:
+        with pytest.raises(JournalError, match="unknown kind 'teleport'") as e:
+            j.record({"kind": "teleport", "address": VF})
+        assert e.value.reason == JournalError.UNKNOWN_KIND and j.entries() == []
+    with pytest.raises(JournalError, match="unknown kind 'teleport'"):
+        MemoryJournal().record({"kind": "teleport"})
+
+
+def test_a_registered_kind_is_replayed(sim):
+    from vfiotest import journal
+
+    undone = []
+    journal.register_kind("test-note", ("note",), lambda host, e: undone.append(e["note"]))
+    try:
+        with Journal.open(sim, "notes") as j:
+            j.record({"kind": "test-note", "note": "a"})
+            j.record({"kind": "test-note", "note": "b"})
+            j.record({"kind": "test-note", "note": "a"})  # same thing: kept once
+        assert restore_orphans(sim) == [("notes", 2)]
+        assert undone == ["b", "a"]
+    finally:
+        journal._KINDS.pop("test-note")
+
+
+def test_held_journal_error_has_fields(sim):
+    with Journal.open(sim, "busy"):
+        with pytest.raises(JournalError) as e:
+            Journal.open(sim, "busy")
+    assert e.value.reason == JournalError.HELD and e.value.path == f"{ROOT}/busy.json"
+
+
+# -- the "file" kind --------------------------------------------------------------------------------
+def test_file_kind_puts_back_content_and_mode(sim):
+    from vfiotest.undo_files import write_file
+
+    path = "/etc/vfiotest-test/app.conf"
+    os.makedirs(f"{sim.sysroot}/etc/vfiotest-test")
+    open(sim.sysroot + path, "w").write("original = 1\nünïcode\n")
+    os.chmod(sim.sysroot + path, 0o640)
+    with Journal.open(sim, "files") as j:
+        write_file(sim, j, path, "changed = 2\n", mode=0o600)
+        write_file(sim, j, path, "changed = 3\n")           # the first original wins
+        write_file(sim, j, "/etc/vfiotest-test/new.conf", "x\n")
+        assert open(sim.sysroot + path).read() == "changed = 3\n"
+        assert [e["kind"] for e in j.entries()] == ["file", "file"]
+        assert j.entries()[0] == {"kind": "file", "path": path, "existed": True,
+                                  "content": "original = 1\nünïcode\n", "mode": 0o640}
+        assert j.entries()[1] == {"kind": "file", "path": "/etc/vfiotest-test/new.conf", "existed": False}
+    assert restore_orphans(sim) == [("files", 2)]
+    assert open(sim.sysroot + path).read() == "original = 1\nünïcode\n"
+    assert os.stat(sim.sysroot + path).st_mode & 0o777 == 0o640
+    assert not os.path.exists(sim.sysroot + "/etc/vfiotest-test/new.conf")
+
+
+def test_file_that_cannot_be_recorded_is_not_changed(sim):
+    from vfiotest.errors import HarnessError
+    from vfiotest.undo_files import write_file
+
+    os.makedirs(f"{sim.sysroot}/etc/vfiotest-test")
+    open(sim.sysroot + "/etc/vfiotest-test/blob", "wb").write(b"\xff\xfe\x00")
+    with Journal.open(sim, "blob") as j:
+        with pytest.raises(HarnessError, match="not UTF-8") as e:
+            write_file(sim, j, "/etc/vfiotest-test/blob", "text")
+        assert e.value.path == "/etc/vfiotest-test/blob" and j.entries() == []
+    assert open(sim.sysroot + "/etc/vfiotest-test/blob", "rb").read() == b"\xff\xfe\x00"

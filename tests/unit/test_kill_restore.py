@@ -105,3 +105,67 @@ def test_kill_at_every_step_then_restore(tmp_path, scenario):
             # nothing left to replay
             assert not [n for n in os.listdir(host.sysroot + "/var/lib/vfiotest/journal") if n.endswith(".json")] \
                 if os.path.isdir(host.sysroot + "/var/lib/vfiotest/journal") else True
+
+
+FILE_CHILD = textwrap.dedent(r"""
+    import os, signal, sys
+    from vfiotest.simsysfs import SimulatedHost
+    from vfiotest.journal import Journal
+    from vfiotest.undo_files import write_file
+
+    root, k, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    host = SimulatedHost.open(root)
+    count = 0
+    real = host.write_atomic
+
+    def killing(*a, **kw):
+        global count
+        count += 1
+        if count == k and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(*a, **kw)
+        if count == k and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    host.write_atomic = killing
+    journal = Journal.open(host, owner="child")
+    write_file(host, journal, "/etc/vfiotest-kill/a.conf", "changed\n", mode=0o600)
+    write_file(host, journal, "/etc/vfiotest-kill/b.conf", "new\n")
+    write_file(host, journal, "/etc/vfiotest-kill/a.conf", "changed again\n")
+    print("WRITES", count)
+""")
+
+
+def _files(root):
+    d = root + "/etc/vfiotest-kill"
+    return {n: (open(f"{d}/{n}").read(), os.stat(f"{d}/{n}").st_mode & 0o777) for n in sorted(os.listdir(d))}
+
+
+def test_kill_at_every_file_write_then_restore(tmp_path):
+    script = tmp_path / "file_child.py"
+    script.write_text(FILE_CHILD)
+
+    def fresh(name):
+        host = build(tmp_path / name, "bind")
+        os.makedirs(host.sysroot + "/etc/vfiotest-kill")
+        open(host.sysroot + "/etc/vfiotest-kill/a.conf", "w").write("original\n")
+        os.chmod(host.sysroot + "/etc/vfiotest-kill/a.conf", 0o644)
+        return host
+
+    host = fresh("dry")
+    first = _files(host.sysroot)
+    done = subprocess.run([sys.executable, str(script), host.sysroot, "0", "never"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    writes = int(done.stdout.split()[-1])
+    assert writes >= 5 and _files(host.sysroot) != first
+    restore_orphans(host)
+    assert _files(host.sysroot) == first
+    for k in range(1, writes + 1):
+        for when in ("before", "after"):
+            host = fresh(f"f{k}{when}")
+            res = subprocess.run([sys.executable, str(script), host.sysroot, str(k), when], capture_output=True,
+                                 text=True, timeout=60)
+            assert res.returncode == -signal.SIGKILL, (k, when, res.stdout, res.stderr)
+            restore_orphans(host)
+            assert _files(host.sysroot) == first, (k, when)

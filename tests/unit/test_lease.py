@@ -45,3 +45,29 @@ def test_held_by_another_process_and_freed_when_it_dies(sim):
     # the lock died with its holder; its stale record is dropped
     assert LeasePool(sim).held() == {}
     LeasePool(sim).acquire("7").release()
+
+
+def test_owner_record_names_what_the_caller_gives(sim, monkeypatch):
+    # the library reads no pytest/xdist variables: worker and session come from the caller
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw9")
+    monkeypatch.setenv("VFIOTEST_SESSION", "from-env")
+    with LeasePool(sim).acquire("3", test_id="t::a"):
+        rec = LeasePool(sim).held()["3"]
+        assert rec["worker"] is None and rec["session"] is None and rec["test"] == "t::a"
+    pool = LeasePool(sim, worker="gw1", session="abc")
+    with pool.acquire("3", test_id="t::b"):
+        rec = pool.held()["3"]
+        assert (rec["worker"], rec["session"], rec["test"]) == ("gw1", "abc", "t::b")
+        with pytest.raises(LeaseBusy, match=r"group 3 is leased by pid .* \(worker gw1\) for t::b") as e:
+            LeasePool(sim).acquire("3")
+        assert e.value.group == "3" and e.value.owner["worker"] == "gw1" and e.value.owner["test"] == "t::b"
+
+
+def test_who_am_i_takes_its_names():
+    from vfiotest.journal import default_owner
+    from vfiotest.lease import who_am_i
+
+    me = who_am_i("t::c", worker="gw2", session="s1")
+    assert (me["test"], me["worker"], me["session"]) == ("t::c", "gw2", "s1")
+    assert who_am_i()["worker"] is None
+    assert default_owner("gw2").endswith("-gw2") and not default_owner().endswith("-")

@@ -117,3 +117,26 @@ def test_timed_write_on_a_local_host_gives_up():
     with pytest.raises(CommandTimeout, match="did not finish in 1 s"):
         sriov.timed_write(Stuck(), "/sys/bus/pci/devices/0000:10:00.0/sriov_numvfs", "2", 1)
     assert time.monotonic() - t < 2.5
+
+
+def test_errors_carry_fields(sim):
+    with pytest.raises(VFCreateError) as e:
+        sriov.set_numvfs(sim, PF, 99)
+    assert e.value.reason == VFCreateError.TOO_MANY and e.value.address == PF
+    sriov.set_numvfs(sim, PF, 2)
+    DeviceManager(sim, "emulated").bind_device("0000:10:10.1")
+    with pytest.raises(VFCreateError) as e:
+        sriov.set_numvfs(sim, PF, 0)
+    assert e.value.reason == VFCreateError.IN_USE and "0000:10:10.1" in e.value.cause
+
+
+def test_numvfs_entry_is_undone_by_the_journal(sim):
+    from vfiotest.journal import MemoryJournal as JournalsMemory, registered_kinds
+
+    assert registered_kinds()["numvfs"].undo is sriov.restore_numvfs
+    j = JournalsMemory()
+    first = read_inventory(sim)
+    sriov.set_numvfs(sim, PF, 3, journal=j)
+    assert [e["kind"] for e in j.entries()] == ["numvfs"]
+    j.restore_all(sim)
+    assert j.entries() == [] and first.diff(read_inventory(sim)) == []
