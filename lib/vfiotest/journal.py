@@ -43,7 +43,7 @@ JOURNAL_ROOT = "/var/lib/vfiotest/journal"
 VERSION = 1
 
 #: The modules that own entry kinds (each has a JOURNAL_KINDS list), imported on first use.
-KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.undo_files")
+KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.undo_files", "vfiotest.kata.runtime", "vfiotest.podman.conf")
 
 Entry = dict[str, Any]
 

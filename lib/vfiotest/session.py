@@ -12,9 +12,10 @@ its directory, under file locks):
                replayed (VF counts), the host compared with the baseline (the state guard),
                the runner released
 
-Undo records are what a layer changed on the target outside the PCI journal (a runtime
-registration, a containers.conf drop-in), written in the session directory before the
-change; the module that makes the change registers how to undo it (`register_undo`).
+Undo records are what a layer changed on the target once for the whole session (the
+kata-vfio registration, the containers.conf drop-in): journal entries of kinds registered
+with vfiotest.journal (one registry of undos), kept in the session directory, written
+before the change and undone by `finish()` after every worker is done.
 
 The session's identity and directory come from the caller (the pytest plugin shares them
 with its workers); nothing here reads pytest's or xdist's environment.
@@ -22,7 +23,6 @@ with its workers); nothing here reads pytest's or xdist's environment.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -40,32 +40,6 @@ NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
 BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
 BOOTED = "runner-booted-by-this-session"
 RECORDS = "undo"                          # <dir>/undo/<seq>-<kind>.json
-
-Undo = Callable[[Any, dict], None]
-_UNDO: dict[str, Undo] = {}
-# modules that register undo kinds; imported before records are replayed
-UNDO_MODULES = ("vfiotest.kata.runtime", "vfiotest.podman.conf")
-
-
-def register_undo(kind: str) -> Callable[[Undo], Undo]:
-    """Decorator: `undo(host, record)` puts back what a record of `kind` says was changed."""
-    def deco(fn: Undo) -> Undo:
-        _UNDO[kind] = fn
-        return fn
-    return deco
-
-
-def _undo_for(kind: str) -> Undo:
-    if kind not in _UNDO:
-        for mod in UNDO_MODULES:
-            importlib.import_module(mod)
-    try:
-        return _UNDO[kind]
-    except KeyError:
-        raise HarnessError(f"no undo is registered for session records of kind {kind!r}",
-                           hint="a newer or older vfiotest wrote it: finish with that version, "
-                                "or put the change back by hand") from None
-
 
 @dataclass
 class Verdict:
@@ -185,24 +159,29 @@ class Session:
 
     # -- undo records ------------------------------------------------------------------------
     def recorded(self, kind: str) -> Optional[dict]:
-        """The record of `kind` a process of this session wrote, or None."""
-        for _name, rec in self._records():
-            if rec["kind"] == kind:
-                return rec["data"]
+        """The entry of `kind` a process of this session recorded, or None."""
+        for _name, entry in self._records():
+            if entry["kind"] == kind:
+                return entry
         return None
 
-    def record(self, kind: str, data: dict) -> None:
-        """Write what `kind` is about to change (before the change: a crash right after it
-        still leaves the record). Replayed by `finish()` newest first."""
-        if kind not in _UNDO:
-            _undo_for(kind)             # refuse a kind nobody can undo before anything changes
+    def record(self, entry: dict) -> None:
+        """Keep a journal entry (vfiotest.journal: its kind registered, its fields present)
+        for what is about to change, before the change (a crash right after it still leaves
+        it). Undone by `finish()`, newest first."""
+        from .journal import kind_of
+
+        kind = kind_of(entry, where=f"session {self.id}")   # refuse what nobody can undo, before it is done
+        missing = kind.missing(entry)
+        if missing:
+            raise HarnessError(f"session record of kind {entry['kind']!r} lacks {', '.join(missing)}")
         d = self.path(RECORDS)
+        seq = len(os.listdir(d)) if os.path.isdir(d) else 0
         os.makedirs(d, exist_ok=True)
-        seq = len(os.listdir(d))
-        tmp = os.path.join(d, f".{seq:03d}-{kind}.json.tmp")
+        tmp = os.path.join(d, f".{seq:03d}-{entry['kind']}.json.tmp")
         with open(tmp, "w") as f:
-            json.dump({"kind": kind, "data": data}, f)
-        os.replace(tmp, os.path.join(d, f"{seq:03d}-{kind}.json"))
+            json.dump(entry, f)
+        os.replace(tmp, os.path.join(d, f"{seq:03d}-{entry['kind']}.json"))
 
     def _records(self) -> list[tuple[str, dict]]:
         d = os.path.join(self.dir, RECORDS)
@@ -257,13 +236,13 @@ class Session:
 
     def _finish_on(self, host: Any, base: Optional[Inventory], records: list, v: Verdict,
                    say: Callable[[str], None]) -> None:
-        from .journal import Journal, restore_orphans
+        from .journal import Journal, restore_orphans, undo_entry
 
-        for name, rec in reversed(records):
+        for name, entry in reversed(records):
             try:
-                _undo_for(rec["kind"])(host, rec["data"])
+                undo_entry(host, entry, where=os.path.join(self.dir, RECORDS, name))
             except HarnessError as e:
-                v.error = f"could not undo {rec['kind']} ({name}): {e}"
+                v.error = f"could not undo {entry['kind']} ({name}): {e}"
                 say(f"session: {v.error}")
         journal = Journal.open(host, owner=self.journal_owner, wait=30)
         try:
@@ -290,4 +269,4 @@ class Session:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
 
 
-__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "register_undo"]
+__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict"]

@@ -5,13 +5,15 @@ import os
 
 import pytest
 
-from vfiotest import session as sessmod
+from vfiotest import journal
 from vfiotest.bind import DeviceManager
+from vfiotest.errors import HarnessError, JournalError
 from vfiotest.journal import Journal
 from vfiotest.pci import read_inventory
 from vfiotest.session import BASELINED, NEW, REACHED, Session
 from vfiotest.simsysfs import SimulatedHost
 from vfiotest.sriov import set_numvfs
+from vfiotest.undo_files import file_entry
 
 VF = "0000:10:10.0"
 PF = "0000:10:00.0"
@@ -30,9 +32,9 @@ def sess(sim, tmp_path):
 @pytest.fixture
 def undo_log():
     log = []
-    sessmod.register_undo("test-file")(lambda host, rec: log.append(rec["n"]))
+    journal.register_kind("test-undo", ("n",), lambda host, entry: log.append(entry["n"]))
     yield log
-    sessmod._UNDO.pop("test-file", None)
+    journal._KINDS.pop("test-undo", None)
 
 
 def test_a_session_that_never_started_leaves_nothing(sess, tmp_path):
@@ -59,16 +61,33 @@ def test_states_and_a_clean_finish(sim, sess):
 def test_undo_records_are_replayed_newest_first(sim, sess, undo_log):
     sess.baseline(sess.open_host())
     for n in (1, 2, 3):
-        sess.record("test-file", {"n": n})
-    assert sess.recorded("test-file") == {"n": 1}
+        sess.record({"kind": "test-undo", "n": n})
+    assert sess.recorded("test-undo") == {"kind": "test-undo", "n": 1}
     v = sess.finish(say=lambda s: None)
     assert v.ok
     assert undo_log == [3, 2, 1]
 
 
-def test_a_record_nobody_can_undo_is_refused_before_the_change(sess):
-    with pytest.raises(Exception, match="no undo is registered"):
-        sess.record("no-such-kind", {})
+def test_a_record_nobody_can_undo_is_refused_before_the_change(sess, undo_log):
+    with pytest.raises(JournalError) as e:
+        sess.record({"kind": "no-such-kind"})
+    assert e.value.kind == "no-such-kind"
+    with pytest.raises(HarnessError, match="lacks n"):
+        sess.record({"kind": "test-undo"})
+    assert sess.recorded("test-undo") is None
+
+
+def test_a_file_the_session_wrote_is_put_back(sim, sess):
+    """The journal's "file" kind as a session record: a file that did not exist is removed,
+    one that did gets its content and mode back."""
+    host = sess.open_host()
+    sess.baseline(host)
+    path = "/etc/containers/containers.conf.d/zz-test.conf"
+    sess.record(file_entry(host, path))
+    host.write_atomic(path, "written by the session\n", mode=0o644)
+    assert host.exists(path)
+    assert sess.finish(say=lambda s: None).ok
+    assert not host.exists(path)
 
 
 def test_the_session_journal_puts_vf_counts_back(sim, sess):

@@ -26,7 +26,6 @@ from typing import Optional
 import tomlkit
 
 from ..errors import ProvisionError
-from ..session import register_undo
 from .config import KATA_VFIO_CONFIG, STATE_DIR
 
 RUNTIME_NAME = "kata-vfio"
@@ -266,15 +265,19 @@ def kata_leftovers(host, sandbox_id, timeout=30):
 
 
 def registration_record(reg: "RuntimeRegistration", config_path: Optional[str]) -> dict:
-    """What `undo_registration` needs, taken (with `reg.snapshot()`) before `register()`."""
-    return {"previous": reg.previous, "config": config_path}
+    """The journal entry ("registration") `undo_registration` needs, taken (with
+    `reg.snapshot()`) before `register()`."""
+    return {"kind": "registration", "runtime": reg.name, "previous": reg.previous, "config": config_path}
 
 
-@register_undo("kata-registration")
 def undo_registration(host, rec: dict) -> None:
     """Remove the kata-vfio registration (putting back what it replaced) and the derived configuration."""
-    reg = RuntimeRegistration(host)
+    reg = RuntimeRegistration(host, name=rec.get("runtime", RUNTIME_NAME))
     reg.previous = rec["previous"]
     reg.unregister()
     if rec.get("config"):
         host.remove(rec["config"])
+
+
+#: the journal's entry kinds this module owns (vfiotest.journal.register_kind arguments)
+JOURNAL_KINDS = [{"kind": "registration", "required": ("runtime", "previous"), "undo": undo_registration}]

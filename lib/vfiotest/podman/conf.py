@@ -15,7 +15,6 @@ import os
 import tomlkit
 
 from ..errors import ProvisionError
-from ..session import register_undo
 
 DROPIN_DIR = "/etc/containers/containers.conf.d"
 DROPIN_PATH = f"{DROPIN_DIR}/50-vfiotest-podman.conf"
@@ -104,13 +103,18 @@ class PodmanBaseSettings:
 
 
 def dropin_record(settings: "PodmanBaseSettings") -> dict:
-    """What `undo_dropin` needs, once `apply()` has taken the file's previous content."""
-    return {"path": settings.path, "previous": settings.previous, "created_dir": settings.created_dir}
+    """The journal entry ("podman-dropin") `undo_dropin` needs, once `snapshot()` has taken
+    the file's previous content."""
+    return {"kind": "podman-dropin", "path": settings.path, "previous": settings.previous,
+            "created_dir": settings.created_dir}
 
 
-@register_undo("podman-dropin")
 def undo_dropin(host, rec: dict) -> None:
     """Put back what the containers.conf drop-in replaced (or remove it)."""
     s = PodmanBaseSettings(host, path=rec["path"])
     s.previous, s.created_dir, s.applied = rec["previous"], rec["created_dir"], True
     s.restore()
+
+
+#: the journal's entry kinds this module owns (vfiotest.journal.register_kind arguments)
+JOURNAL_KINDS = [{"kind": "podman-dropin", "required": ("path", "previous", "created_dir"), "undo": undo_dropin}]
