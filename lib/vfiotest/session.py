@@ -241,6 +241,8 @@ class Session:
         for name, entry in reversed(records):
             try:
                 undo_entry(host, entry, where=os.path.join(self.dir, RECORDS, name))
+                say(f"undid the session's {entry['kind']}"
+                    + (f" of {entry.get('runtime') or entry.get('path')}" if entry.get('runtime') or entry.get('path') else ""))
             except HarnessError as e:
                 v.error = f"could not undo {entry['kind']} ({name}): {e}"
                 say(f"session: {v.error}")
