@@ -213,8 +213,9 @@ def test_device_outside_allowlist_refused(target_host, device_manager, profile, 
     if not outside:
         pytest.skip("every device on the target is in the profile")
     before = _state(target_host, lease_pool)
-    with pytest.raises(NotAllowed, match="allowlist"):
+    with pytest.raises(NotAllowed, match="allowlist") as e:
         device_manager.bind_group(outside[0].address)
+    assert e.value.reason == NotAllowed.NOT_ALLOWLISTED and e.value.address == outside[0].address
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
@@ -223,24 +224,27 @@ def test_device_the_host_needs_refused(target_host, device_manager, lease_pool, 
     assert inv.protected, "the target's SSH/default-route NIC was not recognised as needed by the host"
     address, why = next(iter(inv.protected.items()))
     before = _state(target_host, lease_pool)
-    with pytest.raises(NotAllowed, match="the host needs it|also holds"):
+    with pytest.raises(NotAllowed, match="the host needs it|also holds") as e:
         device_manager.bind_group(address)
+    assert e.value.reason == NotAllowed.PROTECTED and e.value.cause
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
 def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool, sriov_pfs):
     pf = read_inventory(target_host).device(vfio_group.pf)
     before = _state(target_host, lease_pool)
-    with pytest.raises(VFCreateError, match="in use"):
+    with pytest.raises(VFCreateError, match="in use") as e:
         set_numvfs(target_host, pf.address, max(pf.sriov.numvfs - 1, 1), profile=profile)
+    assert e.value.reason == VFCreateError.IN_USE and e.value.address == pf.address
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
 def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_pool):
     pf = read_inventory(target_host).device(sriov_pfs[0].address)
     before = _state(target_host, lease_pool)
-    with pytest.raises(VFCreateError, match="at most"):
+    with pytest.raises(VFCreateError, match="at most") as e:
         set_numvfs(target_host, pf.address, pf.sriov.totalvfs + 1, profile=profile)
+    assert e.value.reason == VFCreateError.TOO_MANY and e.value.address == pf.address
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
@@ -253,6 +257,7 @@ def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, le
         with pytest.raises(JournalError) as e:
             restore_orphans(target_host, root=root)
         assert "corrupt-by-test" in str(e.value) and e.value.hint
+        assert e.value.reason == JournalError.CORRUPT and e.value.path == path
         assert _unchanged(before, _state(target_host, lease_pool))
     finally:
         target_host.run(["rm", "-rf", root])
@@ -267,8 +272,9 @@ def test_journal_from_another_host_refused(target_host, prereqs_met, lease_pool,
     target_host.write_atomic(path, json.dumps(doc), mode=0o600)
     try:
         before = _state(target_host, lease_pool)
-        with pytest.raises(JournalError, match="elsewhere"):
+        with pytest.raises(JournalError, match="elsewhere") as e:
             restore_orphans(target_host, root=root)
+        assert e.value.reason == JournalError.FOREIGN and e.value.path == path
         assert _unchanged(before, _state(target_host, lease_pool))
     finally:
         target_host.run(["rm", "-rf", root])
