@@ -52,7 +52,9 @@ def _open_local(spec: str, progress: Progress | None, boot: bool) -> tuple[Host,
 
 
 def _open_sim(spec: str, progress: Progress | None, boot: bool) -> tuple[Host, Close]:
-    from .simsysfs import SimulatedHost  # for tests: a simulated sysfs at the path after `sim:`
+    from .simsysfs import (
+        SimulatedHost,  # for tests: a simulated sysfs at the path after `sim:`
+    )
 
     host = SimulatedHost.open(spec[len("sim:"):])
     return host, host.close

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import filelock
 
+from ..constants import CACHE_ENV, KATA_STATE_DIR
+from ..constants import cache_dir as _cache_dir
 from ..errors import ProvisionError
-from .initrd import CACHE_ENV, DEFAULT_CACHE_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..host import Host
@@ -55,8 +56,8 @@ REQUIRED = {
 }
 EXEC_DIRS = ("bin/", "libexec/")       # files under these must be executable
 LOCK_TIMEOUT = 600.0
-# The kata layer's state directory on a target (vfiotest.kata.config.STATE_DIR).
-REMOTE_DIR = "/var/lib/vfiotest/kata"
+# The kata layer's state directory on a target.
+REMOTE_DIR = KATA_STATE_DIR
 # One `cat >> file` per chunk: at most half of sshd's 2 MiB initial channel window, so
 # SshHost's sendall never waits for a window adjust (its channel timeout is 0.2 s).
 COPY_CHUNK = 1 << 20
@@ -92,7 +93,7 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
 
 def bundle_cache_dir(cache_dir: Optional[str] = None) -> str:
     """`<cache>/kata`; the cache is $VFIOTEST_CACHE_DIR or /var/cache/vfiotest."""
-    return os.path.join(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "kata")
+    return os.path.join(cache_dir, "kata") if cache_dir else _cache_dir("kata")
 
 
 def sha256_file(path: str) -> str:

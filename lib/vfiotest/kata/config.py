@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import tomlkit
 
+from ..constants import KATA_STATE_DIR
 from ..errors import ProvisionError
 
 # Where Kata packages put their configuration, most specific first.
@@ -40,7 +41,7 @@ INSTALLED_CONFIGS = (
 )
 BUNDLED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "data", "kata", "configuration-qemu-1.x.toml")
-STATE_DIR = "/var/lib/vfiotest/kata"
+STATE_DIR = KATA_STATE_DIR
 KATA_VFIO_CONFIG = f"{STATE_DIR}/configuration.toml"
 MARKER = "vfiotest: derived for the kata-vfio runtime"
 # A VF pins all guest RAM; 384 MiB ran the probe and halved the Kata VM's RSS (measured, facts section 8).

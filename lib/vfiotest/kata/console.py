@@ -30,8 +30,8 @@ import secrets
 import shlex
 import time
 
+from ..constants import VFIO_ANNOTATION as HOOK_ANNOTATION
 from ..errors import CommandTimeout, TargetError
-from .hook import ANNOTATION as HOOK_ANNOTATION
 from .hook import DEFAULT_LOG as HOOK_LOG
 from .nested import GuestReport
 

@@ -68,7 +68,9 @@ import signal
 import sys
 import time
 
-ANNOTATION = "io.katacontainers.x.vfio"
+from vfiotest.constants import VFIO_ANNOTATION
+
+ANNOTATION = VFIO_ANNOTATION
 DEFAULT_LOG = "/tmp/vfio-hook.log"
 DEFAULT_TIMEOUT = 20.0
 VIRTIO_VENDOR = "0x1af4"

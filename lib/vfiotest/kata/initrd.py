@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
+from .. import constants
+from ..constants import KATA_STATE_DIR
 from ..errors import ProvisionError
 from . import image as image_mod
 
@@ -49,8 +51,6 @@ HOOK_NAME = "vfio-hook"
 HOOK_LOG = "/tmp/vfio-hook.log"
 GUEST_PYTHON = "/usr/bin/python3"
 SYSTEM_DRACUT = "/usr/lib/dracut"
-CACHE_ENV = "VFIOTEST_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/var/cache/vfiotest"
 BUILD_FORMAT = 1  # bump when the layout of the image changes
 
 # The VFIO set, in load order. vfio_virqfd is its own module before 6.2 only.
@@ -59,7 +59,7 @@ VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pc
 # the hook must find them bound to these and move them to vfio-pci.
 NATIVE_DRIVERS = ("igbvf", "nvme")
 # The library the hook shares with the host side (standard library only).
-SHARED_MODULES = ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py")
+SHARED_MODULES = ("__init__.py", "constants.py", "errors.py", "host.py", "pci.py", "bind.py")
 KATA_MODULES = ("__init__.py", "hook.py", "standin_agent.py")
 # The Kata guest: what the agent needs (console, vsock, 9p for the container rootfs), in load order.
 KATA_GUEST_MODULES = ("virtio_pci", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "9pnet_virtio", "9p",
@@ -70,8 +70,8 @@ GUEST_AGENT_PATH = "/usr/bin/kata-agent"
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lib/vfiotest
 
 
-def cache_dir():
-    return os.path.join(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "initrd")
+def cache_dir() -> str:
+    return constants.cache_dir("initrd")
 
 
 @dataclass
@@ -396,7 +396,7 @@ def _build(spec, kernel, key, out, work, timeout):
                        init=KATA_INIT_PATH if spec.agent else None)
 
 
-TARGET_DIR = "/var/lib/vfiotest/kata"
+TARGET_DIR = KATA_STATE_DIR
 
 
 def stage_on_target(host, built, progress=None, target_dir=TARGET_DIR):

@@ -28,7 +28,10 @@ import subprocess
 import sys
 import time
 
-ANNOTATION = "io.katacontainers.x.vfio"
+if not __package__:  # run as a script in the guest: <lib>/vfiotest/kata/standin_agent.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from vfiotest.constants import VFIO_ANNOTATION as ANNOTATION
+
 REPORT_BEGIN = "VFIOTEST-REPORT-BEGIN"
 REPORT_END = "VFIOTEST-REPORT-END"
 REPORT_LINE = "VFIOTEST-REPORT "

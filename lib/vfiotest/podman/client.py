@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..constants import VFIO_ANNOTATION
 from ..errors import HarnessError, ProvisionError, TargetError
 from .service import PodmanService, wait_for_ping
 
 log = logging.getLogger(__name__)
 
 OWNER_LABEL = "vfiotest.owner"
-VFIO_ANNOTATION = "io.katacontainers.x.vfio"
 VFIO_CONTAINER_DEV = "/dev/vfio/vfio"
 # podman-py's run() returns None with the k8s-file driver (facts.md §4); json-file works.
 LOG_CONFIG = {"Type": "json-file", "Config": {}}

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
 
+from ..constants import cache_dir as _cache_dir
 from ..errors import ProvisionError
 
-CACHE_DIR = os.path.join(os.environ.get("VFIOTEST_CACHE_DIR") or "/var/cache/vfiotest", "images")
+CACHE_SUBDIR = "images"  # under constants.cache_dir()
 IMAGE_REPO = "localhost/vfiotest-probe"
 PROBE_IN_IMAGE = "/usr/local/bin/vfio-probe"
 PROBE_SOURCE = Path(__file__).with_name("probe.py")
@@ -66,7 +67,7 @@ class ImageRecipe:
         return f"{IMAGE_REPO}:{self.tag}"
 
     def tarball(self, cache_dir=None):
-        return Path(cache_dir or CACHE_DIR) / f"vfiotest-probe-{self.tag}.tar"
+        return Path(cache_dir or _cache_dir(CACHE_SUBDIR)) / f"vfiotest-probe-{self.tag}.tar"
 
     def mmdebstrap_command(self, out):
         cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]

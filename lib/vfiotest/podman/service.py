@@ -25,11 +25,12 @@ import tempfile
 import threading
 import time
 
+from ..constants import PODMAN_SOCKET_DIR
 from ..errors import ProvisionError, TargetError
 
 log = logging.getLogger(__name__)
 
-SOCKET_DIR = "/run/vfiotest/podman"
+SOCKET_DIR = PODMAN_SOCKET_DIR
 
 # Runs on the target: relay stdin/stdout <-> the unix socket argv[1].
 RELAY_SCRIPT = r"""

@@ -23,18 +23,18 @@ import tempfile
 
 import filelock
 
+from .. import constants
+from ..constants import CACHE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError
 from . import guestinit
 
-CACHE_ENV = "VFIOTEST_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/var/cache/vfiotest"
 KERNEL_PKG_ENV = "VFIOTEST_RUNNER_KERNEL"  # e.g. linux-image-6.1.0-56-amd64
 KERNEL_SERIES = "6.1"
 BUSYBOX = "/bin/busybox"
 
 
-def cache_root():
-    return os.path.join(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "runner")
+def cache_root() -> str:
+    return constants.cache_dir("runner")
 
 
 def _say(progress, text):

@@ -21,12 +21,12 @@ import time
 import filelock
 import paramiko
 
+from .. import constants
+from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
 from ..sshhost import SshHost, wait_for_ssh_banner
 from . import assets, qemu
 
-STATE_ENV = "VFIOTEST_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/vfiotest"
 BOOT_TIMEOUT_ENV = "VFIOTEST_RUNNER_BOOT_TIMEOUT"
 DEFAULT_BOOT_TIMEOUT = 240.0
 CONSOLE_TAIL = 40
@@ -77,8 +77,7 @@ class Runner:
 
     @classmethod
     def default(cls, **kw):
-        base = os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
-        return cls(os.path.join(base, "runner"), **kw)
+        return cls(constants.state_dir("runner"), **kw)
 
     def __repr__(self):
         return f"<Runner {self.state_dir}>"
