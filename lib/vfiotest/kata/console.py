@@ -32,6 +32,7 @@ import time
 
 from ..constants import VFIO_ANNOTATION as HOOK_ANNOTATION
 from ..errors import CommandTimeout, TargetError
+from ..host import wait_for
 from .hook import DEFAULT_LOG as HOOK_LOG
 from .nested import GuestReport
 
@@ -177,16 +178,24 @@ class KataConsole:
     def wait_ready(self, timeout=120.0, interval=2.0):
         """Wait until the console's shell answers (the agent starts it after boot)."""
         deadline = time.monotonic() + timeout
-        while True:
+        last: TargetError | None = None
+
+        def answers() -> bool:
+            nonlocal last
             try:
-                rc, _ = self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
-                if rc == 0:
-                    return
+                rc, out = self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
             except TargetError as e:      # CommandTimeout included
-                if time.monotonic() + interval > deadline:
-                    raise CommandTimeout(f"the Kata guest console {self.path} did not answer in {timeout:.0f} s: {e.message}",
-                                         hint=e.hint) from None
-            time.sleep(interval)
+                last = e
+                return False
+            if rc != 0:
+                last = TargetError(f"`true` exited {rc}: {out.strip()[-200:]}",
+                                   hint="run it by hand: socat - unix-connect:" + self.path)
+            return rc == 0
+
+        if not wait_for(answers, timeout, interval, f"the Kata guest console {self.path}", fail=False):
+            why = f": {last.message}" if last else ""
+            raise CommandTimeout(f"the Kata guest console {self.path} did not answer in {timeout:.0f} s{why}",
+                                 hint=last.hint if last else "look at the Kata VM's console log")
 
     def hook_log(self, path=HOOK_LOG):
         """The guest hook's JSON-lines log, parsed ([] when the file is not there)."""

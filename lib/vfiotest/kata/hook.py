@@ -69,6 +69,7 @@ import sys
 import time
 
 from vfiotest.constants import VFIO_ANNOTATION
+from vfiotest.host import wait_for
 
 ANNOTATION = VFIO_ANNOTATION
 DEFAULT_LOG = "/tmp/vfio-hook.log"
@@ -289,9 +290,8 @@ def bind_group(host, inv, dev, log):
         log.write("verify", "error", device=dev.address, group=dev.iommu_group, path=dev_path,
                   error=f"not checked: {len(failures)} device(s) of group {dev.iommu_group} failed to bind")
         return failures
-    deadline = time.monotonic() + VFIO_NODE_WAIT   # udev makes the node shortly after the last bind
-    while not (present := host.exists(dev_path)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # udev makes the node shortly after the last bind
+    present = wait_for(lambda: host.exists(dev_path), VFIO_NODE_WAIT, 0.05, dev_path, fail=False)
     log.write("verify", "ok" if present else "error", device=dev.address, group=dev.iommu_group, path=dev_path,
               **({} if present else {"error": f"{dev_path} did not appear"}))
     if not present:

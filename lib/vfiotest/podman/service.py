@@ -23,10 +23,10 @@ import shlex
 import socket
 import tempfile
 import threading
-import time
 
 from ..constants import PODMAN_SOCKET_DIR
 from ..errors import ProvisionError, TargetError
+from ..host import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +242,17 @@ class SocketForward:
 
 def wait_for_ping(client, timeout=30.0):
     """Poll the API until it answers `ping` (the socket can exist before it serves)."""
-    deadline = time.monotonic() + timeout
     last = None
-    while time.monotonic() < deadline:
+
+    def ping():
+        nonlocal last
         try:
-            if client.ping():
-                return True
+            return client.ping()
         except Exception as e:  # noqa: BLE001 - connection errors of several kinds until it is up
             last = e
-        time.sleep(0.2)
+            return False
+
+    if wait_for(ping, timeout, 0.2, "the podman API to answer ping", fail=False):
+        return True
     raise ProvisionError(f"the podman API did not answer ping within {timeout:.0f} s: {last}",
                          hint="read the service log on the target (PodmanService.log_tail())")

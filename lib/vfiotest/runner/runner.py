@@ -24,6 +24,7 @@ import paramiko
 from .. import constants
 from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
+from ..host import wait_for
 from ..sshhost import SshHost, wait_for_ssh_banner
 from . import assets, qemu
 
@@ -290,18 +291,15 @@ class Runner:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_proc_start(p) is not None and _is_running(p) for p in pids):
-            time.sleep(0.05)
+        wait_for(lambda: not any(_proc_start(p) is not None and _is_running(p) for p in pids), 10, 0.05,
+                 "QEMU to exit after SIGTERM", fail=False)
         for pid in pids:
             if _proc_start(pid) is not None and _is_running(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_is_running(p) for p in pids):
-            time.sleep(0.05)
+        wait_for(lambda: not any(_is_running(p) for p in pids), 10, 0.05, "QEMU to exit after SIGKILL", fail=False)
         left = [p for p in pids if _is_running(p)]
         if left:
             raise ProvisionError(f"QEMU pid {left} of the runner did not stop after SIGKILL",
