@@ -52,17 +52,6 @@ def parse_report(console):
 
 
 @dataclass
-class HookLogEntry:
-    raw: dict
-
-    def __getattr__(self, name):
-        try:
-            return self.raw[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-@dataclass
 class GuestReport:
     """What the nested guest said: hook runs, hook log, /dev/vfio, PCI state."""
 
