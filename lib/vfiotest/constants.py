@@ -25,7 +25,6 @@ KATA_STATE_DIR = f"{TARGET_STATE_DIR}/kata"        # the kata layer: config, wra
 RUN_DIR = "/run/vfiotest"                          # volatile: gone at reboot
 LEASE_DIR = f"{RUN_DIR}/leases"                    # IOMMU group leases (vfiotest.lease)
 PODMAN_SOCKET_DIR = f"{RUN_DIR}/podman"            # the podman services' sockets
-LOG_DIR = "/var/log/vfiotest"
 
 # The OCI annotation naming the devices a container asks for (read by the guest hook).
 VFIO_ANNOTATION = "io.katacontainers.x.vfio"

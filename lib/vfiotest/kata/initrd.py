@@ -187,8 +187,7 @@ def _python_files(lib_dir, timeout=60):
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {lib_dir!r})\n"
-        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci\n"
-        "try:\n    import vfiotest.bind\nexcept ImportError:\n    pass\n"
+        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci, vfiotest.bind\n"
         # what the scripts the host layer runs with `python3 -c` import (inventory, file ops)
         "import re as _re, vfiotest.pci as _p, vfiotest.host as _h\n"
         "for _s in (_p.INVENTORY_SCRIPT, _h.FILE_OP_SCRIPT):\n"
