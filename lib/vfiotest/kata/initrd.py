@@ -31,6 +31,8 @@ driver and exits 0) and stored as CACHE/initrd/initrd-<key>.img with a JSON
 manifest; the key hashes every input, so an unchanged build costs nothing.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -39,12 +41,16 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from .. import constants
 from ..constants import KATA_STATE_DIR
 from ..errors import ProvisionError
 from . import image as image_mod
+
+if TYPE_CHECKING:
+    from ..host import Host
+    from .kernel import GuestKernel
 
 DEFAULT_HOOK_PATH = "/usr/share/oci/hooks"
 HOOK_NAME = "vfio-hook"
@@ -105,11 +111,11 @@ class BuiltInitrd:
     target_path: Optional[str] = None    # the image and kernel as the target sees them (stage_on_target)
     target_kernel: Optional[str] = None
 
-    def manifest(self):
+    def manifest(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def vfio_modules_for(kernel):
+def vfio_modules_for(kernel: GuestKernel) -> list[str]:
     """The VFIO modules this guest kernel has as loadable modules or built in."""
     return [m for m in VFIO_MODULES if kernel.has_module(m)]
 
@@ -230,7 +236,7 @@ def _stage_library(dest):
     return pkg
 
 
-def input_key(spec, kernel):
+def input_key(spec: InitrdSpec, kernel: GuestKernel) -> str:
     """A hash of everything that shapes the image."""
     h = hashlib.sha256()
     h.update(json.dumps({"spec": asdict(spec), "kernel": kernel.package, "kver": kernel.kver,
@@ -267,7 +273,8 @@ def _dracut_base(dest, module_dir):
     os.symlink(module_dir, os.path.join(dest, "modules.d", "95vfiotest"))
 
 
-def build_initrd(spec=None, kernel=None, *, force=False, progress=None, timeout=600):
+def build_initrd(spec: InitrdSpec | None = None, kernel: GuestKernel | None = None, *, force: bool = False,
+                 progress: Callable[[str], None] | None = None, timeout: float = 600) -> BuiltInitrd:
     """Build (or take from the cache) the guest initrd for `spec`; returns a `BuiltInitrd`."""
     import filelock
 
@@ -398,7 +405,8 @@ def _build(spec, kernel, key, out, work, timeout):
 TARGET_DIR = KATA_STATE_DIR
 
 
-def stage_on_target(host, built, progress=None, target_dir=TARGET_DIR):
+def stage_on_target(host: Host, built: BuiltInitrd, progress: Callable[[str], None] | None = None,
+                    target_dir: str = TARGET_DIR) -> BuiltInitrd:
     """Copy the image and its kernel to a target that does not read this machine's files
     (an ssh:// runner), under content-named paths; sets `built.target_path`/`target_kernel`.
     A copy already there with the same sha256 is kept."""
