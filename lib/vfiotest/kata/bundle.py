@@ -11,6 +11,8 @@ the Kata a target uses: the env bundle, else an installed Kata 1.x, else the
 default bundle.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import filelock
 
@@ -87,8 +89,8 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
                                  hint=f"point {BUNDLE_ENV} at a Kata 1.x .tar.zst or an unpacked bundle "
                                       f"directory (e.g. {DEFAULT_BUNDLE}), or unset it")
         return path, "env"
-    path = default_bundle_path()
-    return (path, "default") if path else (None, None)
+    default = default_bundle_path()
+    return (default, "default") if default else (None, None)
 
 
 def bundle_cache_dir(cache_dir: Optional[str] = None) -> str:
@@ -240,7 +242,7 @@ _FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4
 
 
 def _extract_members(tf: tarfile.TarFile, dest: str, source: str) -> None:
-    kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    kw: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     for m in tf:
         p = PurePosixPath(m.name)
         if p.is_absolute() or ".." in p.parts:
@@ -261,6 +263,7 @@ def _extract(source: str, dest: str) -> None:
                 raise ProvisionError(f"unpacking {source} needs the zstd command", hint="apt-get install zstd")
             with tempfile.TemporaryFile() as err:
                 proc = subprocess.Popen([zstd, "-d", "-c", "-q", "--", source], stdout=subprocess.PIPE, stderr=err)
+                assert proc.stdout is not None  # stdout=PIPE
                 try:
                     with tarfile.open(fileobj=proc.stdout, mode="r|") as tf:
                         _extract_members(tf, dest, source)
@@ -312,6 +315,7 @@ def unpack_bundle(source: str, cache_dir: Optional[str] = None, progress: Progre
     directory (verified in place). Raises ProvisionError naming what is wrong."""
     say = progress or (lambda msg: None)
     source = os.path.abspath(source)
+    root: str | None
     if os.path.isdir(source):
         root = source
         if not os.path.isfile(os.path.join(root, SUMS)):   # the parent of kata-1.12.1/ will do too
