@@ -295,14 +295,14 @@ class SshHost(Host):
 
 
 class _RemoteLock:
-    def __init__(self, chan, path):
+    def __init__(self, chan: paramiko.Channel, path: str) -> None:
         self.chan, self.path = chan, path
 
     @property
-    def is_locked(self):
+    def is_locked(self) -> bool:
         return not self.chan.closed
 
-    def release(self):
+    def release(self) -> None:
         if not self.chan.closed:
             try:
                 self.chan.shutdown_write()  # cat sees EOF, flock exits, the lock is gone
