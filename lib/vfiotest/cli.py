@@ -32,8 +32,8 @@ def add_target_argument(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Each module provides `register(subparsers)`: it adds its subcommands and sets
     # `func(args) -> int` on them. Imported here: they import add_target_argument from this module.
-    from . import cli_devices           # devices, bind, unbind, restore, doctor
-    from .kata import cli as kata_cli   # kata build-initrd|inspect|config|register
+    from . import cli_devices  # devices, bind, unbind, restore, doctor
+    from .kata import cli as kata_cli  # kata build-initrd|inspect|config|register
     from .podman import cli as podman_cli  # image build, probe
     from .runner import cli as runner_cli  # runner up|down|status|ssh|console
 

@@ -415,7 +415,7 @@ def _send(host, local, remote, timeout):
                 break
 
 
-def put_file(host: "Host", local: str, remote: str, digest: Optional[str] = None, timeout: float = 120.0) -> None:
+def put_file(host: Host, local: str, remote: str, digest: Optional[str] = None, timeout: float = 120.0) -> None:
     """Copy one file to `host` (written beside `remote`, checked with sha256sum, then moved into place)."""
     _check_dest(remote)
     digest = digest or sha256_file(local)
@@ -431,7 +431,7 @@ def put_file(host: "Host", local: str, remote: str, digest: Optional[str] = None
     host.run(["mv", "-f", "--", partial, remote], timeout=timeout, check=True, what=f"moving {partial} to {remote}")
 
 
-def copy_bundle_to(host: "Host", bundle: KataBundle, dest_root: Optional[str] = None,
+def copy_bundle_to(host: Host, bundle: KataBundle, dest_root: Optional[str] = None,
                    progress: Progress = None, timeout: float = 120.0) -> str:
     """Copy the files listed in the bundle's SHA256SUMS (and SHA256SUMS) to `dest_root`
     on `host` and check them there with `sha256sum -c`; nothing is sent when a checked
@@ -494,7 +494,7 @@ class KataChoice:
     version: Optional[str]
     runtime_path: Optional[str]
     bundle: Optional[KataBundle]
-    installed: Optional["KataInstall"]        # what the target has installed (always detected)
+    installed: Optional[KataInstall]        # what the target has installed (always detected)
     reason: str
     how: Optional[str] = None                 # bundle: "env" | "default"
     target_root: Optional[str] = None         # bundle: its root as the target sees it
@@ -534,7 +534,7 @@ class KataChoice:
                 "installed": {"path": inst.path, "version": inst.version} if inst is not None and inst.installed else None}
 
 
-def choose_kata(host: "Host", progress: Progress = None, shares_controller_fs: bool = False) -> KataChoice:
+def choose_kata(host: Host, progress: Progress = None, shares_controller_fs: bool = False) -> KataChoice:
     """The Kata for `host`: the $VFIOTEST_KATA_BUNDLE bundle, else an installed Kata 1.x,
     else the default shared bundle; else none (with the refusal reason when only 2.x/3.x
     is installed). A bundle is copied to the target with copy_bundle_to() unless

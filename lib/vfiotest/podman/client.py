@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..constants import VFIO_ANNOTATION
-from ..errors import HarnessError, ProvisionError, TargetError
+from ..errors import HarnessError
 from .service import PodmanService, wait_for_ping
 
 if TYPE_CHECKING:
+    from typing import Self
+
     from ..host import Host
 
 log = logging.getLogger(__name__)
@@ -284,7 +286,7 @@ class RuntimeClient:
             finally:
                 self.service.stop()
 
-    def __enter__(self) -> RuntimeClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
