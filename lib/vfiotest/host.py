@@ -150,8 +150,6 @@ class Transport:
     `hold_lock`; `python` and `file_op` default to `python3 -c` through `exec`."""
 
     name = "host"
-    #: file operations run in this process (the target is this machine)
-    in_process = False
 
     def exec(self, command: str, *, timeout: float, input: Input = None) -> CommandResult:
         raise NotImplementedError
@@ -180,8 +178,6 @@ class Transport:
 
 class LocalTransport(Transport):
     """This machine: commands through /bin/sh, file operations in this process."""
-
-    in_process = True
 
     def __init__(self, name: str = "local") -> None:
         self.name = name
