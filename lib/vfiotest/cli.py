@@ -1,20 +1,12 @@
-"""The `vfiotest` command. Each area registers its own subcommands (see COMMAND_MODULES)."""
+"""The `vfiotest` command. Each area registers its own subcommands (see build_parser)."""
+
+from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from . import __version__
 from .errors import HarnessError
-
-# Modules that provide `register(subparsers)`; each adds its subcommands and sets
-# `func(args) -> int` on them. A module not written yet is simply absent.
-COMMAND_MODULES = [
-    "vfiotest.cli_devices",   # devices, bind, unbind, restore, doctor
-    "vfiotest.runner.cli",    # runner up|down|status|ssh|console
-    "vfiotest.kata.cli",      # kata build-initrd|inspect|config|register
-    "vfiotest.podman.cli",    # image build
-]
 
 DESCRIPTION = """\
 End-to-end harness for SR-IOV/VFIO passthrough into Kata Containers under podman.
@@ -30,30 +22,31 @@ puts the host back after a crash. The test suites run with `pytest` (see README)
 """
 
 
-def add_target_argument(p):
+def add_target_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, metavar="TARGET",
                    help="virtual (default; env VFIOTEST_TARGET), local, or ssh://user@host[:port]")
     p.add_argument("--profile", default=None, metavar="NAME",
                    help="device allowlist profile: seed or emulated (default: emulated for virtual, seed otherwise; env VFIOTEST_PROFILE)")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
+    # Each module provides `register(subparsers)`: it adds its subcommands and sets
+    # `func(args) -> int` on them. Imported here: they import add_target_argument from this module.
+    from . import cli_devices  # devices, bind, unbind, restore, doctor
+    from .kata import cli as kata_cli  # kata build-initrd|inspect|config|register
+    from .podman import cli as podman_cli  # image build, probe
+    from .runner import cli as runner_cli  # runner up|down|status|ssh|console
+
     parser = argparse.ArgumentParser(prog="vfiotest", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vfiotest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue
-            raise
+    for mod in (cli_devices, runner_cli, kata_cli, podman_cli):
         mod.register(sub)
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -5,9 +5,16 @@ into `Check`s, each with a status (ok / missing / info), what was seen, and the 
 The `host_prereqs` suite asserts them; `vfiotest doctor` prints them.
 """
 
-import json
+from __future__ import annotations
+
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, List
+
+if TYPE_CHECKING:
+    from .host import Host
+    from .pci import Inventory
+    from .profiles import Profile
 
 OK, MISSING, INFO = "ok", "missing", "info"
 
@@ -70,25 +77,25 @@ class Check:
     kernel_args: List[str] = field(default_factory=list)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.status != MISSING
 
-    def line(self):
+    def line(self) -> str:
         fix = f"  -> {self.fix}" if self.status == MISSING and self.fix else ""
         return f"[{self.status:^7}] {self.name}: {self.seen}{fix}"
 
 
-def gather(host, timeout=60):
+def gather(host: Host, timeout: float = 60) -> dict[str, Any]:
     """Facts about the target's kernel, modules, limits and tools (one round trip)."""
     return host.python(FACTS_SCRIPT, [host.sysroot], timeout=timeout, check=True, what="prerequisite facts").json()
 
 
-def iommu_kernel_arg(facts):
+def iommu_kernel_arg(facts: dict[str, Any]) -> str:
     vendor = "amd" if any(u.startswith("ivhd") for u in facts["iommu_units"]) else "intel"
     return "amd_iommu=on" if vendor == "amd" else "intel_iommu=on"
 
 
-def check_all(facts, inventory, profile):
+def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile) -> list[Check]:
     """Every prerequisite as a Check, in the order a user would fix them."""
     checks = []
     cmd = facts["cmdline"].split()
@@ -138,11 +145,12 @@ def check_all(facts, inventory, profile):
     pfs = [d for d in inventory.devices.values()
            if d.is_pf and d.vendor_device in profile.pf_ids and d.address not in inventory.protected]
     checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,
-                        ", ".join(f"{d.address} {d.vendor_device} ({d.sriov.numvfs}/{d.sriov.totalvfs} VFs, {d.driver or 'no driver'})" for d in pfs)
+                        ", ".join(f"{d.address} {d.vendor_device} ({d.sriov.numvfs}/{d.sriov.totalvfs} VFs, "  # type: ignore[union-attr]  # a PF has .sriov
+                                  f"{d.driver or 'no driver'})" for d in pfs)
                         or f"none of {sorted(profile.pf_ids)}",
                         fix=f"use a runner with one of the profile {profile.name}'s devices, or --profile"))
     return checks
 
 
-def missing_kernel_args(checks):
+def missing_kernel_args(checks: Iterable[Check]) -> list[str]:
     return [a for c in checks if c.status == MISSING for a in c.kernel_args]

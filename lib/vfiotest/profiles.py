@@ -6,6 +6,8 @@ its own ID and is what gets passed through. `emulated` adds what the QEMU
 runner has: igb 8086:10c9 (PF) / 8086:10ca (VF) and NVMe 1b36:0010.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet
 
@@ -45,19 +47,19 @@ class Profile:
     kernel_args: tuple = ("intel_iommu=on",)
     description: str = ""
 
-    def allows(self, vendor_device):
+    def allows(self, vendor_device: str) -> bool:
         return normalise_id(vendor_device) in self.ids
 
     @property
-    def pf_ids(self):
+    def pf_ids(self) -> frozenset[str]:
         """IDs of the profile that can have VFs."""
         return frozenset(self.vf_ids)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.name} ({', '.join(sorted(self.ids))})"
 
 
-def normalise_id(text):
+def normalise_id(text: object) -> str:
     """`0x8086:0x10CA`, `8086 10ca` -> `8086:10ca`."""
     parts = str(text).replace(" ", ":").lower().split(":")
     parts = [p[2:] if p.startswith("0x") else p for p in parts if p]
@@ -84,7 +86,7 @@ PROFILES["emulated"] = Profile(
 )
 
 
-def get_profile(name):
+def get_profile(name: str | Profile) -> Profile:
     """The Profile called `name`; UnknownProfile names the ones that exist."""
     if isinstance(name, Profile):
         return name

@@ -5,37 +5,44 @@ The environment (target, kernel, which parts were real Kata and which stood in)
 comes from `environment.properties` next to the Allure results, written by the fixtures.
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import os
 import sys
 import xml.etree.ElementTree as ET
+from typing import Any
 
 
-def summarize(junit_path):
+def summarize(junit_path: str) -> tuple[dict[str, collections.Counter], collections.Counter, list[str]]:
     root = ET.parse(junit_path).getroot()
-    rows = collections.OrderedDict()
-    reasons = collections.Counter()
+    rows: dict[str, collections.Counter] = collections.OrderedDict()
+    reasons: collections.Counter = collections.Counter()
     failures = []
     for case in root.iter("testcase"):
         cls = case.get("classname", "")
         parts = cls.split(".")
         suite = parts[1] if len(parts) > 1 and parts[0] in ("suites", "tests") else parts[0]
-        row = rows.setdefault(suite, collections.Counter())
-        if case.find("failure") is not None or case.find("error") is not None:
+        row: Any = rows.setdefault(suite, collections.Counter())  # counts, and "time" in seconds
+        el = case.find("failure")
+        if el is None:
+            el = case.find("error")
+        skipped = case.find("skipped")
+        if el is not None:
             row["failed"] += 1
-            el = case.find("failure") if case.find("failure") is not None else case.find("error")
-            failures.append(f"{cls}::{case.get('name')}: {(el.get('message') or '').splitlines()[0][:160] if el.get('message') else ''}")
-        elif case.find("skipped") is not None:
+            message = el.get("message")
+            failures.append(f"{cls}::{case.get('name')}: {message.splitlines()[0][:160] if message else ''}")
+        elif skipped is not None:
             row["skipped"] += 1
-            reasons[(case.find("skipped").get("message") or "").strip()[:200]] += 1
+            reasons[(skipped.get("message") or "").strip()[:200]] += 1
         else:
             row["passed"] += 1
         row["time"] += float(case.get("time") or 0)
     return rows, reasons, failures
 
 
-def read_environment(path):
+def read_environment(path: str | None) -> dict[str, str]:
     env = {}
     if path and os.path.exists(path):
         for line in open(path, encoding="utf-8"):
@@ -45,7 +52,8 @@ def read_environment(path):
     return env
 
 
-def render(rows, reasons, failures, env):
+def render(rows: dict[str, collections.Counter], reasons: collections.Counter, failures: list[str],
+           env: dict[str, str]) -> str:
     out = []
     if env:
         out.append("Environment")
@@ -53,7 +61,7 @@ def render(rows, reasons, failures, env):
         out += [f"  {k:<{width}}  {v}" for k, v in sorted(env.items())]
         out.append("")
     out.append(f"{'suite':<16} {'passed':>7} {'failed':>7} {'skipped':>8} {'time s':>8}")
-    total = collections.Counter()
+    total: collections.Counter = collections.Counter()
     for suite, row in rows.items():
         out.append(f"{suite:<16} {row['passed']:>7} {row['failed']:>7} {row['skipped']:>8} {row['time']:>8.1f}")
         total.update(row)
@@ -67,7 +75,7 @@ def render(rows, reasons, failures, env):
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m vfiotest.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("junit", help="JUnit XML file written by pytest --junitxml")

@@ -5,9 +5,9 @@ about 0.4 s; a command on an open one 70-160 ms). Host keys are never learned:
 an unknown or changed key is refused.
 """
 
+from __future__ import annotations
+
 import base64
-import contextlib
-import io
 import json
 import os
 import re
@@ -15,11 +15,22 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
-import paramiko
+import paramiko  # type: ignore[import-untyped]
 
 from .errors import CommandTimeout, TargetError
-from .host import FILE_OP_SCRIPT, CommandResult, Host
+from .host import (
+    DEFAULT_TIMEOUT,
+    FILE_OP_SCRIPT,
+    CommandResult,
+    Host,
+    Input,
+    Transport,
+    file_op_reply,
+    wait_for,
+)
 
 # A Python process kept on the target for the life of the connection: file operations
 # and scripts go to it as JSON lines. Starting python3 costs 0.6-4 s on a TCG runner
@@ -60,7 +71,7 @@ for line in sys.stdin:
 _TARGET_RE = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9.:_-]+?|\[[0-9a-fA-F:]+\])(?::(?P<port>\d{1,5}))?/?$")
 
 
-def parse_ssh_target(text):
+def parse_ssh_target(text: str | None) -> tuple[str, str, int]:
     """`ssh://user@host[:port]` -> (user, host, port). Raises TargetError on anything else."""
     m = _TARGET_RE.match(text or "")
     if not m:
@@ -72,26 +83,26 @@ def parse_ssh_target(text):
     return m["user"] or "root", m["host"].strip("[]"), port
 
 
-def wait_for_ssh_banner(host, port, timeout):
+def wait_for_ssh_banner(host: str, port: int, timeout: float) -> bool:
     """User-mode networking accepts TCP before sshd listens: wait for the `SSH-` banner."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def banner() -> bool:
         try:
             with socket.create_connection((host, port), timeout=2) as s:
                 s.settimeout(2)
-                if s.recv(4).startswith(b"SSH-"):
-                    return True
+                return s.recv(4).startswith(b"SSH-")
         except OSError:
-            pass
-        time.sleep(0.25)
-    return False
+            return False
+
+    return wait_for(banner, timeout, 0.25, f"the SSH banner on {host}:{port}", fail=False)
 
 
-class SshHost(Host):
-    """A host reached over SSH. `known_hosts` pins its key; missing or different keys are refused."""
+class SshTransport(Transport):
+    """Commands on a host reached over SSH. `known_hosts` pins its key; missing or different keys are refused.
+    Scripts and file operations go to one resident python3 (the agent)."""
 
-    def __init__(self, host, port=22, user="root", key_filename=None, known_hosts=None,
-                 connect_timeout=15.0, name=None):
+    def __init__(self, host: str, port: int = 22, user: str = "root", key_filename: str | None = None,
+                 known_hosts: str | None = None, connect_timeout: float = 15.0, name: str | None = None) -> None:
         self.hostname, self.port, self.user = host, port, user
         self.key_filename = key_filename
         self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
@@ -101,13 +112,8 @@ class SshHost(Host):
         self._agent, self._agent_buf = None, b""
         self._agent_lock = threading.RLock()
 
-    @classmethod
-    def from_target(cls, target, **kw):
-        user, host, port = parse_ssh_target(target)
-        return cls(host, port, user, **kw)
-
     # -- connection ----------------------------------------------------------
-    def connect(self):
+    def connect(self) -> paramiko.SSHClient:
         if self._client is not None and self._client.get_transport() and self._client.get_transport().is_active():
             return self._client
         client = paramiko.SSHClient()
@@ -135,14 +141,14 @@ class SshHost(Host):
         self._client = client
         return client
 
-    def close(self):
+    def close(self) -> None:
         self._drop_agent()
         if self._client is not None:
             self._client.close()
             self._client = None
 
     # -- commands --------------------------------------------------------------
-    def _exec(self, command, *, timeout, input):
+    def exec(self, command: str, *, timeout: float, input: Input = None) -> CommandResult:
         chan = self.connect().get_transport().open_session(timeout=self.connect_timeout)
         try:
             chan.settimeout(0.2)
@@ -173,14 +179,15 @@ class SshHost(Host):
         return CommandResult(command, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), self.name)
 
     # -- the agent: scripts and file operations without a python3 start each ------------
-    def python(self, script, args=(), *, timeout=30.0, input=None, check=False, what=None):
-        res = self._agent_call({"kind": "script", "script": script, "args": [str(a) for a in args]},
-                               input, timeout, what or "python3 script")
-        return res.check(what) if check else res
+    def python(self, script: str, args: Sequence[str], *, timeout: float, input: Input = None,
+               what: str = "python3 script") -> CommandResult:
+        return self._agent_call({"kind": "script", "script": script, "args": [str(a) for a in args]},
+                                input, timeout, what)
 
-    def _fileop(self, op, path, *extra, data=None, timeout=30.0):
+    def file_op(self, op: str, path: str, extra: Sequence[str] = (), data: bytes | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> Any:
         res = self._agent_call({"kind": "fileop", "args": [op, path, *map(str, extra)]}, data, timeout, f"{op} {path}")
-        return self._fileop_reply(op, path, res)
+        return file_op_reply(op, path, res, self.name)
 
     def _agent_call(self, req, input, timeout, what):
         if input is not None:
@@ -231,7 +238,7 @@ class SshHost(Host):
         self._agent, self._agent_buf = None, b""
 
     # -- locks: a remote flock(1) held by an open channel ---------------------------
-    def hold_lock(self, path, blocking=False, timeout=10.0):
+    def hold_lock(self, path: str, blocking: bool = False, timeout: float = 10.0) -> _RemoteLock | None:
         """The lock is held by `flock` on the target while this channel is open;
         if this process dies, sshd closes the session and the lock goes with it."""
         d = os.path.dirname(path)
@@ -256,15 +263,46 @@ class SshHost(Host):
         return None
 
 
+class SshHost(Host):
+    """A host reached over SSH (an SshTransport); the file operations are Host's."""
+
+    transport: SshTransport
+
+    def __init__(self, host: str, port: int = 22, user: str = "root", key_filename: str | None = None,
+                 known_hosts: str | None = None, connect_timeout: float = 15.0, name: str | None = None) -> None:
+        self.transport = SshTransport(host, port, user, key_filename=key_filename, known_hosts=known_hosts,
+                                      connect_timeout=connect_timeout, name=name)
+
+    @classmethod
+    def from_target(cls, target: str, **kw: Any) -> SshHost:
+        user, host, port = parse_ssh_target(target)
+        return cls(host, port, user, **kw)
+
+    # what testinfra and the runner read
+    hostname = property(lambda self: self.transport.hostname)
+    port = property(lambda self: self.transport.port)
+    user = property(lambda self: self.transport.user)
+    key_filename = property(lambda self: self.transport.key_filename)
+    known_hosts = property(lambda self: self.transport.known_hosts)
+    connect_timeout = property(lambda self: self.transport.connect_timeout)
+
+    def connect(self) -> paramiko.SSHClient:
+        """The open paramiko client (connecting if needed): for SFTP and port forwards."""
+        return self.transport.connect()
+
+    def _python(self, script: str, args: list[str], *, timeout: float, input: Input, what: str) -> CommandResult:
+        return self.transport.python(script, args, timeout=timeout, input=input, what=what)
+
+
 class _RemoteLock:
-    def __init__(self, chan, path):
+    def __init__(self, chan: paramiko.Channel, path: str) -> None:
         self.chan, self.path = chan, path
 
     @property
-    def is_locked(self):
+    def is_locked(self) -> bool:
         return not self.chan.closed
 
-    def release(self):
+    def release(self) -> None:
         if not self.chan.closed:
             try:
                 self.chan.shutdown_write()  # cat sees EOF, flock exits, the lock is gone

@@ -11,6 +11,8 @@ the Kata a target uses: the env bundle, else an installed Kata 1.x, else the
 default bundle.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -24,12 +26,13 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import filelock
 
+from ..constants import CACHE_ENV, KATA_STATE_DIR
+from ..constants import cache_dir as _cache_dir
 from ..errors import ProvisionError
-from .initrd import CACHE_ENV, DEFAULT_CACHE_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..host import Host
@@ -55,8 +58,8 @@ REQUIRED = {
 }
 EXEC_DIRS = ("bin/", "libexec/")       # files under these must be executable
 LOCK_TIMEOUT = 600.0
-# The kata layer's state directory on a target (vfiotest.kata.config.STATE_DIR).
-REMOTE_DIR = "/var/lib/vfiotest/kata"
+# The kata layer's state directory on a target.
+REMOTE_DIR = KATA_STATE_DIR
 # One `cat >> file` per chunk: at most half of sshd's 2 MiB initial channel window, so
 # SshHost's sendall never waits for a window adjust (its channel timeout is 0.2 s).
 COPY_CHUNK = 1 << 20
@@ -86,13 +89,13 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
                                  hint=f"point {BUNDLE_ENV} at a Kata 1.x .tar.zst or an unpacked bundle "
                                       f"directory (e.g. {DEFAULT_BUNDLE}), or unset it")
         return path, "env"
-    path = default_bundle_path()
-    return (path, "default") if path else (None, None)
+    default = default_bundle_path()
+    return (default, "default") if default else (None, None)
 
 
 def bundle_cache_dir(cache_dir: Optional[str] = None) -> str:
     """`<cache>/kata`; the cache is $VFIOTEST_CACHE_DIR or /var/cache/vfiotest."""
-    return os.path.join(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "kata")
+    return os.path.join(cache_dir, "kata") if cache_dir else _cache_dir("kata")
 
 
 def sha256_file(path: str) -> str:
@@ -239,7 +242,7 @@ _FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4
 
 
 def _extract_members(tf: tarfile.TarFile, dest: str, source: str) -> None:
-    kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    kw: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     for m in tf:
         p = PurePosixPath(m.name)
         if p.is_absolute() or ".." in p.parts:
@@ -260,6 +263,7 @@ def _extract(source: str, dest: str) -> None:
                 raise ProvisionError(f"unpacking {source} needs the zstd command", hint="apt-get install zstd")
             with tempfile.TemporaryFile() as err:
                 proc = subprocess.Popen([zstd, "-d", "-c", "-q", "--", source], stdout=subprocess.PIPE, stderr=err)
+                assert proc.stdout is not None  # stdout=PIPE
                 try:
                     with tarfile.open(fileobj=proc.stdout, mode="r|") as tf:
                         _extract_members(tf, dest, source)
@@ -311,6 +315,7 @@ def unpack_bundle(source: str, cache_dir: Optional[str] = None, progress: Progre
     directory (verified in place). Raises ProvisionError naming what is wrong."""
     say = progress or (lambda msg: None)
     source = os.path.abspath(source)
+    root: str | None
     if os.path.isdir(source):
         root = source
         if not os.path.isfile(os.path.join(root, SUMS)):   # the parent of kata-1.12.1/ will do too
@@ -410,7 +415,7 @@ def _send(host, local, remote, timeout):
                 break
 
 
-def put_file(host: "Host", local: str, remote: str, digest: Optional[str] = None, timeout: float = 120.0) -> None:
+def put_file(host: Host, local: str, remote: str, digest: Optional[str] = None, timeout: float = 120.0) -> None:
     """Copy one file to `host` (written beside `remote`, checked with sha256sum, then moved into place)."""
     _check_dest(remote)
     digest = digest or sha256_file(local)
@@ -426,7 +431,7 @@ def put_file(host: "Host", local: str, remote: str, digest: Optional[str] = None
     host.run(["mv", "-f", "--", partial, remote], timeout=timeout, check=True, what=f"moving {partial} to {remote}")
 
 
-def copy_bundle_to(host: "Host", bundle: KataBundle, dest_root: Optional[str] = None,
+def copy_bundle_to(host: Host, bundle: KataBundle, dest_root: Optional[str] = None,
                    progress: Progress = None, timeout: float = 120.0) -> str:
     """Copy the files listed in the bundle's SHA256SUMS (and SHA256SUMS) to `dest_root`
     on `host` and check them there with `sha256sum -c`; nothing is sent when a checked
@@ -489,7 +494,7 @@ class KataChoice:
     version: Optional[str]
     runtime_path: Optional[str]
     bundle: Optional[KataBundle]
-    installed: Optional["KataInstall"]        # what the target has installed (always detected)
+    installed: Optional[KataInstall]        # what the target has installed (always detected)
     reason: str
     how: Optional[str] = None                 # bundle: "env" | "default"
     target_root: Optional[str] = None         # bundle: its root as the target sees it
@@ -529,7 +534,7 @@ class KataChoice:
                 "installed": {"path": inst.path, "version": inst.version} if inst is not None and inst.installed else None}
 
 
-def choose_kata(host: "Host", progress: Progress = None, shares_controller_fs: bool = False) -> KataChoice:
+def choose_kata(host: Host, progress: Progress = None, shares_controller_fs: bool = False) -> KataChoice:
     """The Kata for `host`: the $VFIOTEST_KATA_BUNDLE bundle, else an installed Kata 1.x,
     else the default shared bundle; else none (with the refusal reason when only 2.x/3.x
     is installed). A bundle is copied to the target with copy_bundle_to() unless

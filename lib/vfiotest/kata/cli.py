@@ -1,10 +1,13 @@
 """`vfiotest kata ...`: build and inspect the guest image, derive configuration.toml,
 register the kata-vfio runtime, boot the nested guest stand-in."""
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 
+from ..constants import VFIO_ANNOTATION
 from . import config as kata_config
 from . import image, initrd, runtime
 
@@ -26,7 +29,7 @@ def _profile_ids(name):
     return tuple(sorted(set(p.ids) | set(p.vf_ids.values())))
 
 
-def cmd_build(args):
+def cmd_build(args: argparse.Namespace) -> int:
     spec = initrd.InitrdSpec(guest_hook_path=args.hook_path, allowed_ids=_profile_ids(args.profile),
                              agent=args.agent, standin=not args.no_standin, compress=args.compress)
     built = initrd.build_initrd(spec, force=args.force, progress=_say)
@@ -40,7 +43,7 @@ def cmd_build(args):
     return 0
 
 
-def cmd_inspect(args):
+def cmd_inspect(args: argparse.Namespace) -> int:
     listing = image.read_initrd(args.image)
     if args.list:
         print("\n".join(listing.lines()))
@@ -76,7 +79,7 @@ def cmd_inspect(args):
     return 0 if check.ok else 1
 
 
-def cmd_config(args):
+def cmd_config(args: argparse.Namespace) -> int:
     base_path = args.base or kata_config.find_installed_config() or kata_config.BUNDLED_CONFIG
     with open(base_path) as f:
         base = f.read()
@@ -96,7 +99,7 @@ def cmd_config(args):
     return 0
 
 
-def cmd_detect(args):
+def cmd_detect(args: argparse.Namespace) -> int:
     from ..targets import shares_controller_fs, target_spec
     from . import bundle
 
@@ -121,7 +124,7 @@ def cmd_detect(args):
     return 1 if choice.refused else 0
 
 
-def cmd_register(args):
+def cmd_register(args: argparse.Namespace) -> int:
     from ..targets import shares_controller_fs
     from . import bundle, provision
 
@@ -146,7 +149,7 @@ def cmd_register(args):
         close()
 
 
-def cmd_unregister(args):
+def cmd_unregister(args: argparse.Namespace) -> int:
     host, close = _open(args)
     try:
         removed = []
@@ -167,7 +170,7 @@ def cmd_unregister(args):
         close()
 
 
-def cmd_nested(args):
+def cmd_nested(args: argparse.Namespace) -> int:
     from .nested import DEFAULT_RUNS, NestedGuest
 
     built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
@@ -193,7 +196,7 @@ def cmd_nested(args):
         close()
 
 
-def register(sub):
+def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     kp = sub.add_parser("kata", help="guest image, configuration.toml and the kata-vfio runtime",
                         formatter_class=fmt, description=__doc__ + "\nSee docs/kata.md.")
@@ -277,7 +280,7 @@ def register(sub):
                                   "and the report (hook log, /dev/vfio) is read from the console.")
     add_target_argument(p)
     p.add_argument("--vf", action="append", default=[], metavar="ADDR", help="VF on vfio-pci on the target (repeatable)")
-    p.add_argument("--annotation", default=None, help="io.katacontainers.x.vfio value (commas, no spaces)")
+    p.add_argument("--annotation", default=None, help=f"{VFIO_ANNOTATION} value (commas, no spaces)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for the nested guest to run and power off (default %(default)s)")
     p.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
     p.set_defaults(func=cmd_nested)

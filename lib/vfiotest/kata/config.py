@@ -21,14 +21,21 @@ The result is written to the harness's own path (`KATA_VFIO_CONFIG`); the
 system's configuration is read, never written.
 """
 
+from __future__ import annotations
+
 import os
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import tomlkit
 
+from ..constants import KATA_STATE_DIR
 from ..errors import ProvisionError
+
+if TYPE_CHECKING:
+    from ..host import Host
 
 # Where Kata packages put their configuration, most specific first.
 INSTALLED_CONFIGS = (
@@ -40,7 +47,7 @@ INSTALLED_CONFIGS = (
 )
 BUNDLED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "data", "kata", "configuration-qemu-1.x.toml")
-STATE_DIR = "/var/lib/vfiotest/kata"
+STATE_DIR = KATA_STATE_DIR
 KATA_VFIO_CONFIG = f"{STATE_DIR}/configuration.toml"
 MARKER = "vfiotest: derived for the kata-vfio runtime"
 # A VF pins all guest RAM; 384 MiB ran the probe and halved the Kata VM's RSS (measured, facts section 8).
@@ -68,8 +75,9 @@ class KataVfioSettings:
     runtime_extra: Tuple[Tuple[str, object], ...] = ()
 
     @classmethod
-    def for_kata_guest(cls, *, kernel, initrd, init, hypervisor_path=None, shim_path=None, proxy_path=None,
-                       default_memory=KATA_GUEST_MEMORY_MB, **kw):
+    def for_kata_guest(cls, *, kernel: str, initrd: str, init: str | None, hypervisor_path: str | None = None,
+                       shim_path: str | None = None, proxy_path: str | None = None,
+                       default_memory: int | None = KATA_GUEST_MEMORY_MB, **kw: Any) -> KataVfioSettings:
         """Settings for the harness's Kata 1.x guest image with a VF hot-plugged (see module doc)."""
         return cls(kernel=kernel, initrd=initrd, init=init, hypervisor_path=hypervisor_path, shim_path=shim_path,
                    proxy_path=proxy_path, default_memory=default_memory,
@@ -78,7 +86,7 @@ class KataVfioSettings:
                    runtime_extra=(("internetworking_model", "none"),), **kw)
 
 
-def find_installed_config(host=None):
+def find_installed_config(host: Host | None = None) -> str | None:
     """The path of the installed Kata configuration (on `host`, else here), or None."""
     for p in INSTALLED_CONFIGS:
         if (host.exists(p) if host is not None else os.path.exists(p)):
@@ -86,7 +94,7 @@ def find_installed_config(host=None):
     return None
 
 
-def merge_params(current, add):
+def merge_params(current: str | None, add: Iterable[str]) -> str:
     """`current` kernel params with each of `add` set: a `key=value` replaces the
     same key, a bare flag is added once. Order of the original is kept."""
     words = shlex.split(current or "")
@@ -101,7 +109,7 @@ def merge_params(current, add):
     return " ".join(words)
 
 
-def _set(table, key, value):
+def _set(table: Any, key: str, value: object) -> None:
     """Set `key`, keeping the item's trailing comment when it already exists."""
     if key in table:
         item = table[key]
@@ -113,7 +121,7 @@ def _set(table, key, value):
         table.add(key, value)
 
 
-def derive_config(base_text, settings, source="(text)"):
+def derive_config(base_text: str, settings: KataVfioSettings, source: str = "(text)") -> str:
     """The kata-vfio configuration.toml as text, derived from `base_text` with comments kept."""
     # a file derived before: drop our header, derive again from the rest
     base_text = "".join(l for l in base_text.splitlines(True) if not l.startswith(f"# {MARKER} from "))
@@ -172,7 +180,7 @@ def derive_config(base_text, settings, source="(text)"):
     return header + text
 
 
-def read_config(text):
+def read_config(text: str) -> dict[str, Any]:
     """The settings of a configuration.toml as plain data."""
     return tomlkit.parse(text).unwrap()
 
@@ -186,7 +194,8 @@ class WrittenConfig:
     notes: list = field(default_factory=list)
 
 
-def write_kata_vfio_config(host, settings, base_path=None, dest=KATA_VFIO_CONFIG):
+def write_kata_vfio_config(host: Host, settings: KataVfioSettings, base_path: str | None = None,
+                           dest: str = KATA_VFIO_CONFIG) -> WrittenConfig:
     """Derive the config from the installed one on `host` (or `base_path`, or the bundled
     Kata 1.x sample when none is installed) and write it to `dest` on `host`."""
     bundled = False

@@ -23,17 +23,25 @@ is dropped. The command reaches the script on stdin, never through a shell on
 the host; inside the guest it is typed into the console's shell as it is.
 """
 
+from __future__ import annotations
+
 import json
 import posixpath
 import re
 import secrets
 import shlex
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from ..constants import VFIO_ANNOTATION as HOOK_ANNOTATION
 from ..errors import CommandTimeout, TargetError
-from .hook import ANNOTATION as HOOK_ANNOTATION
+from ..host import wait_for
 from .hook import DEFAULT_LOG as HOOK_LOG
 from .nested import GuestReport
+
+if TYPE_CHECKING:
+    from ..host import Host
 
 VC_VM_DIR = "/run/vc/vm"
 CONSOLE_SOCKET = "console.sock"
@@ -41,18 +49,18 @@ DEFAULT_TIMEOUT = 30.0
 MAX_LINE = 3000        # a tty's canonical line is at most 4095 bytes, the wrapper included
 
 
-def console_socket_path(sandbox_id):
+def console_socket_path(sandbox_id: str) -> str:
     """Where Kata 1.x's QEMU serves the guest console of `sandbox_id` on the host."""
     return f"{VC_VM_DIR}/{sandbox_id}/{CONSOLE_SOCKET}"
 
 
-def wrap(cmd, nonce):
+def wrap(cmd: str, nonce: str) -> str:
     """The line typed into the console's shell for `cmd` (see the module doc)."""
     return (f"\nprintf '%s-%s\\n' BEGIN {nonce}; ( {cmd}\n) </dev/null; "
             f"printf '%s-%s %s\\n' END {nonce} \"$?\"\n")
 
 
-def parse_transcript(text, nonce):
+def parse_transcript(text: str, nonce: str) -> tuple[int | None, str | None]:
     """(rc, output) from what the console said, or (None, partial output) when the end
     marker is not there (yet). None for both when the begin marker is missing."""
     text = text.replace("\r", "")
@@ -123,15 +131,16 @@ done(status)
 class KataConsole:
     """The debug console of the Kata 1.x sandbox `sandbox_id` on `host`."""
 
-    def __init__(self, host, sandbox_id, socket_path=None, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, host: Host, sandbox_id: str, socket_path: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         self.host, self.sandbox_id = host, sandbox_id
         self.path = socket_path or console_socket_path(sandbox_id)
         self.timeout = timeout
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"KataConsole({self.host.name}:{self.path})"
 
-    def run(self, cmd, timeout=None):
+    def run(self, cmd: str, timeout: float | None = None) -> tuple[int, str]:
         """(exit code, output) of `cmd` (shell text) run by the guest's console shell.
         Raises CommandTimeout when it does not end in time, TargetError when the console
         cannot be reached or closes."""
@@ -153,7 +162,7 @@ class KataConsole:
                                    "have agent.debug_console in kernel_params (`vfiotest kata config`)?")
         rc, out = parse_transcript(reply["text"], nonce)
         if rc is not None:
-            return rc, out
+            return rc, out or ""
         said = reply["text"].replace("\r", "")[-500:]
         if reply["status"] == "closed":
             raise TargetError(f"{where} closed before `{cmd[:80]}` ended; it said: {said!r}",
@@ -166,7 +175,7 @@ class KataConsole:
         raise CommandTimeout(f"`{cmd[:80]}` did not end in {timeout:.0f} s on {where}; output so far: {out[-300:]!r}",
                              hint="the command hangs in the guest; Ctrl-C was sent to the console")
 
-    def check(self, cmd, timeout=None):
+    def check(self, cmd: str, timeout: float | None = None) -> str:
         """Output of `cmd`; TargetError when it exits non-zero."""
         rc, out = self.run(cmd, timeout)
         if rc != 0:
@@ -174,21 +183,29 @@ class KataConsole:
                               hint="run it by hand: socat - unix-connect:" + self.path)
         return out
 
-    def wait_ready(self, timeout=120.0, interval=2.0):
+    def wait_ready(self, timeout: float = 120.0, interval: float = 2.0) -> None:
         """Wait until the console's shell answers (the agent starts it after boot)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                rc, _ = self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
-                if rc == 0:
-                    return
-            except TargetError as e:      # CommandTimeout included
-                if time.monotonic() + interval > deadline:
-                    raise CommandTimeout(f"the Kata guest console {self.path} did not answer in {timeout:.0f} s: {e.message}",
-                                         hint=e.hint) from None
-            time.sleep(interval)
+        last: TargetError | None = None
 
-    def hook_log(self, path=HOOK_LOG):
+        def answers() -> bool:
+            nonlocal last
+            try:
+                rc, out = self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            except TargetError as e:      # CommandTimeout included
+                last = e
+                return False
+            if rc != 0:
+                last = TargetError(f"`true` exited {rc}: {out.strip()[-200:]}",
+                                   hint="run it by hand: socat - unix-connect:" + self.path)
+            return rc == 0
+
+        if not wait_for(answers, timeout, interval, f"the Kata guest console {self.path}", fail=False):
+            why = f": {last.message}" if last else ""
+            raise CommandTimeout(f"the Kata guest console {self.path} did not answer in {timeout:.0f} s{why}",
+                                 hint=last.hint if last else "look at the Kata VM's console log")
+
+    def hook_log(self, path: str = HOOK_LOG) -> list[dict[str, Any]]:
         """The guest hook's JSON-lines log, parsed ([] when the file is not there)."""
         q = shlex.quote(path)
         rc, out = self.run(f"if [ -e {q} ]; then cat {q}; else echo NO-HOOK-LOG; fi")
@@ -209,7 +226,7 @@ class KataConsole:
                                        "in kernel_params") from None
         return entries
 
-    def dev_vfio(self):
+    def dev_vfio(self) -> dict[str, str]:
         """{name: "char" | "other"} of /dev/vfio in the guest ({} when it is not there)."""
         out = self.check('for f in /dev/vfio/*; do [ -e "$f" ] || continue; '
                          'if [ -c "$f" ]; then echo "VFIO char ${f##*/}"; else echo "VFIO other ${f##*/}"; fi; done')
@@ -220,14 +237,14 @@ class KataConsole:
                 res[parts[2]] = parts[1]
         return res
 
-    def pci_state(self):
+    def pci_state(self) -> dict[str, dict[str, str | None]]:
         """{address: {vendor, device, class, driver, driver_override, iommu_group}} of the guest,
         the same shape as the stand-in's report."""
         out = self.check('for d in /sys/bus/pci/devices/*; do [ -e "$d" ] || continue; '
                          'drv=$(readlink "$d/driver" 2>/dev/null); grp=$(readlink "$d/iommu_group" 2>/dev/null); '
                          'echo "PCI|${d##*/}|$(cat "$d/vendor")|$(cat "$d/device")|$(cat "$d/class")|${drv##*/}|'
                          '$(cat "$d/driver_override" 2>/dev/null)|${grp##*/}"; done')
-        res = {}
+        res: dict[Any, dict[str, str | None]] = {}
         for line in out.splitlines():
             parts = line.split("|")
             if len(parts) == 8 and parts[0] == "PCI":
@@ -245,14 +262,14 @@ MALFORMED_STATE = '{"ociVersion": "1.0.2", "id": '
 KATA_BUNDLE_DIR = "/run/kata-containers/shared/containers"
 
 
-def oci_state(container_id, annotation):
+def oci_state(container_id: str, annotation: str) -> dict[str, Any]:
     """The OCI state a Kata 1.x agent gives a prestart hook (see the hook's module doc)."""
     return {"ociVersion": "1.0.2", "id": container_id, "pid": 1, "status": "creating",
             "bundle": f"{KATA_BUNDLE_DIR}/{container_id}",
             "annotations": {HOOK_ANNOTATION: annotation}}
 
 
-def run_hook(console, hook, stage, stdin_text, timeout=60.0):
+def run_hook(console: KataConsole, hook: str, stage: str, stdin_text: str, timeout: float = 60.0) -> dict[str, Any]:
     """Run the guest hook `hook` by hand in the guest, as the agent does (argv [basename, stage],
     the state on stdin): {"argv", "rc", "seconds", "stderr"}."""
     t0 = time.monotonic()
@@ -272,9 +289,10 @@ class KataGuestReport(GuestReport):
     standin = False
 
     @classmethod
-    def read(cls, console, container_id, annotation, hook, hook_log_path=HOOK_LOG, extra_runs=EXTRA_RUNS):
+    def read(cls, console: KataConsole, container_id: str, annotation: str, hook: str, hook_log_path: str = HOOK_LOG,
+             extra_runs: Sequence[str] = EXTRA_RUNS) -> KataGuestReport:
         t0 = time.monotonic()
-        data = {"container": container_id, "vfio_after": console.dev_vfio(), "pci_after": console.pci_state(),
+        data: dict[str, Any] = {"container": container_id, "vfio_after": console.dev_vfio(), "pci_after": console.pci_state(),
                 "hooks": [hook], "runs": []}
         for i, kind in enumerate(extra_runs, 1):
             cid = f"vfiotest-{kind}-{i}"

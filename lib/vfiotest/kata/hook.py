@@ -61,14 +61,24 @@ error shows):
                        vendor:device nor a PCI address); nothing is changed.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TextIO
 
-ANNOTATION = "io.katacontainers.x.vfio"
+from vfiotest.constants import VFIO_ANNOTATION
+from vfiotest.host import wait_for
+
+if TYPE_CHECKING:
+    from vfiotest.host import Host
+    from vfiotest.pci import Inventory, PciAddress, PciDevice
+
+ANNOTATION = VFIO_ANNOTATION
 DEFAULT_LOG = "/tmp/vfio-hook.log"
 DEFAULT_TIMEOUT = 20.0
 VIRTIO_VENDOR = "0x1af4"
@@ -87,10 +97,10 @@ class BadState(Exception):
 class HookLog:
     """Appends one JSON object per line; one write(2) per line so lines never interleave."""
 
-    def __init__(self, path, stage, container=None):
+    def __init__(self, path: str, stage: str, container: str | None = None) -> None:
         self.path, self.stage, self.container = path, stage, container
 
-    def write(self, action, result, **fields):
+    def write(self, action: str, result: str, **fields: Any) -> dict[str, Any]:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "epoch": round(time.time(), 3),
                  "pid": os.getpid(), "stage": self.stage, "container": self.container, "action": action,
                  "result": result}
@@ -110,7 +120,7 @@ class HookLog:
         return entry
 
 
-def parse_state(text):
+def parse_state(text: str) -> dict[str, Any]:
     """The OCI state as a dict; BadState when it is not a JSON object with an `id`."""
     try:
         state = json.loads(text)
@@ -126,7 +136,7 @@ def parse_state(text):
     return state
 
 
-def spec_paths(state, spec_root="/run/libcontainer"):
+def spec_paths(state: dict[str, Any], spec_root: str = "/run/libcontainer") -> list[str]:
     """Where the container's spec may be, in order: the state's bundle, then the agent's copy."""
     paths = []
     bundle = state.get("bundle")
@@ -136,7 +146,7 @@ def spec_paths(state, spec_root="/run/libcontainer"):
     return paths
 
 
-def requested(state, spec_root="/run/libcontainer"):
+def requested(state: dict[str, Any], spec_root: str = "/run/libcontainer") -> str | None:
     """The annotation value (None when the container set none), from the state, else from the spec
     in the state's bundle, else from the agent's copy under `spec_root`."""
     ann = state.get("annotations") or {}
@@ -154,7 +164,7 @@ def requested(state, spec_root="/run/libcontainer"):
     return None
 
 
-def parse_selection(value):
+def parse_selection(value: str | None) -> tuple[set[str], set[PciAddress]]:
     """(ids, addresses) named by an annotation value; raises ValueError on a bad token."""
     from vfiotest.pci import PciAddress
 
@@ -172,7 +182,7 @@ def parse_selection(value):
     return ids, addrs
 
 
-def _needed(inv, a):
+def _needed(inv: Inventory, a: str) -> str | None:
     """Why the guest cannot give device `a` away (None when it can)."""
     d = inv.devices[a]
     if d.vendor == VIRTIO_VENDOR:
@@ -182,7 +192,8 @@ def _needed(inv, a):
     return None
 
 
-def select_devices(inv, ids, addrs):
+def select_devices(inv: Inventory, ids: set[str], addrs: set[PciAddress]
+                   ) -> tuple[list[PciDevice], list[tuple[str, str]]]:
     """Devices asked for, and [(address, reason)] of those refused."""
     chosen, refused = [], []
     for a, d in sorted(inv.devices.items()):
@@ -205,21 +216,22 @@ def select_devices(inv, ids, addrs):
     return chosen, refused
 
 
-def unmet(inv, ids, addrs):
+def unmet(inv: Inventory, ids: set[str], addrs: set[PciAddress]) -> tuple[list[str], list[str]]:
     """What of an explicit request the inventory cannot give yet: (absent addresses, IDs without a
     device that may be bound)."""
     chosen, _ = select_devices(inv, ids, addrs)
     return sorted(addrs - set(inv.devices)), sorted(ids - {d.vendor_device for d in chosen})
 
 
-def guest_devices(inv, limit=32):
+def guest_devices(inv: Inventory, limit: int = 32) -> str:
     """The guest's PCI devices in one line: `0000:00:01.0 1af4:1000 (virtio-pci), ...`."""
     items = [f"{a} {d.vendor_device} ({d.driver or 'no driver'})" for a, d in sorted(inv.devices.items())]
     more = len(items) - limit
     return ", ".join(items[:limit]) + (f", and {more} more" if more > 0 else "") if items else "no PCI devices"
 
 
-def wait_for_devices(read, inv, ids, addrs, until, log):
+def wait_for_devices(read: Callable[[], Inventory], inv: Inventory, ids: set[str], addrs: set[PciAddress],
+                     until: float, log: HookLog) -> tuple[Inventory, float]:
     """Poll the inventory (`read()`) until the explicit request is met or `until` (monotonic) passes.
     Returns the last inventory and the seconds waited (0 when nothing was missing)."""
     missing = unmet(inv, ids, addrs)
@@ -240,7 +252,7 @@ def wait_for_devices(read, inv, ids, addrs, until, log):
     return inv, waited
 
 
-def _cause(e):
+def _cause(e: BaseException) -> str:
     """One line saying why: the error's message (and its next step), without the type's noise."""
     msg = getattr(e, "message", None) or str(e) or type(e).__name__
     hint = getattr(e, "hint", None)
@@ -248,7 +260,7 @@ def _cause(e):
     return " ".join(str(text).split())
 
 
-def bind_group(host, inv, dev, log):
+def bind_group(host: Host, inv: Inventory, dev: PciDevice, log: HookLog) -> list[str]:
     """Bind the IOMMU group of `dev` to vfio-pci with the device layer; log each device.
     Returns the failures, one human-readable line each ([] when the group is bound and verified)."""
     from vfiotest import bind
@@ -287,9 +299,8 @@ def bind_group(host, inv, dev, log):
         log.write("verify", "error", device=dev.address, group=dev.iommu_group, path=dev_path,
                   error=f"not checked: {len(failures)} device(s) of group {dev.iommu_group} failed to bind")
         return failures
-    deadline = time.monotonic() + VFIO_NODE_WAIT   # udev makes the node shortly after the last bind
-    while not (present := host.exists(dev_path)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # udev makes the node shortly after the last bind
+    present = wait_for(lambda: host.exists(dev_path), VFIO_NODE_WAIT, 0.05, dev_path, fail=False)
     log.write("verify", "ok" if present else "error", device=dev.address, group=dev.iommu_group, path=dev_path,
               **({} if present else {"error": f"{dev_path} did not appear"}))
     if not present:
@@ -298,7 +309,7 @@ def bind_group(host, inv, dev, log):
     return failures
 
 
-def load_settings(path):
+def load_settings(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             data = json.load(f)
@@ -307,14 +318,14 @@ def load_settings(path):
         return {}
 
 
-def _budget(settings):
+def _budget(settings: dict[str, Any]) -> float:
     try:
         return float(settings.get("timeout") or DEFAULT_TIMEOUT)
     except (TypeError, ValueError):
         return DEFAULT_TIMEOUT
 
 
-def say(line, err=None):
+def say(line: str, err: TextIO | None = None) -> None:
     """One line on stderr, which the agent hands back in the runtime's error."""
     out = err if err is not None else sys.stderr
     try:
@@ -324,8 +335,9 @@ def say(line, err=None):
         pass
 
 
-def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcontainer", log=None, deadline=None,
-        err=None, argv=None):
+def run(stage: str, stdin_text: str, host: Host, settings: dict[str, Any], log_path: str | None = None,
+        spec_root: str = "/run/libcontainer", log: HookLog | None = None, deadline: float | None = None,
+        err: TextIO | None = None, argv: list[str] | None = None) -> int:
     """The hook's work for one call; returns the exit code (see the module doc). `host` is the guest
     (LocalHost) or a simulated sysfs in tests; `deadline` (time.monotonic()) is when the hook's budget
     runs out (default: the settings' timeout from now); failures go to `err` (default sys.stderr)."""
@@ -347,6 +359,7 @@ def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcon
         return EXIT_BAD_STATE
     log.container = state["id"]
     value = requested(state, spec_root)
+    addrs: set[PciAddress]
     if value is None:
         ids, addrs, source = set(settings.get("allowed_ids") or ()), set(), "profile"
         ids = {i.lower().replace("0x", "") for i in ids}
@@ -426,7 +439,8 @@ def run(stage, stdin_text, host, settings, log_path=None, spec_root="/run/libcon
     return EXIT_BIND_FAILED if failures else EXIT_OK
 
 
-def main(argv=None, settings_path=None, stdin=None, host=None):
+def main(argv: list[str] | None = None, settings_path: str | None = None, stdin: BinaryIO | None = None,
+         host: Host | None = None) -> int:
     """Entry point of the installed hook: argv = [name, stage] (the agent passes the basename as
     argv[0]; the stage defaults to prestart)."""
     t_start = time.monotonic()

@@ -7,12 +7,15 @@ FAILED for a missing driver and still exits 0: this is how the harness knows
 what really ended up in the image.
 """
 
+from __future__ import annotations
+
 import gzip
 import lzma
 import os
 import re
 import stat
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -33,7 +36,7 @@ class CpioEntry:
     data: Optional[bytes] = None  # regular files, kept when small or asked for
 
     @property
-    def kind(self):
+    def kind(self) -> str:
         if stat.S_ISREG(self.mode):
             return "file"
         if stat.S_ISDIR(self.mode):
@@ -47,11 +50,11 @@ class CpioEntry:
         return "other"
 
     @property
-    def perms(self):
+    def perms(self) -> int:
         return stat.S_IMODE(self.mode)
 
     @property
-    def executable(self):
+    def executable(self) -> bool:
         return stat.S_ISREG(self.mode) and bool(self.mode & 0o111)
 
 
@@ -62,22 +65,22 @@ class InitrdListing:
     compression: List[str]                     # one per archive segment: none, gzip, zstd, xz
     entries: Dict[str, CpioEntry] = field(default_factory=dict)
 
-    def get(self, path):
+    def get(self, path: str) -> CpioEntry | None:
         return self.entries.get(path.lstrip("/"))
 
-    def resolve(self, path, depth=0):
+    def resolve(self, path: str, depth: int = 0) -> CpioEntry | None:
         """The entry for `path` with symlinks followed (inside the image)."""
         parts = path.strip("/").split("/")
         cur = ""
         for i, part in enumerate(parts):
             cur = f"{cur}/{part}".lstrip("/")
             e = self.entries.get(cur)
-            if e is not None and e.kind == "symlink" and depth < 20:
+            if e is not None and e.kind == "symlink" and e.target is not None and depth < 20:
                 tgt = e.target if e.target.startswith("/") else os.path.normpath(os.path.join(os.path.dirname("/" + cur), e.target))
                 return self.resolve("/".join([tgt.strip("/")] + parts[i + 1:]), depth + 1)
         return self.entries.get(cur)
 
-    def modules(self):
+    def modules(self) -> dict[str, str]:
         """Kernel module names in the image (dashes as underscores) -> path."""
         out = {}
         for p in self.entries:
@@ -86,7 +89,7 @@ class InitrdListing:
                 out[m.group(1).replace("-", "_")] = p
         return out
 
-    def builtin_modules(self):
+    def builtin_modules(self) -> set[str]:
         names = set()
         for p, e in self.entries.items():
             if re.match(r"^(?:usr/)?lib/modules/[^/]+/modules\.builtin$", p) and e.data:
@@ -94,7 +97,7 @@ class InitrdListing:
                     names.add(re.sub(r"\.ko$", "", os.path.basename(line.strip())).replace("-", "_"))
         return names
 
-    def lines(self):
+    def lines(self) -> list[str]:
         """`ls -l`-like text, one entry per line."""
         out = []
         for p in sorted(self.entries):
@@ -151,7 +154,7 @@ def _parse_cpio(buf, pos, entries, keep_data, path):
         entries[clean] = e
 
 
-def read_initrd(path, keep_data=None):
+def read_initrd(path: str, keep_data: Callable[[str, int], bool] | None = None) -> InitrdListing:
     """List every entry of an initrd made of one or more cpio archives, each
     plain or compressed (gzip, zstd, xz), as the kernel accepts them."""
     keep_data = keep_data or (lambda name, size: size <= 256 * 1024)
@@ -198,12 +201,13 @@ class ImageCheck:
     problems: List[str]
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
 
-def verify_guest_image(listing, *, hook_name="vfio-hook", guest_hook_path="/usr/share/oci/hooks",
-                       modules=(), needs_python=True):
+def verify_guest_image(listing: InitrdListing, *, hook_name: str = "vfio-hook",
+                       guest_hook_path: str = "/usr/share/oci/hooks", modules: Iterable[str] = (),
+                       needs_python: bool = True) -> ImageCheck:
     """Check that the image holds the hook where the agent looks for it and the modules asked for."""
     problems = []
     hook_path = f"{guest_hook_path.rstrip('/')}/prestart/{hook_name}"
@@ -241,7 +245,7 @@ def verify_guest_image(listing, *, hook_name="vfio-hook", guest_hook_path="/usr/
     return ImageCheck(hook=hook, modules=found, python=py, problems=problems)
 
 
-def verify_kata_guest(listing, *, init, agent, modules=()):
+def verify_kata_guest(listing: InitrdListing, *, init: str, agent: str, modules: Iterable[str] = ()) -> ImageCheck:
     """Check what a real Kata guest needs beyond the hook: the init given as `rdinit=`
     (an executable regular file with an interpreter the image has), the agent, and the
     modules the init loads (virtio console, vsock, 9p)."""

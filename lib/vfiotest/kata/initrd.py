@@ -31,6 +31,8 @@ driver and exits 0) and stored as CACHE/initrd/initrd-<key>.img with a JSON
 manifest; the key hashes every input, so an unchanged build costs nothing.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -39,18 +41,22 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
+from .. import constants
+from ..constants import KATA_STATE_DIR
 from ..errors import ProvisionError
 from . import image as image_mod
+
+if TYPE_CHECKING:
+    from ..host import Host
+    from .kernel import GuestKernel
 
 DEFAULT_HOOK_PATH = "/usr/share/oci/hooks"
 HOOK_NAME = "vfio-hook"
 HOOK_LOG = "/tmp/vfio-hook.log"
 GUEST_PYTHON = "/usr/bin/python3"
 SYSTEM_DRACUT = "/usr/lib/dracut"
-CACHE_ENV = "VFIOTEST_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/var/cache/vfiotest"
 BUILD_FORMAT = 1  # bump when the layout of the image changes
 
 # The VFIO set, in load order. vfio_virqfd is its own module before 6.2 only.
@@ -59,7 +65,7 @@ VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pc
 # the hook must find them bound to these and move them to vfio-pci.
 NATIVE_DRIVERS = ("igbvf", "nvme")
 # The library the hook shares with the host side (standard library only).
-SHARED_MODULES = ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py")
+SHARED_MODULES = ("__init__.py", "constants.py", "errors.py", "host.py", "pci.py", "bind.py")
 KATA_MODULES = ("__init__.py", "hook.py", "standin_agent.py")
 # The Kata guest: what the agent needs (console, vsock, 9p for the container rootfs), in load order.
 KATA_GUEST_MODULES = ("virtio_pci", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "9pnet_virtio", "9p",
@@ -70,8 +76,8 @@ GUEST_AGENT_PATH = "/usr/bin/kata-agent"
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lib/vfiotest
 
 
-def cache_dir():
-    return os.path.join(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "initrd")
+def cache_dir() -> str:
+    return constants.cache_dir("initrd")
 
 
 @dataclass
@@ -105,11 +111,11 @@ class BuiltInitrd:
     target_path: Optional[str] = None    # the image and kernel as the target sees them (stage_on_target)
     target_kernel: Optional[str] = None
 
-    def manifest(self):
+    def manifest(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def vfio_modules_for(kernel):
+def vfio_modules_for(kernel: GuestKernel) -> list[str]:
     """The VFIO modules this guest kernel has as loadable modules or built in."""
     return [m for m in VFIO_MODULES if kernel.has_module(m)]
 
@@ -187,8 +193,7 @@ def _python_files(lib_dir, timeout=60):
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {lib_dir!r})\n"
-        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci\n"
-        "try:\n    import vfiotest.bind\nexcept ImportError:\n    pass\n"
+        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci, vfiotest.bind\n"
         # what the scripts the host layer runs with `python3 -c` import (inventory, file ops)
         "import re as _re, vfiotest.pci as _p, vfiotest.host as _h\n"
         "for _s in (_p.INVENTORY_SCRIPT, _h.FILE_OP_SCRIPT):\n"
@@ -231,7 +236,7 @@ def _stage_library(dest):
     return pkg
 
 
-def input_key(spec, kernel):
+def input_key(spec: InitrdSpec, kernel: GuestKernel) -> str:
     """A hash of everything that shapes the image."""
     h = hashlib.sha256()
     h.update(json.dumps({"spec": asdict(spec), "kernel": kernel.package, "kver": kernel.kver,
@@ -268,7 +273,8 @@ def _dracut_base(dest, module_dir):
     os.symlink(module_dir, os.path.join(dest, "modules.d", "95vfiotest"))
 
 
-def build_initrd(spec=None, kernel=None, *, force=False, progress=None, timeout=600):
+def build_initrd(spec: InitrdSpec | None = None, kernel: GuestKernel | None = None, *, force: bool = False,
+                 progress: Callable[[str], None] | None = None, timeout: float = 600) -> BuiltInitrd:
     """Build (or take from the cache) the guest initrd for `spec`; returns a `BuiltInitrd`."""
     import filelock
 
@@ -396,10 +402,11 @@ def _build(spec, kernel, key, out, work, timeout):
                        init=KATA_INIT_PATH if spec.agent else None)
 
 
-TARGET_DIR = "/var/lib/vfiotest/kata"
+TARGET_DIR = KATA_STATE_DIR
 
 
-def stage_on_target(host, built, progress=None, target_dir=TARGET_DIR):
+def stage_on_target(host: Host, built: BuiltInitrd, progress: Callable[[str], None] | None = None,
+                    target_dir: str = TARGET_DIR) -> BuiltInitrd:
     """Copy the image and its kernel to a target that does not read this machine's files
     (an ssh:// runner), under content-named paths; sets `built.target_path`/`target_kernel`.
     A copy already there with the same sha256 is kept."""

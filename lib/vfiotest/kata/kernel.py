@@ -6,8 +6,11 @@ so the guest image asks only for modules that exist (`vfio_virqfd` is built
 into `vfio` from 6.2 on).
 """
 
+from __future__ import annotations
+
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -18,18 +21,18 @@ class GuestKernel:
     root: str         # the extracted package: root/boot/vmlinuz-*, root/lib/modules/<kver>
 
     @property
-    def vmlinuz(self):
+    def vmlinuz(self) -> str:
         return os.path.join(self.root, "boot", f"vmlinuz-{self.kver}")
 
     @property
-    def config(self):
+    def config(self) -> str:
         return os.path.join(self.root, "boot", f"config-{self.kver}")
 
     @property
-    def moddir(self):
+    def moddir(self) -> str:
         return os.path.join(self.root, "lib", "modules", self.kver)
 
-    def has_module(self, name):
+    def has_module(self, name: str) -> bool:
         """True when the kernel has module `name` (as a .ko file or built in)."""
         want = name.replace("-", "_")
         for listing in ("modules.builtin", "modules.order"):
@@ -43,7 +46,7 @@ class GuestKernel:
                             return True
         return False
 
-    def module_is_builtin(self, name):
+    def module_is_builtin(self, name: str) -> bool:
         want = name.replace("-", "_")
         path = os.path.join(self.moddir, "modules.builtin")
         if not os.path.exists(path):
@@ -52,7 +55,7 @@ class GuestKernel:
             return any(re.sub(r"\.ko$", "", os.path.basename(l.strip())).replace("-", "_") == want for l in f)
 
 
-def debian_kernel(progress=None):
+def debian_kernel(progress: Callable[[str], None] | None = None) -> GuestKernel:
     """The extracted Debian guest kernel: the runner's kernel asset (one download
     shared by the runner and the guest image, see vfiotest.runner.assets).
     Resolved once per process (asking apt costs seconds)."""
@@ -65,4 +68,4 @@ def debian_kernel(progress=None):
     return _RESOLVED
 
 
-_RESOLVED = None
+_RESOLVED: GuestKernel | None = None

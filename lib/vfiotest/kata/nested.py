@@ -13,22 +13,28 @@ The controller's root is visible read-only inside the runner at the same
 paths, so the kernel and initrd under /var/cache/vfiotest need no copying.
 """
 
+from __future__ import annotations
+
 import base64
 import hashlib
 import json
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, List
 
 from ..errors import ProvisionError, TargetError
 from .standin_agent import REPORT_BEGIN, REPORT_END, REPORT_LINE
+
+if TYPE_CHECKING:
+    from ..host import Host
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_RUNS = ("main", "again", "none", "malformed")
 
 
-def parse_report(console):
+def parse_report(console: str) -> dict[str, Any] | None:
     """The stand-in's report from console text; None when there is none (the guest
     did not get that far). Raises ProvisionError when it is there but damaged."""
     lines = console.replace("\r", "").split("\n")
@@ -52,17 +58,6 @@ def parse_report(console):
 
 
 @dataclass
-class HookLogEntry:
-    raw: dict
-
-    def __getattr__(self, name):
-        try:
-            return self.raw[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-@dataclass
 class GuestReport:
     """What the nested guest said: hook runs, hook log, /dev/vfio, PCI state."""
 
@@ -72,14 +67,14 @@ class GuestReport:
     command: List[str] = field(default_factory=list)
 
     @property
-    def runs(self):
+    def runs(self) -> list[dict[str, Any]]:
         return self.data.get("runs", [])
 
-    def run(self, kind):
+    def run(self, kind: str) -> dict[str, Any]:
         return next(r for r in self.runs if r["kind"] == kind)
 
     @property
-    def hook_log(self):
+    def hook_log(self) -> list[dict[str, Any]]:
         """The hook's log lines from the guest's /tmp, parsed."""
         out = []
         for line in (self.data.get("hook_log") or "").splitlines():
@@ -87,28 +82,28 @@ class GuestReport:
                 out.append(json.loads(line))
         return out
 
-    def log_for(self, container=None, action=None):
+    def log_for(self, container: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         return [e for e in self.hook_log if (container is None or e.get("container") == container)
                 and (action is None or e.get("action") == action)]
 
     @property
-    def dev_vfio(self):
+    def dev_vfio(self) -> dict[str, str]:
         return self.data.get("vfio_after", {})
 
     @property
-    def pci_before(self):
+    def pci_before(self) -> dict[str, dict[str, Any]]:
         return self.data.get("pci_before", {})
 
     @property
-    def pci_after(self):
+    def pci_after(self) -> dict[str, dict[str, Any]]:
         return self.data.get("pci_after", {})
 
     @property
-    def hooks(self):
+    def hooks(self) -> list[str]:
         return self.data.get("hooks", [])
 
     @property
-    def hook_seconds(self):
+    def hook_seconds(self) -> float | None:
         """Guest uptime when the stand-in started running hooks (boot-to-hook inside the guest)."""
         return self.data.get("uptime_at_start")
 
@@ -116,12 +111,13 @@ class GuestReport:
 class NestedGuest:
     """Boots the guest image in a second-level VM on `host` (the runner)."""
 
-    def __init__(self, host, kernel, initrd, *, memory_mb=512, accel="kvm", timeout=240.0):
+    def __init__(self, host: Host, kernel: str, initrd: str, *, memory_mb: int = 512, accel: str = "kvm",
+                 timeout: float = 240.0) -> None:
         self.host, self.kernel, self.initrd = host, kernel, initrd
         self.memory_mb, self.accel, self.timeout = memory_mb, accel, timeout
 
-    def command(self, vfs=(), annotation=None, runs=DEFAULT_RUNS, hook_path=None, console="/dev/stdout",
-                pidfile=None):
+    def command(self, vfs: Sequence[str] = (), annotation: str | None = None, runs: Sequence[str] = DEFAULT_RUNS,
+                hook_path: str | None = None, console: str = "/dev/stdout", pidfile: str | None = None) -> list[str]:
         append = ["console=ttyS0", "quiet", "loglevel=1", "intel_iommu=on", "panic=-1",
                   "rd.shell=0", "rd.emergency=poweroff", f"vfiotest.runs={','.join(runs)}"]
         if annotation is not None:
@@ -144,7 +140,8 @@ class NestedGuest:
             cmd += ["-pidfile", pidfile]
         return cmd
 
-    def boot(self, vfs=(), annotation=None, runs=DEFAULT_RUNS, hook_path=None):
+    def boot(self, vfs: Sequence[str] = (), annotation: str | None = None, runs: Sequence[str] = DEFAULT_RUNS,
+             hook_path: str | None = None) -> GuestReport:
         """Boot, let the stand-in run the hooks, return its `GuestReport` (the VM is gone after)."""
         tag = f"vfiotest-nested-{int(time.time() * 1000)}"
         console, pidfile = f"/tmp/{tag}.console", f"/tmp/{tag}.pid"

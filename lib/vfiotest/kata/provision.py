@@ -1,15 +1,24 @@
 """The Kata layers' provisioning steps, shared by the fixtures and `vfiotest kata register`:
 the guest image for a KataChoice, its configuration.toml, the kata-vfio registration."""
 
+from __future__ import annotations
+
 import posixpath
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import ProvisionError
 from . import config as kata_config
 from . import initrd, runtime
 from .bundle import REQUIRED, find_bundle
 
+if TYPE_CHECKING:
+    from ..host import Host
+    from .bundle import KataChoice
 
-def guest_image(choice, allowed_ids, host=None, shares_controller_fs=True, hook=True, progress=None):
+
+def guest_image(choice: KataChoice, allowed_ids: Iterable[str], host: Host | None = None,
+                shares_controller_fs: bool = True, hook: bool = True, progress: Callable[[str], None] | None = None) -> initrd.BuiltInitrd:
     """The guest initrd for `choice` (vfiotest.kata.bundle.KataChoice): with kata-agent as PID 1
     when a Kata 1.x is there (the agent comes from the bundle), else the stand-in's image.
     Staged on `host` when it does not read this machine's files."""
@@ -29,23 +38,23 @@ def guest_image(choice, allowed_ids, host=None, shares_controller_fs=True, hook=
     return built
 
 
-def runtime_install(choice):
+def runtime_install(choice: KataChoice) -> runtime.KataInstall:
     """The runtime.KataInstall the kata-vfio wrapper runs (not installed: the runc stand-in)."""
     if choice.supported:
         return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
     return runtime.KataInstall(None, None, None)
 
 
-def write_config(host, choice, image):
+def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd) -> kata_config.WrittenConfig:
     """configuration.toml for kata-vfio on `host`, derived from the bundle's (or the installed)
     configuration, for `image` (a BuiltInitrd staged for the target)."""
     res = host.run(["sh", "-c", "command -v qemu-system-x86_64"], timeout=15)
     root = choice.target_root
-    def in_bundle(role):
+    def in_bundle(role: str) -> str | None:
         return posixpath.join(root, REQUIRED[role]) if root else None
 
     settings = kata_config.KataVfioSettings.for_kata_guest(
-        kernel=image.target_kernel, initrd=image.target_path, init=image.init,
+        kernel=image.target_kernel, initrd=image.target_path, init=image.init,  # type: ignore[arg-type]  # set by guest_image()
         hypervisor_path=res.stdout.strip() or None, shim_path=in_bundle("shim"), proxy_path=in_bundle("proxy"),
         kata_major=choice.major)
     return kata_config.write_kata_vfio_config(host, settings, base_path=in_bundle("config"))

@@ -16,17 +16,23 @@ kata-vfio info` resolves the name to the wrapper, and a created container's
 `inspect` shows `OCIRuntime`).
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import tomlkit
 
 from ..errors import ProvisionError
 from .config import KATA_VFIO_CONFIG, STATE_DIR
+
+if TYPE_CHECKING:
+    from ..host import Host
 
 RUNTIME_NAME = "kata-vfio"
 DROPIN_DIR = "/etc/containers/containers.conf.d"
@@ -47,14 +53,14 @@ class KataInstall:
     raw: str = ""
 
     @property
-    def installed(self):
+    def installed(self) -> bool:
         return self.path is not None
 
     @property
-    def has_oci_cli(self):
+    def has_oci_cli(self) -> bool:
         return self.major == 1
 
-    def describe(self):
+    def describe(self) -> str:
         if not self.installed:
             return "Kata is not installed: kata-vfio stands in with runc and a nested guest VM"
         if self.has_oci_cli:
@@ -62,7 +68,7 @@ class KataInstall:
         return NO_OCI_CLI.format(version=self.version or "(unknown version)")
 
 
-def parse_kata_version(text):
+def parse_kata_version(text: str) -> str | None:
     """The version in `kata-runtime --version` output (1.x: `kata-runtime  : 1.12.1`,
     2.x/3.x the same line with a later version), or None."""
     m = re.search(r"kata-runtime\s*:\s*v?(\d+\.\d+(?:\.\d+)?\S*)", text) or \
@@ -70,7 +76,7 @@ def parse_kata_version(text):
     return m.group(1) if m else None
 
 
-def detect_kata(host, timeout=15):
+def detect_kata(host: Host, timeout: float = 15) -> KataInstall:
     """Which Kata is installed on `host`."""
     res = host.run("command -v kata-runtime || true", timeout=timeout)
     path = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else None
@@ -83,12 +89,13 @@ def detect_kata(host, timeout=15):
     return KataInstall(path, version, major, text.strip())
 
 
-def render_wrapper(kata=None, config_path=KATA_VFIO_CONFIG, runc="/usr/bin/runc"):
+def render_wrapper(kata: KataInstall | None = None, config_path: str = KATA_VFIO_CONFIG, runc: str = "/usr/bin/runc") -> str:
     """The wrapper podman runs as `kata-vfio`: Kata 1.x with our config, or runc as the stand-in."""
     if kata is not None and kata.installed:
         if not kata.has_oci_cli:
             raise ProvisionError(NO_OCI_CLI.format(version=kata.version),
                                  hint="install Kata 1.x (kata-runtime with the OCI CLI) on the runner")
+        assert kata.path is not None  # installed
         body = f"exec {shlex.quote(kata.path)} --kata-config {shlex.quote(config_path)} \"$@\""
         what = f"Kata {kata.version} with {config_path}"
     else:
@@ -97,7 +104,7 @@ def render_wrapper(kata=None, config_path=KATA_VFIO_CONFIG, runc="/usr/bin/runc"
     return f"#!/bin/sh\n# {MARKER}\n# kata-vfio -> {what}\n{body}\n"
 
 
-def render_dropin(wrapper=WRAPPER_PATH, name=RUNTIME_NAME):
+def render_dropin(wrapper: str = WRAPPER_PATH, name: str = RUNTIME_NAME) -> str:
     doc = tomlkit.document()
     doc.add(tomlkit.comment(MARKER))
     engine = tomlkit.table(is_super_table=True)
@@ -108,7 +115,7 @@ def render_dropin(wrapper=WRAPPER_PATH, name=RUNTIME_NAME):
     return tomlkit.dumps(doc)
 
 
-def set_runtime(conf_text, name, paths):
+def set_runtime(conf_text: str, name: str, paths: Iterable[str]) -> str:
     """`conf_text` (any containers.conf, comments kept) with `[engine.runtimes] name = paths`.
     Creates the tables when missing; replaces an existing entry of that name."""
     doc = tomlkit.parse(conf_text)
@@ -129,7 +136,7 @@ def set_runtime(conf_text, name, paths):
     return tomlkit.dumps(doc)
 
 
-def remove_runtime(conf_text, name):
+def remove_runtime(conf_text: str, name: str) -> str:
     """`conf_text` without `[engine.runtimes] name` (comments kept)."""
     doc = tomlkit.parse(conf_text)
     runtimes = doc.get("engine", {}).get("runtimes")
@@ -138,7 +145,7 @@ def remove_runtime(conf_text, name):
     return tomlkit.dumps(doc)
 
 
-def runtimes_of(conf_text):
+def runtimes_of(conf_text: str) -> dict[str, Any]:
     return dict(tomlkit.parse(conf_text).unwrap().get("engine", {}).get("runtimes", {}))
 
 
@@ -151,7 +158,7 @@ class RuntimeInfo:
     kata: KataInstall
     standin: bool           # True: runc + nested guest, not Kata
 
-    def describe(self):
+    def describe(self) -> str:
         return (f"{self.name}: {self.wrapper} ({'runc stand-in' if self.standin else 'Kata ' + str(self.kata.version)}),"
                 f" registered in {self.dropin}")
 
@@ -159,11 +166,11 @@ class RuntimeInfo:
 class RuntimeRegistration:
     """Register `kata-vfio` on `host`; `unregister()` puts back what was there."""
 
-    def __init__(self, host, name=RUNTIME_NAME, dropin=DROPIN_PATH, wrapper=WRAPPER_PATH,
-                 config_path=KATA_VFIO_CONFIG, kata=None):
+    def __init__(self, host: Host, name: str = RUNTIME_NAME, dropin: str = DROPIN_PATH, wrapper: str = WRAPPER_PATH,
+                 config_path: str = KATA_VFIO_CONFIG, kata: KataInstall | None = None) -> None:
         self.host, self.name, self.dropin, self.wrapper, self.config_path = host, name, dropin, wrapper, config_path
         self.kata = kata
-        self.previous = {}     # path -> text before (None: absent)
+        self.previous: dict[str, str | None] = {}     # path -> text before (None: absent)
         self.applied = False
 
     def _read(self, path):
@@ -174,7 +181,7 @@ class RuntimeRegistration:
                 return None
             raise
 
-    def snapshot(self):
+    def snapshot(self) -> dict[str, str | None]:
         """Record what is at the wrapper and drop-in paths now (what `unregister()` puts back)."""
         for path in (self.wrapper, self.dropin):
             if path not in self.previous:
@@ -183,14 +190,14 @@ class RuntimeRegistration:
                 self.previous[path] = None if (old is not None and MARKER in old) else old
         return dict(self.previous)
 
-    def info(self):
+    def info(self) -> RuntimeInfo:
         """The RuntimeInfo of this registration (as `register()` returns it)."""
         kata = self.kata if self.kata is not None else detect_kata(self.host)
         self.kata = kata
         return RuntimeInfo(self.name, self.wrapper, self.dropin, self.config_path if kata.installed else None,
                            kata, standin=not kata.installed)
 
-    def register(self):
+    def register(self) -> RuntimeInfo:
         """Write the wrapper and the drop-in (idempotent); returns a RuntimeInfo."""
         info = self.info()
         wrapper_text = render_wrapper(self.kata, self.config_path)
@@ -205,7 +212,7 @@ class RuntimeRegistration:
         self.applied = True
         return info
 
-    def unregister(self):
+    def unregister(self) -> None:
         """Put back what was at the drop-in and wrapper paths (remove what we created)."""
         for path, old in self.previous.items():
             if old is None:
@@ -215,7 +222,7 @@ class RuntimeRegistration:
         self.previous.clear()
         self.applied = False
 
-    def verify(self, image=None, timeout=60):
+    def verify(self, image: str | None = None, timeout: float = 60) -> dict[str, str]:
         """podman resolves the name to the wrapper; with `image`, a created (not started)
         container's inspect shows OCIRuntime = kata-vfio. Returns what podman said."""
         res = self.host.run(["podman", "--runtime", self.name, "info", "--format",
@@ -253,7 +260,7 @@ _LEFTOVERS_SCRIPT = ('for p in $(pgrep -f "sandbox-$1"); do echo "process $p: $(
                      'shift; for d do [ -e "$d" ] && echo "directory $d"; done; true')
 
 
-def kata_leftovers(host, sandbox_id, timeout=30):
+def kata_leftovers(host: Host, sandbox_id: str, timeout: float = 30) -> list[str]:
     """What the Kata 1.x sandbox `sandbox_id` left on `host`: its QEMU (and any process named
     after the sandbox) and its state directories, one line each; [] when it is all gone."""
     if not re.fullmatch(r"[0-9a-f]{12,64}", sandbox_id or ""):

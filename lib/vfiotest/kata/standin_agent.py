@@ -19,6 +19,8 @@ read by `vfiotest.kata.nested.parse_report`): each run's exit code and time,
 the hook log from /tmp, /dev/vfio, and the PCI state before and after.
 """
 
+from __future__ import annotations
+
 import base64
 import hashlib
 import json
@@ -27,8 +29,12 @@ import stat
 import subprocess
 import sys
 import time
+from typing import Any, TextIO
 
-ANNOTATION = "io.katacontainers.x.vfio"
+if not __package__:  # run as a script in the guest: <lib>/vfiotest/kata/standin_agent.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from vfiotest.constants import VFIO_ANNOTATION as ANNOTATION
+
 REPORT_BEGIN = "VFIOTEST-REPORT-BEGIN"
 REPORT_END = "VFIOTEST-REPORT-END"
 REPORT_LINE = "VFIOTEST-REPORT "
@@ -37,7 +43,7 @@ HOOK_LOG = "/tmp/vfio-hook.log"
 HOOK_TIMEOUT = 60.0
 
 
-def cmdline_args(text):
+def cmdline_args(text: str) -> dict[str, str]:
     out = {}
     for word in text.split():
         if word.startswith("vfiotest.") and "=" in word:
@@ -46,10 +52,10 @@ def cmdline_args(text):
     return out
 
 
-def scan_hooks(hook_path, stage):
+def scan_hooks(hook_path: str, stage: str) -> list[str]:
     """The hooks the agent would run for `stage`: regular executable files, sorted."""
     d = os.path.join(hook_path, stage)
-    found = []
+    found: list[str] = []
     try:
         names = sorted(os.listdir(d))
     except OSError:
@@ -62,14 +68,14 @@ def scan_hooks(hook_path, stage):
     return found
 
 
-def state_for(container_id, annotation):
+def state_for(container_id: str, annotation: str | None) -> dict[str, Any]:
     """The OCI state the agent hands to hooks; `annotation` None leaves it out."""
     ann = {} if annotation is None else {ANNOTATION: annotation}
     return {"ociVersion": "1.0.2", "id": container_id, "status": "created", "pid": os.getpid(),
             "bundle": f"/run/kata-containers/shared/containers/{container_id}", "annotations": ann}
 
 
-def run_hook(path, stage, stdin_bytes, timeout=HOOK_TIMEOUT):
+def run_hook(path: str, stage: str, stdin_bytes: bytes, timeout: float = HOOK_TIMEOUT) -> dict[str, Any]:
     t0 = time.monotonic()
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     try:
@@ -83,21 +89,21 @@ def run_hook(path, stage, stdin_bytes, timeout=HOOK_TIMEOUT):
             "stdout": out.decode(errors="replace")[-2000:], "stderr": err.decode(errors="replace")[-2000:]}
 
 
-def pci_state():
+def pci_state() -> dict[str, dict[str, str | None]]:
     """Driver, IDs and IOMMU group of every PCI device of this guest."""
     base = "/sys/bus/pci/devices"
-    out = {}
+    out: dict[str, dict[str, str | None]] = {}
     for a in sorted(os.listdir(base)):
         d = os.path.join(base, a)
 
-        def rd(name):
+        def rd(name: str, d: str = d) -> str | None:
             try:
                 with open(os.path.join(d, name)) as f:
                     return f.read().strip()
             except OSError:
                 return None
 
-        def ln(name):
+        def ln(name: str, d: str = d) -> str | None:
             try:
                 return os.path.basename(os.readlink(os.path.join(d, name)))
             except OSError:
@@ -107,7 +113,7 @@ def pci_state():
     return out
 
 
-def dev_vfio():
+def dev_vfio() -> dict[str, str]:
     out = {}
     try:
         for n in sorted(os.listdir("/dev/vfio")):
@@ -118,7 +124,7 @@ def dev_vfio():
     return out
 
 
-def read_text(path, limit=200000):
+def read_text(path: str, limit: int = 200000) -> str | None:
     try:
         with open(path, "rb") as f:
             return f.read()[-limit:].decode(errors="replace")
@@ -126,7 +132,7 @@ def read_text(path, limit=200000):
         return None
 
 
-def emit_report(report, out=sys.stdout):
+def emit_report(report: dict[str, Any], out: TextIO = sys.stdout) -> None:
     blob = json.dumps(report, sort_keys=True).encode()
     enc = base64.b64encode(blob).decode()
     out.write(f"\n{REPORT_BEGIN} {len(blob)} {hashlib.sha256(blob).hexdigest()}\n")
@@ -136,13 +142,13 @@ def emit_report(report, out=sys.stdout):
     out.flush()
 
 
-def main():
+def main() -> int:
     t_start = time.monotonic()
     args = cmdline_args(read_text("/proc/cmdline") or "")
     hook_path = args.get("hookpath", DEFAULT_HOOK_PATH)
     annotation = args.get("vfio")
     runs = [r for r in args.get("runs", "main").split(",") if r]
-    report = {"uptime_at_start": float((read_text("/proc/uptime") or "0").split()[0]),
+    report: dict[str, Any] = {"uptime_at_start": float((read_text("/proc/uptime") or "0").split()[0]),
               "cmdline": read_text("/proc/cmdline"), "hook_path": hook_path, "annotation": annotation,
               "pci_before": pci_state(), "vfio_before": dev_vfio(), "runs": []}
     hooks = scan_hooks(hook_path, "prestart")  # scanned once, like the agent at sandbox creation

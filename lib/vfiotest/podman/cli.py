@@ -1,5 +1,8 @@
 """`vfiotest image build|show` and `vfiotest probe`: the test image and the in-container probe by hand."""
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
 
@@ -8,7 +11,7 @@ def _say(text):
     print(f"[vfiotest] {text}", file=sys.stderr, flush=True)
 
 
-def register(subparsers):
+def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_target_argument
 
     img = subparsers.add_parser("image", help="the podman test image (mmdebstrap rootfs + VFIO probe)")
@@ -36,7 +39,7 @@ def register(subparsers):
     p.set_defaults(func=cmd_probe)
 
 
-def cmd_image_show(args):
+def cmd_image_show(args: argparse.Namespace) -> int:
     from .image import ImageRecipe
 
     r = ImageRecipe()
@@ -45,7 +48,7 @@ def cmd_image_show(args):
     return 0
 
 
-def cmd_image_build(args):
+def cmd_image_build(args: argparse.Namespace) -> int:
     from .. import targets
     from .image import ImageRecipe, build_tarball, ensure_image
 
@@ -62,7 +65,7 @@ def cmd_image_build(args):
     return 0
 
 
-def cmd_probe(args):
+def cmd_probe(args: argparse.Namespace) -> int:
     from .. import targets
     from ..pci import read_inventory
     from .client import RuntimeClient, runtime_is_kata, vfio_recipe

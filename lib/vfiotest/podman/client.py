@@ -8,20 +8,28 @@ Every container gets the label `vfiotest.owner=<token>`, so `cleanup()` finds
 even the ones whose creation failed half-way.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import secrets
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ..errors import HarnessError, ProvisionError, TargetError
+from ..constants import VFIO_ANNOTATION
+from ..errors import HarnessError
 from .service import PodmanService, wait_for_ping
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..host import Host
 
 log = logging.getLogger(__name__)
 
 OWNER_LABEL = "vfiotest.owner"
-VFIO_ANNOTATION = "io.katacontainers.x.vfio"
 VFIO_CONTAINER_DEV = "/dev/vfio/vfio"
 # podman-py's run() returns None with the k8s-file driver (facts.md §4); json-file works.
 LOG_CONFIG = {"Type": "json-file", "Config": {}}
@@ -46,10 +54,10 @@ class RunResult:
     seconds: float = 0.0
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.exit_code == 0
 
-    def json(self):
+    def json(self) -> Any:
         """The last JSON line the container printed on stdout (the probe's report)."""
         for line in reversed(self.stdout.strip().splitlines()):
             line = line.strip()
@@ -57,7 +65,7 @@ class RunResult:
                 return json.loads(line)
         raise ValueError(f"container {self.name} printed no JSON on stdout: {self.stdout[-300:]!r} / {self.stderr[-300:]!r}")
 
-    def __str__(self):
+    def __str__(self) -> str:
         return (f"container {self.name} ({self.oci_runtime}) exit {self.exit_code}\n--- stdout\n{self.stdout}"
                 f"--- stderr\n{self.stderr}")
 
@@ -67,10 +75,10 @@ class RunResult:
 BASE_ULIMITS = {"nofile": (20000, 20000), "nproc": (32768, 32768)}
 
 
-def ulimit_list(ulimits):
+def ulimit_list(ulimits: Mapping[str, int | tuple[int, int]] | None) -> list[dict[str, Any]]:
     """{'memlock': (soft, hard) or n} -> podman-py's [{'Name': 'memlock', 'Soft': s, 'Hard': h}]."""
     out = []
-    merged = dict(BASE_ULIMITS)
+    merged: dict[str, int | tuple[int, int]] = dict(BASE_ULIMITS)
     merged.update({k.lower().replace("rlimit_", ""): v for k, v in (ulimits or {}).items()})
     for name, v in merged.items():
         soft, hard = (v, v) if isinstance(v, int) else v
@@ -79,7 +87,7 @@ def ulimit_list(ulimits):
     return out
 
 
-def vfio_devices(dev_path):
+def vfio_devices(dev_path: str) -> list[str]:
     """The two nodes a VFIO user needs: the container node and the group node."""
     return [VFIO_CONTAINER_DEV, dev_path]
 
@@ -87,7 +95,8 @@ def vfio_devices(dev_path):
 DEV_MOUNT = {"type": "bind", "source": "/dev", "target": "/dev"}
 
 
-def vfio_recipe(kata, dev_path=None, vendor_device=None, dev_mount=True, device=True):
+def vfio_recipe(kata: bool, dev_path: str | None = None, vendor_device: str | None = None, dev_mount: bool = True,
+                device: bool = True) -> dict[str, Any]:
     """podman-py create options that give a container the VFIO group `dev_path`.
 
     On Kata 1.x, the seed's recipe: `-v /dev:/dev` (Kata maps a /dev bind mount to the
@@ -96,7 +105,7 @@ def vfio_recipe(kata, dev_path=None, vendor_device=None, dev_mount=True, device=
     node from the spec), and the annotation with the VF's `vendor_device` (the guest's PCI
     addresses are not the host's). Elsewhere (runc): the two nodes. `dev_mount`/`device`
     False leave a piece out (to break the subject on purpose)."""
-    opts = {"devices": [], "annotations": {}}
+    opts: dict[str, Any] = {"devices": [], "annotations": {}}
     if kata:
         opts["network_mode"] = "none"          # internetworking_model = "none" in our configuration.toml
         if dev_mount:
@@ -109,7 +118,7 @@ def vfio_recipe(kata, dev_path=None, vendor_device=None, dev_mount=True, device=
     return opts
 
 
-def runtime_is_kata(host, runtime, timeout=60):
+def runtime_is_kata(host: Host, runtime: str, timeout: float = 60) -> bool:
     """Whether podman's `runtime` on `host` is Kata: the executable it resolves to says
     `kata-runtime` in its `--version` (a kata-vfio wrapper passes the flag on)."""
     res = host.run(["podman", "--runtime", runtime, "info", "--format", "{{.Host.OCIRuntime.Path}}"], timeout=timeout)
@@ -123,14 +132,15 @@ def runtime_is_kata(host, runtime, timeout=60):
 class RuntimeClient:
     """podman-py bound to one runtime on one target. Use `open()`, and `close()` at the end."""
 
-    def __init__(self, service, client, owner=None):
+    def __init__(self, service: PodmanService, client: Any, owner: str | None = None) -> None:
         self.service, self.client = service, client
         self.runtime = service.runtime
         self.owner = owner or secrets.token_hex(6)
         self.made: List[str] = []  # ids of every container created, in order
 
     @classmethod
-    def open(cls, host, runtime, *, ping_timeout=60.0, owner=None, **service_kw):
+    def open(cls, host: Host, runtime: str, *, ping_timeout: float = 60.0, owner: str | None = None,
+             **service_kw: Any) -> RuntimeClient:
         import podman
 
         service = PodmanService(host, runtime, **service_kw).start()
@@ -143,8 +153,10 @@ class RuntimeClient:
         return cls(service, client, owner)
 
     # -- containers -------------------------------------------------------------
-    def create(self, image, command, *, devices=(), cap_add=(), cap_drop=(), ulimits=None, annotations=None,
-               name=None, labels=None, **extra):
+    def create(self, image: str, command: Iterable[str], *, devices: Iterable[str] = (), cap_add: Iterable[str] = (),
+               cap_drop: Iterable[str] = (), ulimits: Mapping[str, int | tuple[int, int]] | None = None,
+               annotations: Mapping[str, str] | None = None, name: str | None = None,
+               labels: Mapping[str, str] | None = None, **extra: Any) -> Any:
         """A created (not started) container; tracked for cleanup."""
         from podman.errors import APIError, ImageNotFound
 
@@ -172,7 +184,7 @@ class RuntimeClient:
         except Exception:  # noqa: BLE001 - cleanup() will look by label anyway
             pass
 
-    def start(self, image, command, **kw):
+    def start(self, image: str, command: Iterable[str], **kw: Any) -> Any:
         """Create and start a container; it keeps running. Raises ContainerError if start fails."""
         from podman.errors import APIError
 
@@ -185,7 +197,8 @@ class RuntimeClient:
         c.reload()
         return c
 
-    def run(self, image, command, *, timeout=180.0, keep=False, **kw):
+    def run(self, image: str, command: Iterable[str], *, timeout: float = 180.0, keep: bool = False,
+            **kw: Any) -> RunResult:
         """Run to completion and collect a RunResult (start failures are results too: exit_code None
         and the error in stderr). The container is removed unless `keep`."""
         from podman.errors import APIError
@@ -221,13 +234,13 @@ class RuntimeClient:
             if not keep:
                 self.remove(c.id)
 
-    def exec(self, container, command, timeout=60.0):
+    def exec(self, container: Any, command: Iterable[str], timeout: float = 60.0) -> tuple[int, str, str]:
         """(exit code, stdout, stderr) of a command in a running container."""
         rc, out = container.exec_run(list(command), demux=True)
         out, err = out if isinstance(out, tuple) else (out, b"")
         return rc, _text(out), _text(err)
 
-    def remove(self, cid, timeout=30):
+    def remove(self, cid: str, timeout: float = 30) -> None:
         from podman.errors import NotFound
 
         try:
@@ -235,11 +248,11 @@ class RuntimeClient:
         except NotFound:
             pass
 
-    def leftovers(self):
+    def leftovers(self) -> list[Any]:
         """Containers with our owner label still present (should be none after cleanup)."""
         return self.client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={self.owner}"})
 
-    def cleanup(self):
+    def cleanup(self) -> list[str]:
         """Remove every container this client made; returns the ids removed. Never raises for
         a container already gone."""
         removed = []
@@ -257,13 +270,13 @@ class RuntimeClient:
         self.made.clear()
         return removed
 
-    def image_exists(self, ref):
+    def image_exists(self, ref: str) -> bool:
         return self.client.images.exists(ref)
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         return self.client.info()
 
-    def close(self):
+    def close(self) -> None:
         """Remove our containers, close the client, stop the service."""
         try:
             self.cleanup()
@@ -273,10 +286,10 @@ class RuntimeClient:
             finally:
                 self.service.stop()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

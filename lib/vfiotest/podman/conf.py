@@ -9,24 +9,33 @@ before is recorded and put back at teardown; a file we wrote ourselves in a
 crashed earlier run (it carries MARKER) is removed instead of restored.
 """
 
+from __future__ import annotations
+
 import errno
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import tomlkit
 
 from ..errors import ProvisionError
 
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..host import Host
+
 DROPIN_DIR = "/etc/containers/containers.conf.d"
 DROPIN_PATH = f"{DROPIN_DIR}/50-vfiotest-podman.conf"
 MARKER = "# written by vfiotest (podman base settings); removed at teardown"
 
-BASE_SETTINGS = {
+BASE_SETTINGS: dict[str, dict[str, Any]] = {
     "containers": {"default_ulimits": ["nofile=20000:20000", "nproc=32768:32768"]},
     "engine": {"runtime": "runc", "cgroup_manager": "cgroupfs", "events_logger": "file"},
 }
 
 
-def render(settings=None):
+def render(settings: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The drop-in's text for `settings` (tables of keys), with the marker on top."""
     doc = tomlkit.document()
     doc.add(tomlkit.comment(MARKER[2:]))
@@ -38,7 +47,7 @@ def render(settings=None):
     return tomlkit.dumps(doc)
 
 
-def parse(text):
+def parse(text: str) -> dict[str, Any]:
     """The settings in a drop-in's text (plain dicts)."""
     return tomlkit.parse(text).unwrap()
 
@@ -46,9 +55,10 @@ def parse(text):
 class PodmanBaseSettings:
     """Write the drop-in on `host`, remember what was there, put it back with `restore()`."""
 
-    def __init__(self, host, settings=None, path=DROPIN_PATH):
+    def __init__(self, host: Host, settings: Mapping[str, Mapping[str, Any]] | None = None,
+                 path: str = DROPIN_PATH) -> None:
         self.host, self.settings, self.path = host, settings or BASE_SETTINGS, path
-        self.previous = None        # text that was at `path` before apply(), None if nothing
+        self.previous: str | None = None        # text that was at `path` before apply(), None if nothing
         self.created_dir = False
         self.applied = False
 
@@ -61,7 +71,7 @@ class PodmanBaseSettings:
             raise ProvisionError(f"cannot read {self.path} on {self.host.name}: {e}",
                                  hint="check permissions on /etc/containers on the target (the harness runs podman as root)") from e
 
-    def snapshot(self):
+    def snapshot(self) -> "PodmanBaseSettings":
         """Take what restore() will put back (apply() does it when not done): to record before writing."""
         old = self._read()
         # our own file left by a crashed run is not "the user's state": drop it at teardown
@@ -70,7 +80,7 @@ class PodmanBaseSettings:
         self._snapshotted = True
         return self
 
-    def apply(self):
+    def apply(self) -> str:
         if not getattr(self, "_snapshotted", False):
             self.snapshot()
         text = render(self.settings)
@@ -82,7 +92,7 @@ class PodmanBaseSettings:
         self.applied = True
         return text
 
-    def restore(self):
+    def restore(self) -> None:
         """Put back what apply() found (or remove the drop-in). Safe to call twice."""
         if not self.applied:
             return
@@ -94,11 +104,11 @@ class PodmanBaseSettings:
             self.host.write_atomic(self.path, self.previous, mode=0o644)
         self.applied = False
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self.apply()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.restore()
 
 

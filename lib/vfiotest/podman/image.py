@@ -14,6 +14,8 @@ A bare-metal runner can bring its own image (`--image`): it needs python3; the
 probe is then passed as `python3 -c <source>` (`Image.probe_command`).
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -22,11 +24,15 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Tuple
+from typing import TYPE_CHECKING, Any, Callable, Tuple
 
+from ..constants import cache_dir as _cache_dir
 from ..errors import ProvisionError
 
-CACHE_DIR = os.path.join(os.environ.get("VFIOTEST_CACHE_DIR") or "/var/cache/vfiotest", "images")
+if TYPE_CHECKING:
+    from ..host import Host
+
+CACHE_SUBDIR = "images"  # under constants.cache_dir()
 IMAGE_REPO = "localhost/vfiotest-probe"
 PROBE_IN_IMAGE = "/usr/local/bin/vfio-probe"
 PROBE_SOURCE = Path(__file__).with_name("probe.py")
@@ -48,27 +54,27 @@ class ImageRecipe:
                                    "/usr/share/perl5", "/var/cache/debconf/templates.dat-old", "/var/lib/apt/lists")
     mirror: str = ""  # empty: mmdebstrap's default (deb.debian.org), as the machine's own sources use
 
-    def inputs(self):
+    def inputs(self) -> dict[str, Any]:
         return {"recipe_version": RECIPE_VERSION, "suite": self.suite, "variant": self.variant,
                 "include": list(self.include), "exclude_paths": list(self.exclude_paths), "trim_paths": list(self.trim_paths),
                 "mirror": self.mirror,
                 "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest()}
 
-    def key(self):
+    def key(self) -> str:
         return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
 
     @property
-    def tag(self):
+    def tag(self) -> str:
         return self.key()[:12]
 
     @property
-    def ref(self):
+    def ref(self) -> str:
         return f"{IMAGE_REPO}:{self.tag}"
 
-    def tarball(self, cache_dir=None):
-        return Path(cache_dir or CACHE_DIR) / f"vfiotest-probe-{self.tag}.tar"
+    def tarball(self, cache_dir: str | None = None) -> Path:
+        return Path(cache_dir or _cache_dir(CACHE_SUBDIR)) / f"vfiotest-probe-{self.tag}.tar"
 
-    def mmdebstrap_command(self, out):
+    def mmdebstrap_command(self, out: str | Path) -> list[str]:
         cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in self.exclude_paths]
         cmd += [f"--customize-hook=upload {PROBE_SOURCE} {PROBE_IN_IMAGE}",
@@ -91,13 +97,14 @@ class Image:
     timings: dict = field(default_factory=dict)
 
     @property
-    def probe_command(self):
+    def probe_command(self) -> list[str]:
         if self.built:
             return [PROBE_IN_IMAGE]
         return ["python3", "-c", PROBE_SOURCE.read_text()]
 
 
-def build_tarball(recipe=None, cache_dir=None, rebuild=False, progress=None, timeout=900):
+def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = None, rebuild: bool = False,
+                  progress: Callable[[str], None] | None = None, timeout: float = 900) -> tuple[Path, float]:
     """The cached rootfs tarball for `recipe`, built if missing. Returns (path, seconds spent building or 0)."""
     import filelock
 
@@ -129,12 +136,12 @@ def build_tarball(recipe=None, cache_dir=None, rebuild=False, progress=None, tim
         return out, time.monotonic() - t0
 
 
-def image_exists(host, ref, timeout=60):
+def image_exists(host: Host, ref: str, timeout: float = 60) -> bool:
     # CLI: a single round trip before any API service exists (the image is shared by all of them)
     return host.run(["podman", "image", "exists", ref], timeout=timeout).rc == 0
 
 
-def import_tarball(host, tarball, ref, timeout=600):
+def import_tarball(host: Host, tarball: str | Path, ref: str, timeout: float = 600) -> None:
     """`podman import` the tarball on `host` as `ref` (copied there first unless the target
     sees the same file at the same path). CLI on purpose: podman-py has no import call, and
     the API would stream 125 MB through the socket for a file already on the target's disk."""
@@ -169,7 +176,8 @@ def _upload(host, local, remote):
         sftp.close()
 
 
-def ensure_image(host, image=None, recipe=None, cache_dir=None, rebuild=False, progress=None):
+def ensure_image(host: Host, image: str | None = None, recipe: ImageRecipe | None = None,
+                 cache_dir: str | None = None, rebuild: bool = False, progress: Callable[[str], None] | None = None) -> Image:
     """The image to run on `host`: the user's `image` (checked to exist), or ours built and imported."""
     if image:
         if not image_exists(host, image):

@@ -37,7 +37,7 @@ import sys
 try:
     import json
 except ImportError:  # python3-minimal has no json package: a small encoder is enough
-    json = None
+    json = None  # type: ignore[assignment]
 
 # <linux/vfio.h>: every VFIO ioctl is _IO(VFIO_TYPE, VFIO_BASE + n), no size encoded.
 VFIO_TYPE = ord(";")

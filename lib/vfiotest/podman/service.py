@@ -15,6 +15,8 @@ Reaching the socket:
   exec, ~0.1-0.3 s under TCG) per HTTP connection; requests keeps connections alive.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import secrets
@@ -23,13 +25,19 @@ import shlex
 import socket
 import tempfile
 import threading
-import time
+from typing import TYPE_CHECKING, Any
 
+from ..constants import PODMAN_SOCKET_DIR
 from ..errors import ProvisionError, TargetError
+from ..host import wait_for
+
+if TYPE_CHECKING:
+    from ..host import Host
+    from ..sshhost import SshHost
 
 log = logging.getLogger(__name__)
 
-SOCKET_DIR = "/run/vfiotest/podman"
+SOCKET_DIR = PODMAN_SOCKET_DIR
 
 # Runs on the target: relay stdin/stdout <-> the unix socket argv[1].
 RELAY_SCRIPT = r"""
@@ -58,18 +66,19 @@ while True:
 class PodmanService:
     """`podman --runtime RUNTIME system service` on `host`, detached; `start()`, `stop()`, `.url`."""
 
-    def __init__(self, host, runtime, socket_dir=SOCKET_DIR, podman="podman", start_timeout=60.0):
+    def __init__(self, host: Host, runtime: str, socket_dir: str = SOCKET_DIR, podman: str = "podman",
+                 start_timeout: float = 60.0) -> None:
         self.host, self.runtime, self.podman = host, runtime, podman
         token = secrets.token_hex(4)
         base = f"{socket_dir}/{runtime}-{token}"
         self.socket_dir = socket_dir
         self.socket_path, self.pid_path, self.log_path = base + ".sock", base + ".pid", base + ".log"
         self.start_timeout = start_timeout
-        self.pid = None
-        self._forward = None
+        self.pid: int | None = None
+        self._forward: SocketForward | None = None
 
     # -- lifecycle on the target ------------------------------------------------
-    def start(self):
+    def start(self) -> PodmanService:
         inner = (f"echo $$ > {shlex.quote(self.pid_path)}; exec {shlex.quote(self.podman)} "
                  f"--runtime {shlex.quote(self.runtime)} system service --time=0 "
                  f"{shlex.quote('unix://' + self.socket_path)}")
@@ -96,11 +105,11 @@ class PodmanService:
         log.info("podman service for %s on %s: pid %s, %s", self.runtime, self.host.name, self.pid, self.socket_path)
         return self
 
-    def log_tail(self, lines=20):
+    def log_tail(self, lines: int = 20) -> str:
         res = self.host.run(["tail", "-n", str(lines), self.log_path], timeout=15)
         return res.stdout.strip() if res.ok else ""
 
-    def alive(self):
+    def alive(self) -> bool:
         return self.pid is not None and self._is_ours()
 
     def _is_ours(self):
@@ -108,7 +117,7 @@ class PodmanService:
         res = self.host.run(["cat", f"/proc/{self.pid}/cmdline"], timeout=15)
         return res.ok and self.socket_path in res.stdout.replace("\0", " ")
 
-    def stop(self, timeout=20.0):
+    def stop(self, timeout: float = 20.0) -> None:
         """Stop the service (TERM, then KILL), close the forward, remove socket/pid/log files."""
         if self._forward is not None:
             self._forward.close()
@@ -130,15 +139,15 @@ class PodmanService:
 
     # -- how the controller reaches the socket ------------------------------------
     @property
-    def url(self):
+    def url(self) -> str:
         """A base_url for podman.PodmanClient on the controller."""
         if self.host.is_local:
             return "unix://" + self.socket_path
         if self._forward is None:
-            self._forward = SocketForward(self.host, self.socket_path)
+            self._forward = SocketForward(self.host, self.socket_path)  # type: ignore[arg-type]  # not local: an SshHost
         return "unix://" + self._forward.path
 
-    def __enter__(self):
+    def __enter__(self) -> PodmanService:
         return self.start()
 
     def __exit__(self, *exc):
@@ -152,7 +161,7 @@ class SocketForward:
     """A local unix socket whose connections are relayed to `remote_path` on an SshHost
     through session channels of its paramiko connection (see the module docstring)."""
 
-    def __init__(self, host, remote_path, channel_timeout=30.0):
+    def __init__(self, host: SshHost, remote_path: str, channel_timeout: float = 30.0) -> None:
         self.host, self.remote_path, self.channel_timeout = host, remote_path, channel_timeout
         self.dir = tempfile.mkdtemp(prefix="vfiotest-podman-")  # 0700: only we reach the API
         self.path = os.path.join(self.dir, "podman.sock")
@@ -160,7 +169,7 @@ class SocketForward:
         self._listener.bind(self.path)
         self._listener.listen(16)
         self._closed = False
-        self._conns = set()
+        self._conns: set[tuple[socket.socket, Any]] = set()
         self._lock = threading.Lock()
         self.channels_opened = 0
         threading.Thread(target=self._accept_loop, name="podman-forward", daemon=True).start()
@@ -239,16 +248,19 @@ class SocketForward:
                 pass
 
 
-def wait_for_ping(client, timeout=30.0):
+def wait_for_ping(client: Any, timeout: float = 30.0) -> bool:
     """Poll the API until it answers `ping` (the socket can exist before it serves)."""
-    deadline = time.monotonic() + timeout
     last = None
-    while time.monotonic() < deadline:
+
+    def ping():
+        nonlocal last
         try:
-            if client.ping():
-                return True
+            return client.ping()
         except Exception as e:  # noqa: BLE001 - connection errors of several kinds until it is up
             last = e
-        time.sleep(0.2)
+            return False
+
+    if wait_for(ping, timeout, 0.2, "the podman API to answer ping", fail=False):
+        return True
     raise ProvisionError(f"the podman API did not answer ping within {timeout:.0f} s: {last}",
                          hint="read the service log on the target (PodmanService.log_tail())")

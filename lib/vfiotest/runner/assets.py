@@ -12,6 +12,8 @@ Everything is built into a temporary name and renamed into place, under a
 file lock, so concurrent sessions never see half a cache entry.
 """
 
+from __future__ import annotations
+
 import gzip
 import hashlib
 import io
@@ -20,21 +22,22 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable
 
 import filelock
 
+from .. import constants
+from ..constants import CACHE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError
 from . import guestinit
 
-CACHE_ENV = "VFIOTEST_CACHE_DIR"
-DEFAULT_CACHE_DIR = "/var/cache/vfiotest"
 KERNEL_PKG_ENV = "VFIOTEST_RUNNER_KERNEL"  # e.g. linux-image-6.1.0-56-amd64
 KERNEL_SERIES = "6.1"
 BUSYBOX = "/bin/busybox"
 
 
-def cache_root():
-    return os.path.join(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR, "runner")
+def cache_root() -> str:
+    return constants.cache_dir("runner")
 
 
 def _say(progress, text):
@@ -65,7 +68,7 @@ def _version_key(v):
 class Kernel:
     """An unpacked kernel package: `vmlinuz`, `modules` (the /lib/modules/<kver> dir), `kver`."""
 
-    def __init__(self, root):
+    def __init__(self, root: str) -> None:
         self.root = root
         boot = os.path.join(root, "boot")
         names = sorted(n for n in os.listdir(boot) if n.startswith("vmlinuz-"))
@@ -77,7 +80,7 @@ class Kernel:
         self.modules = os.path.join(root, "lib", "modules", self.kver)
         self.package = os.path.basename(root)
 
-    def module_paths(self, names):
+    def module_paths(self, names: Iterable[str]) -> list[str]:
         """Absolute .ko paths for `names` and everything they depend on, dependencies first."""
         deps = {}
         for line in open(os.path.join(self.modules, "modules.dep")):
@@ -118,7 +121,7 @@ def _modname(path):
     return base.replace("-", "_")
 
 
-def resolve_kernel_package():
+def resolve_kernel_package() -> tuple[str, str]:
     """(package, version) of Debian's 6.1 kernel image, from the machine's apt sources."""
     forced = os.environ.get(KERNEL_PKG_ENV)
     if forced:
@@ -159,7 +162,7 @@ def _cached_kernels():
                   if os.path.exists(os.path.join(d, n, ".complete")))
 
 
-def ensure_kernel(progress=None):
+def ensure_kernel(progress: Callable[[str], None] | None = None) -> Kernel:
     """The kernel, downloaded and unpacked on first use."""
     try:
         pkg, ver = resolve_kernel_package()
@@ -232,7 +235,7 @@ class CpioWriter:
         self._entry("TRAILER!!!", 0, nlink=1)
 
 
-def initramfs_inputs(kernel):
+def initramfs_inputs(kernel: Kernel) -> str:
     """Everything the initramfs is made of, for its cache key."""
     h = hashlib.sha256()
     h.update(kernel.package.encode() + b"\0" + kernel.kver.encode() + b"\0")
@@ -243,7 +246,7 @@ def initramfs_inputs(kernel):
     return h.hexdigest()[:16]
 
 
-def ensure_initramfs(kernel, progress=None):
+def ensure_initramfs(kernel: Kernel, progress: Callable[[str], None] | None = None) -> str:
     """Path of the initramfs for `kernel`, built when its inputs changed."""
     if not os.path.exists(BUSYBOX):
         raise ProvisionError(f"{BUSYBOX} is missing: the runner's initramfs needs busybox-static",
@@ -291,7 +294,7 @@ def ensure_initramfs(kernel, progress=None):
 
 # -- keys ----------------------------------------------------------------------
 
-def ensure_keys(ssh_dir):
+def ensure_keys(ssh_dir: str) -> dict[str, str]:
     """The runner's host key and client key (ed25519), made once. Returns their paths."""
     os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
     keys = {}
@@ -307,6 +310,6 @@ def ensure_keys(ssh_dir):
     return keys
 
 
-def public_key(path):
+def public_key(path: str) -> str:
     """`type base64` of an OpenSSH public key file."""
     return " ".join(open(path + ".pub").read().split()[:2])

@@ -1,5 +1,8 @@
 """`vfiotest runner up | down | status | ssh | console`."""
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import sys
@@ -12,7 +15,7 @@ def _progress(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def cmd_up(args):
+def cmd_up(args: argparse.Namespace) -> int:
     r = Runner.default(**({"boot_timeout": args.timeout} if args.timeout else {}))
     r.up(progress=_progress, persistent=True)
     st = r.status()
@@ -23,14 +26,14 @@ def cmd_up(args):
     return 0
 
 
-def cmd_down(args):
+def cmd_down(args: argparse.Namespace) -> int:
     r = Runner.default()
     stopped = r.down(progress=_progress)
     print("runner stopped" if stopped else "no runner was running")
     return 0
 
 
-def cmd_status(args):
+def cmd_status(args: argparse.Namespace) -> int:
     st = Runner.default().status()
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
@@ -60,13 +63,13 @@ def _kept_by(st):
     return "nobody (orphaned: the next up or down stops it)"
 
 
-def cmd_ssh(args):
+def cmd_ssh(args: argparse.Namespace) -> int:
     argv = Runner.default().ssh_argv(args.command)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
 
-def cmd_console(args):
+def cmd_console(args: argparse.Namespace) -> int:
     r = Runner.default()
     for line in r.console_tail(args.lines):
         print(line)
@@ -88,7 +91,7 @@ def cmd_console(args):
             return 0
 
 
-def register(subparsers):
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("runner", help="the emulated SR-IOV runner VM (the `virtual` target)",
                               description="The emulated SR-IOV runner: a QEMU VM with a vIOMMU and igb/NVMe "
                                           "SR-IOV PFs, reached over SSH. See docs/runner.md.")

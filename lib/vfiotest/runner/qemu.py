@@ -1,5 +1,7 @@
 """The QEMU side of the runner: what this QEMU can do, and the command line."""
 
+from __future__ import annotations
+
 import functools
 import re
 import shutil
@@ -15,7 +17,7 @@ ROOT_TAG = "vfiotest-root"
 PF_IDS = {"igb": ("8086", "10c9"), "nvme": ("1b36", "0010")}
 
 
-def find_qemu(explicit=None):
+def find_qemu(explicit: str | None = None) -> str:
     import os
 
     path = explicit or os.environ.get(QEMU_ENV) or shutil.which("qemu-system-x86_64")
@@ -27,7 +29,7 @@ def find_qemu(explicit=None):
 
 
 @functools.lru_cache(maxsize=None)
-def qemu_version(path):
+def qemu_version(path: str) -> tuple[int, int]:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)
     if not m:
@@ -37,19 +39,20 @@ def qemu_version(path):
 
 
 @functools.lru_cache(maxsize=None)
-def qemu_devices(path):
+def qemu_devices(path: str) -> set[str]:
     out = subprocess.run([path, "-nodefaults", "-machine", "none", "-device", "help"],
                          capture_output=True, text=True, timeout=30).stdout
     return set(re.findall(r'^name "([^"]+)"', out, re.M))
 
 
-def has_igb(path):
+def has_igb(path: str) -> bool:
     """igb SR-IOV needs QEMU 8.0 or later (Debian 12: bookworm-backports)."""
     return qemu_version(path) >= IGB_MIN_VERSION and "igb" in qemu_devices(path)
 
 
-def command(qemu, *, kernel, initrd, append, port, console_log, pidfile, nvme_image,
-            memory_mb=3072, cpus=2, igb=True, name="vfiotest-runner"):
+def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
+            nvme_image: str, memory_mb: int = 3072, cpus: int = 2, igb: bool = True,
+            name: str = "vfiotest-runner") -> list[str]:
     """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates."""
     argv = [
         qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",

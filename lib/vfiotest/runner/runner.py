@@ -11,22 +11,27 @@ stops it. QEMU's own PID is in the pidfile QEMU writes itself; every QEMU whose
 command line names that pidfile belongs to this runner.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import filelock
-import paramiko
+import paramiko  # type: ignore[import-untyped]
 
+from .. import constants
+from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
+from ..host import wait_for
 from ..sshhost import SshHost, wait_for_ssh_banner
 from . import assets, qemu
 
-STATE_ENV = "VFIOTEST_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/vfiotest"
 BOOT_TIMEOUT_ENV = "VFIOTEST_RUNNER_BOOT_TIMEOUT"
 DEFAULT_BOOT_TIMEOUT = 240.0
 CONSOLE_TAIL = 40
@@ -51,7 +56,7 @@ def _me():
     return (os.getpid(), _proc_start(os.getpid()))
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,7 +65,8 @@ def free_port():
 class Runner:
     """The runner VM that lives in `state_dir`."""
 
-    def __init__(self, state_dir, *, memory_mb=3072, cpus=None, boot_timeout=None, qemu_path=None):
+    def __init__(self, state_dir: str, *, memory_mb: int = 3072, cpus: int | None = None,
+                 boot_timeout: float | None = None, qemu_path: str | None = None) -> None:
         self.state_dir = state_dir
         # One vCPU by default: with two, the guest kernel under TCG was seen losing CPU 1's timer
         # (RCU stalls, "timer wakeup didn't happen", SSH dead) when four SSH sessions started at once.
@@ -76,20 +82,19 @@ class Runner:
         self.nvme_image = os.path.join(state_dir, "nvme0.img")
 
     @classmethod
-    def default(cls, **kw):
-        base = os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
-        return cls(os.path.join(base, "runner"), **kw)
+    def default(cls, **kw: Any) -> Runner:
+        return cls(constants.state_dir("runner"), **kw)
 
     def __repr__(self):
         return f"<Runner {self.state_dir}>"
 
     # -- facts -------------------------------------------------------------------
     @property
-    def qemu(self):
+    def qemu(self) -> str:
         return qemu.find_qemu(self._qemu_path)
 
     @property
-    def qemu_has_igb(self):
+    def qemu_has_igb(self) -> bool:
         """Whether this QEMU can emulate the igb PF (8.0 or later)."""
         try:
             return qemu.has_igb(self.qemu)
@@ -114,7 +119,7 @@ class Runner:
             json.dump(st, f, indent=2, sort_keys=True)
         os.replace(tmp, self.state_file)
 
-    def qemu_pids(self):
+    def qemu_pids(self) -> list[int]:
         """PIDs of the QEMU processes of this runner (normally one): found by their pidfile argument."""
         pids = []
         for name in os.listdir("/proc"):
@@ -168,7 +173,7 @@ class Runner:
     def _orphaned(self, st):
         return not st.get("persistent") and not self._users()
 
-    def is_up(self):
+    def is_up(self) -> bool:
         """True when this runner's QEMU runs, is kept by someone, and answers on SSH."""
         if not self.qemu_pids():
             return False
@@ -178,14 +183,14 @@ class Runner:
         return wait_for_ssh_banner("127.0.0.1", st["port"], timeout=3)
 
     @property
-    def port(self):
+    def port(self) -> int | None:
         return self._read_state().get("port")
 
-    def pfs(self):
+    def pfs(self) -> dict[str, str]:
         """kind -> PCI address of the SR-IOV PFs in the VM, e.g. {"igb": "0000:01:00.0", "nvme": "0000:02:00.0"}."""
         return dict(self._read_state().get("pfs") or {})
 
-    def status(self):
+    def status(self) -> dict[str, Any]:
         st = self._read_state()
         pids = self.qemu_pids()
         up = bool(pids) and bool(st.get("port"))
@@ -210,7 +215,7 @@ class Runner:
         return info
 
     # -- the SSH side -----------------------------------------------------------------
-    def host(self, register=True):
+    def host(self, register: bool = True) -> SshHost:
         """An SshHost for the VM, its host key pinned in this runner's known_hosts.
         Registers this process as a user of the runner (see `release`)."""
         st = self._read_state()
@@ -223,7 +228,7 @@ class Runner:
                        key_filename=os.path.join(self.ssh_dir, "client_ed25519_key"),
                        known_hosts=self.known_hosts, name="runner")
 
-    def ssh_argv(self, command=()):
+    def ssh_argv(self, command: Sequence[str] = ()) -> list[str]:
         """argv for the system ssh client into the VM (for `vfiotest runner ssh`)."""
         st = self._read_state()
         if not st.get("port") or not self.qemu_pids():
@@ -234,7 +239,7 @@ class Runner:
                 "root@127.0.0.1", *command]
 
     # -- lifecycle ---------------------------------------------------------------------
-    def up(self, progress=None, persistent=False):
+    def up(self, progress: Callable[[str], None] | None = None, persistent: bool = False) -> Runner:
         """Boot the runner, or reuse a running one that someone keeps. Returns self.
 
         `persistent` (the CLI's `runner up`) keeps it up until `down()`.
@@ -258,7 +263,7 @@ class Runner:
             self._boot(say, persistent)
             return self
 
-    def keep(self):
+    def keep(self) -> None:
         """Keep the runner up after this process ends (as `runner up` does), until `down()`."""
         with self._lock():
             st = self._read_state()
@@ -267,7 +272,7 @@ class Runner:
             st["persistent"] = True
             self._write_state(st)
 
-    def release(self):
+    def release(self) -> None:
         """This process no longer uses the runner: stop it if nobody else does and it is not persistent."""
         with self._lock():
             self._drop_user()
@@ -275,7 +280,7 @@ class Runner:
             if st and self._orphaned(st):
                 self._stop(self.qemu_pids())
 
-    def down(self, progress=None):
+    def down(self, progress: Callable[[str], None] | None = None) -> bool:
         """Stop the runner (and any QEMU of this state directory); nothing of it is left running."""
         say = progress or (lambda text: None)
         with self._lock():
@@ -291,18 +296,15 @@ class Runner:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_proc_start(p) is not None and _is_running(p) for p in pids):
-            time.sleep(0.05)
+        wait_for(lambda: not any(_proc_start(p) is not None and _is_running(p) for p in pids), 10, 0.05,
+                 "QEMU to exit after SIGTERM", fail=False)
         for pid in pids:
             if _proc_start(pid) is not None and _is_running(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_is_running(p) for p in pids):
-            time.sleep(0.05)
+        wait_for(lambda: not any(_is_running(p) for p in pids), 10, 0.05, "QEMU to exit after SIGKILL", fail=False)
         left = [p for p in pids if _is_running(p)]
         if left:
             raise ProvisionError(f"QEMU pid {left} of the runner did not stop after SIGKILL",
@@ -318,7 +320,7 @@ class Runner:
             except OSError:
                 pass
 
-    def console_tail(self, n=CONSOLE_TAIL):
+    def console_tail(self, n: int = CONSOLE_TAIL) -> list[str]:
         try:
             with open(self.console_log, "rb") as f:
                 f.seek(0, 2)
@@ -466,7 +468,7 @@ def _is_running(pid):
         return False
 
 
-def qemu_rss(pid):
+def qemu_rss(pid: int) -> int | None:
     """Resident memory of QEMU in bytes (VmRSS), or None."""
     try:
         with open(f"/proc/{pid}/status") as f:
