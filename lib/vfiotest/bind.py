@@ -226,7 +226,7 @@ def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
     if added:
         host.write_text(f"{SYS_PCI}/drivers/{VFIO_DRIVER}/remove_id", words)
         _done(recorder, id_entry)
-    for d, by_entry in zip(bystanders, by_entries):
+    for d, by_entry in zip(bystanders, by_entries, strict=True):
         if wait_driver(host, d.address, None, 0) == VFIO_DRIVER:
             _unbind(host, d.address, VFIO_DRIVER)
         _done(recorder, by_entry)
@@ -441,6 +441,6 @@ class DeviceManager:
         restore_entries(self.host, self.journal)
 
 
-__all__ = ["DeviceManager", "MemoryJournal", "bind_to_vfio", "bind_group_to_vfio", "restore_driver",
+__all__ = ["DeviceManager", "bind_to_vfio", "bind_group_to_vfio", "restore_driver",
            "restore_entry", "restore_entries", "ensure_vfio_driver", "read_device", "device_states", "device_state",
            "state_dict", "undo_driver", "undo_new_id", "wait_driver", "VFIO_DRIVER", "JOURNAL_KINDS"]

@@ -4,12 +4,11 @@ import argparse
 import json
 import sys
 
+from . import prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import add_target_argument
-
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool
-from . import prereqs
 from .pci import PciAddress, read_inventory
 from .profiles import get_profile
 from .targets import default_profile, open_host, target_spec
@@ -70,7 +69,7 @@ def cmd_devices(args):
                       ",".join(r["net"]) or "-", "; ".join(r["notes"])))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head) - 1)]
     for row in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     print(f"\nprofile {profile.name}; host {inv.identity.get('hostname')}; "
           f"{len(inv.devices)} devices, {len(inv.groups)} IOMMU groups")
     return 0
@@ -90,7 +89,7 @@ def cmd_bind(args):
     group = inv.device(address).iommu_group
     for a in bound:
         print(f"{a} is on {VFIO_DRIVER}")
-    print(f"IOMMU group {group}: /dev/vfio/{group} ({inv.vfio.get(group, 'missing')})")
+    print(f"IOMMU group {group}: /dev/vfio/{group} ({inv.vfio.get(group or '', 'missing')})")
     print("undo with: vfiotest unbind " + address + (" (each device of the group)" if len(bound) > 1 else ""))
     return 0
 

@@ -151,7 +151,7 @@ def undo_entries(host: Any, recorder: Recorder, entries: list[Entry] | None = No
     where = _where(recorder)
     kinds = [kind_of(e, where) for e in todo]
     failed = []
-    for entry, kind in reversed(list(zip(todo, kinds))):
+    for entry, kind in reversed(list(zip(todo, kinds, strict=True))):
         try:
             kind.undo(host, entry)
         except (OSError, HarnessError) as e:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 
 from .errors import CommandTimeout, TargetError
 from .host import (

@@ -129,7 +129,7 @@ def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
             vf.members = manager.bind_group(vf.address)
         except HarnessError as e:
             raise BindError(f"binding {vf.address} (group {vf.group}) to vfio-pci failed: {e}",
-                            hint=getattr(e, "hint", None)) from e
+                            hint=getattr(e, "hint", "") or "") from e
         yield vf
     finally:
         manager.restore_group(vf.address)

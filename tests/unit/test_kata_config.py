@@ -27,7 +27,7 @@ def settings(**kw):
 
 
 def comments(text):
-    return [l for l in text.splitlines() if l.lstrip().startswith("#")]
+    return [line for line in text.splitlines() if line.lstrip().startswith("#")]
 
 
 def test_derived_config_has_every_setting_the_seed_needs(kata_text):

@@ -7,7 +7,6 @@ mutating write. The parent then runs what `vfiotest restore` runs
 (journal.restore_orphans) and compares the inventory with the first one.
 """
 
-import json
 import os
 import signal
 import subprocess

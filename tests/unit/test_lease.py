@@ -1,9 +1,7 @@
 """Leases of IOMMU groups: one holder at a time, across processes; dead holders release."""
 
-import json
 import subprocess
 import sys
-import time
 
 import pytest
 

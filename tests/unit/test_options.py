@@ -33,7 +33,7 @@ def pytest_child(tmp_path, *args, env=None):
 def shown(p):
     import json
 
-    line = next(l for l in p.stdout.splitlines() if l.startswith("OPTIONS "))
+    line = next(out for out in p.stdout.splitlines() if out.startswith("OPTIONS "))
     return json.loads(line[len("OPTIONS "):])
 
 

@@ -1,7 +1,6 @@
 """The in-container probe: ioctl numbers and struct layouts against <linux/vfio.h>, and its error paths."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -21,7 +21,7 @@ def test_cpio_is_read_back_by_cpio(tmp_path):
         w.file("odd", b"x" * 5)
         w.close()
     listing = subprocess.run(["cpio", "-itv", "--quiet", "-F", str(path)], capture_output=True, text=True, check=True).stdout
-    lines = {l.split()[-1] if "->" not in l else l.split()[-3]: l for l in listing.splitlines()}
+    lines = {ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln for ln in listing.splitlines()}
     assert set(lines) == {"bin", "bin/tool", "bin/sh", "console", "odd"}
     assert lines["bin/tool"].startswith("-rwxr-xr-x") and " root " in lines["bin/tool"]
     assert lines["console"].startswith("crw-------") and "5," in lines["console"]

@@ -131,7 +131,8 @@ def test_errors_carry_fields(sim):
 
 
 def test_numvfs_entry_is_undone_by_the_journal(sim):
-    from vfiotest.journal import MemoryJournal as JournalsMemory, registered_kinds
+    from vfiotest.journal import MemoryJournal as JournalsMemory
+    from vfiotest.journal import registered_kinds
 
     assert registered_kinds()["numvfs"].undo is sriov.restore_numvfs
     j = JournalsMemory()

@@ -546,7 +546,8 @@ def choose_kata(host: Host, progress: Progress = None, shares_controller_fs: boo
     have = (f"Kata {installed.version} at {installed.path} is installed on {host.name}" if installed.installed
             else f"no Kata is installed on {host.name}")
 
-    def with_bundle(reason):
+    def with_bundle(reason: str) -> KataChoice:
+        assert path is not None          # how is "env" or "default" only with a path
         bundle = unpack_bundle(path, progress=progress)
         if bundle.major != 1:
             raise ProvisionError(f"the bundle {path} is Kata {bundle.version}, not 1.x: podman cannot drive it",

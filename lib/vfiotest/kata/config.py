@@ -124,7 +124,7 @@ def _set(table: Any, key: str, value: object) -> None:
 def derive_config(base_text: str, settings: KataVfioSettings, source: str = "(text)") -> str:
     """The kata-vfio configuration.toml as text, derived from `base_text` with comments kept."""
     # a file derived before: drop our header, derive again from the rest
-    base_text = "".join(l for l in base_text.splitlines(True) if not l.startswith(f"# {MARKER} from "))
+    base_text = "".join(line for line in base_text.splitlines(True) if not line.startswith(f"# {MARKER} from "))
     try:
         doc = tomlkit.parse(base_text)
     except Exception as e:

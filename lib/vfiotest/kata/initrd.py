@@ -211,7 +211,7 @@ def _python_files(lib_dir, timeout=60):
         p = subprocess.run([GUEST_PYTHON, "-S", "-c", probe], capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise ProvisionError(f"{GUEST_PYTHON} is missing: the guest hook runs with Debian's python3",
-                             hint="install the Debian package python3-minimal (a pyenv python cannot be copied into an image)")
+                             hint="install the Debian package python3-minimal (a pyenv python cannot be copied into an image)") from None
     if p.returncode != 0:
         raise ProvisionError(f"importing the hook with {GUEST_PYTHON} failed: {p.stderr.strip()[-400:]}",
                              hint="the hook and vfiotest.{bind,host,pci,errors} must import with the standard library only")

@@ -52,7 +52,7 @@ class GuestKernel:
         if not os.path.exists(path):
             return False
         with open(path) as f:
-            return any(re.sub(r"\.ko$", "", os.path.basename(l.strip())).replace("-", "_") == want for l in f)
+            return any(re.sub(r"\.ko$", "", os.path.basename(line.strip())).replace("-", "_") == want for line in f)
 
 
 def debian_kernel(progress: Callable[[str], None] | None = None) -> GuestKernel:

@@ -22,7 +22,7 @@ import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import ProvisionError, TargetError
 from .standin_agent import REPORT_BEGIN, REPORT_END, REPORT_LINE
@@ -38,16 +38,16 @@ def parse_report(console: str) -> dict[str, Any] | None:
     """The stand-in's report from console text; None when there is none (the guest
     did not get that far). Raises ProvisionError when it is there but damaged."""
     lines = console.replace("\r", "").split("\n")
-    begin = next((i for i, l in enumerate(lines) if l.startswith(REPORT_BEGIN)), None)
+    begin = next((i for i, line in enumerate(lines) if line.startswith(REPORT_BEGIN)), None)
     if begin is None:
         return None
     _, size, digest = lines[begin].split()[:3]
     chunks = {}
-    for l in lines[begin + 1:]:
-        if l.startswith(REPORT_END):
+    for line in lines[begin + 1:]:
+        if line.startswith(REPORT_END):
             break
-        if l.startswith(REPORT_LINE):
-            parts = l[len(REPORT_LINE):].split()
+        if line.startswith(REPORT_LINE):
+            parts = line[len(REPORT_LINE):].split()
             if len(parts) == 2 and parts[0].isdigit():
                 chunks[int(parts[0])] = parts[1]
     blob = base64.b64decode("".join(chunks[k] for k in sorted(chunks)) or b"")
@@ -65,6 +65,8 @@ class GuestReport:
     console: str
     boot_seconds: float                     # QEMU start to power-off, measured in the runner
     command: List[str] = field(default_factory=list)
+    #: the container id the hook logged for the guest's main run (set by the guest backend)
+    main_container: Optional[str] = None
 
     @property
     def runs(self) -> list[dict[str, Any]]:

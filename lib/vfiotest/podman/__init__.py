@@ -9,7 +9,7 @@
 - `probe`: the in-container VFIO probe (standard library only).
 """
 
-from .client import ContainerError, RunResult, RuntimeClient, VFIO_ANNOTATION, vfio_devices
+from .client import VFIO_ANNOTATION, ContainerError, RunResult, RuntimeClient, vfio_devices
 from .conf import PodmanBaseSettings
 from .image import Image, ImageRecipe, ensure_image
 from .service import PodmanService

@@ -137,6 +137,8 @@ class RuntimeClient:
         self.runtime = service.runtime
         self.owner = owner or secrets.token_hex(6)
         self.made: List[str] = []  # ids of every container created, in order
+        #: the kata-vfio registration (vfiotest.kata.runtime.RuntimeInfo) the client was opened for, if any
+        self.runtime_info: Any = None
 
     @classmethod
     def open(cls, host: Host, runtime: str, *, ping_timeout: float = 60.0, owner: str | None = None,

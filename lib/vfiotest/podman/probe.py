@@ -33,6 +33,7 @@ import fcntl
 import os
 import struct
 import sys
+from typing import Any
 
 try:
     import json
@@ -141,14 +142,14 @@ def _ioctl(step, fd, request, arg=0):
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as e:
-        raise ProbeFailed(step, f"{step}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno, '?')})", e.errno) from None
+        raise ProbeFailed(step, f"{step}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno or 0, '?')})", e.errno) from None
 
 
 def _open(step, path, flags=os.O_RDWR):
     try:
         return os.open(path, flags)
     except OSError as e:
-        raise ProbeFailed(step, f"{step}: cannot open {path}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno, '?')})", e.errno) from None
+        raise ProbeFailed(step, f"{step}: cannot open {path}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno or 0, '?')})", e.errno) from None
 
 
 def find_group(vfio_dir):
@@ -250,7 +251,7 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
         r["num_regions"], r["num_irqs"] = nregions, nirqs
         steps.append("device-info")
 
-        regions = []
+        regions: list[dict[str, Any]] = []
         for i in range(nregions):
             ri = encode_region_info(i)
             name = PCI_REGION_NAMES[i] if r["pci"] and i < len(PCI_REGION_NAMES) else str(i)
@@ -361,7 +362,7 @@ def main(argv=None):
         a = p.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
-    report = {"ok": False}
+    report: dict[str, Any] = {"ok": False}
     held = []
 
     def hold(r):

@@ -88,7 +88,7 @@ class Kernel:
             deps[_modname(path)] = (path, rest.split())
         builtin = set()
         try:
-            builtin = {_modname(l.strip()) for l in open(os.path.join(self.modules, "modules.builtin"))}
+            builtin = {_modname(line.strip()) for line in open(os.path.join(self.modules, "modules.builtin"))}
         except FileNotFoundError:
             pass
         order, seen = [], set()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import filelock
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 
 from .. import constants
 from ..constants import STATE_ENV  # noqa: F401  (re-exported)
@@ -139,7 +139,7 @@ class Runner:
 
     def _users(self):
         """Live users (pid, start), pruning dead ones."""
-        live = []
+        live: list[tuple[int, int]] = []
         try:
             names = os.listdir(self.users_dir)
         except FileNotFoundError:
@@ -352,7 +352,7 @@ class Runner:
         ])
         host_pub = assets.public_key(keys["host"])
         last_err = ""
-        for attempt in range(8):
+        for _attempt in range(8):
             port = free_port()
             with open(self.known_hosts, "w") as f:
                 f.write(f"[127.0.0.1]:{port} {host_pub}\n")
@@ -383,7 +383,7 @@ class Runner:
             f.write(" ".join(argv) + "\n")
         pids = self.qemu_pids()
         me = _me()
-        st = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
+        st: dict[str, Any] = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
               "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me)}
         self._write_state(st)
         self._add_user(me)
