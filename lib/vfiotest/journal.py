@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import constants
 from .errors import HarnessError, JournalError, UnbindError
 
-JOURNAL_ROOT = "/var/lib/vfiotest/journal"
+JOURNAL_ROOT = constants.JOURNAL_DIR
 VERSION = 1
 
 #: The modules that own entry kinds (each has a JOURNAL_KINDS list), imported on first use.

@@ -17,9 +17,10 @@ import socket
 import time
 from typing import Any
 
+from . import constants
 from .errors import LeaseBusy
 
-LEASE_ROOT = "/run/vfiotest/leases"
+LEASE_ROOT = constants.LEASE_DIR
 
 
 def who_am_i(test_id: str | None = None, worker: str | None = None, session: str | None = None) -> dict[str, Any]:
