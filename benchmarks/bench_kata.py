@@ -43,7 +43,7 @@ def bench_nested(built):
         inv = read_inventory(host)
         vfs = [d for d in inv.devices.values() if d.vendor_device == "8086:10ca" and d.iommu_group]
         if not vfs:  # make one VF on the igb PF for the measurement, put the count back after
-            from vfiotest.bind import MemoryJournal
+            from vfiotest.journal import MemoryJournal
             from vfiotest.sriov import restore_numvfs, set_numvfs
 
             pf = next(d for d in inv.devices.values() if d.vendor_device == "8086:10c9")

@@ -54,47 +54,6 @@ def _found(inv: Inventory, address: PciAddress, host: Any) -> PciDevice:
     return dev
 
 
-def state_dict(inv: Inventory, address: str) -> dict[str, Any]:
-    """The dict view of one device of `inv` that device_states() returns: exists, driver, override,
-    override_attr, vendor_device, class, group, members (of the group), vfio_node."""
-    dev = inv.devices.get(PciAddress(address))
-    if dev is None:
-        return {"exists": False}
-    g = dev.iommu_group
-    return {"exists": True, "driver": dev.driver, "override_attr": dev.has_override, "override": dev.driver_override,
-            "vendor_device": dev.vendor_device, "class": dev.pci_class, "group": g,
-            "members": list(inv.groups.get(g, [address])) if g else [address],
-            "vfio_node": inv.vfio.get(g) if g else None}
-
-
-def device_states(host: Any, addresses: Iterable[str] | None = None, timeout: float = 30) -> dict[str, dict[str, Any]]:
-    """{address: state dict} for `addresses` (all devices when None), in one round trip: a dict
-    view (state_dict) of read_inventory, kept for the suites that compare these dicts."""
-    wanted = None if addresses is None else [str(a) for a in addresses]
-    if wanted == []:
-        return {}
-    inv = read_inventory(host, timeout, addresses=wanted)
-    return {a: state_dict(inv, a) for a in (wanted if wanted is not None else inv.devices)}
-
-
-def device_state(host: Any, address: str) -> dict[str, Any]:
-    """The state dict of one device (see device_states); DeviceNotFound when there is none."""
-    address = PciAddress(address)
-    inv = read_inventory(host, addresses=[address])
-    _found(inv, address, host)
-    return state_dict(inv, address)
-
-
-def __getattr__(name: str) -> Any:
-    # MemoryJournal lives in vfiotest.journal now; `from vfiotest.bind import MemoryJournal` keeps working.
-    # (Not imported at load time: the Kata guest ships bind.py without journal.py.)
-    if name == "MemoryJournal":
-        from .journal import MemoryJournal
-
-        return MemoryJournal
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _record(recorder: Any, entry: Entry) -> Entry:
     return recorder.record(entry) if recorder is not None else entry
 
@@ -442,5 +401,5 @@ class DeviceManager:
 
 
 __all__ = ["DeviceManager", "bind_to_vfio", "bind_group_to_vfio", "restore_driver",
-           "restore_entry", "restore_entries", "ensure_vfio_driver", "read_device", "device_states", "device_state",
-           "state_dict", "undo_driver", "undo_new_id", "wait_driver", "VFIO_DRIVER", "JOURNAL_KINDS"]
+           "restore_entry", "restore_entries", "ensure_vfio_driver", "read_device",
+           "undo_driver", "undo_new_id", "wait_driver", "VFIO_DRIVER", "JOURNAL_KINDS"]

@@ -4,8 +4,9 @@ import errno
 
 import pytest
 
-from vfiotest.bind import DeviceManager, MemoryJournal, bind_group_to_vfio, bind_to_vfio
+from vfiotest.bind import DeviceManager, bind_group_to_vfio, bind_to_vfio
 from vfiotest.errors import AddressError, BindError, DeviceNotFound, NotAllowed
+from vfiotest.journal import MemoryJournal
 from vfiotest.pci import read_inventory
 from vfiotest.simsysfs import SimulatedHost
 
@@ -275,16 +276,14 @@ def test_group_state_is_read_once_up_front(sim, monkeypatch):
     assert all(e[1] for e in events if e[0] == "read"), "no whole-host read to bind a group"
 
 
-def test_device_state_is_a_view_of_the_inventory(sim):
-    from vfiotest.bind import device_state, device_states, read_device
+def test_read_device_is_one_device_of_the_inventory(sim):
+    from vfiotest.bind import read_device
 
-    st = device_state(sim, VF)
     dev = read_device(sim, VF)
-    assert st["driver"] == dev.driver == "igbvf" and st["group"] == dev.iommu_group and st["override_attr"]
-    assert st["members"] == [VF] and st["vfio_node"] is None and st["exists"]
-    assert device_states(sim, [VF, "0000:00:1f.0"])["0000:00:1f.0"] == {"exists": False}
+    whole = read_inventory(sim).devices[VF]
+    assert dev == whole and dev.driver == "igbvf" and dev.has_override
     with pytest.raises(DeviceNotFound) as e:
-        device_state(sim, "0000:00:1f.0")
+        read_device(sim, "0000:00:1f.0")
     assert e.value.address == "0000:00:1f.0"
 
 

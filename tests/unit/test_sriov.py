@@ -3,8 +3,9 @@
 import pytest
 
 from vfiotest import sriov
-from vfiotest.bind import DeviceManager, MemoryJournal
+from vfiotest.bind import DeviceManager
 from vfiotest.errors import DeviceNotFound, NotAllowed, VFCreateError
+from vfiotest.journal import MemoryJournal
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.profiles import get_profile
@@ -131,11 +132,10 @@ def test_errors_carry_fields(sim):
 
 
 def test_numvfs_entry_is_undone_by_the_journal(sim):
-    from vfiotest.journal import MemoryJournal as JournalsMemory
     from vfiotest.journal import registered_kinds
 
     assert registered_kinds()["numvfs"].undo is sriov.restore_numvfs
-    j = JournalsMemory()
+    j = MemoryJournal()
     first = read_inventory(sim)
     sriov.set_numvfs(sim, PF, 3, journal=j)
     assert [e["kind"] for e in j.entries()] == ["numvfs"]
