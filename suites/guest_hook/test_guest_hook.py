@@ -20,10 +20,10 @@ def is_standin(guest):
 
 
 def guest_vfs(guest, vendor_device):
-    v, d = vendor_device.split(":")
+    """{address: PciDevice} of the guest's devices with that vendor:device (the guest's inventory)."""
     # real Kata has no snapshot before the hook: its state after still gives the IDs and the guest's groups
-    state = guest.pci_before if is_standin(guest) else guest.pci_after
-    return {a: s for a, s in state.items() if s["vendor"] == "0x" + v and s["device"] == "0x" + d}
+    inv = guest.inventory("before" if is_standin(guest) else "after")
+    return {a: d for a, d in inv.devices.items() if d.vendor_device == vendor_device}
 
 
 def test_agent_ran_the_hook_as_kata_does(guest, guest_boot):
@@ -53,19 +53,20 @@ def test_log_shows_each_device_rebound_with_its_guest_group(guest, guest_boot):
     for e in binds:
         assert e["result"] == "bound"
         if is_standin(guest):
-            assert e["old_driver"] == vfs[e["device"]]["driver"] == "igbvf"
+            assert e["old_driver"] == vfs[e["device"]].driver == "igbvf"
         # real Kata: whether igbvf bound before the hook ran depends on the hotplug timing (not asserted)
         assert e["new_driver"] == "vfio-pci"
-        assert e["group"] == vfs[e["device"]]["iommu_group"]       # the guest's own group
+        assert e["group"] == vfs[e["device"]].iommu_group       # the guest's own group
         assert e["time"] and e["vendor_device"] == guest_boot.annotation
 
 
 def test_dev_vfio_of_the_guest_group_exists(guest, guest_boot):
     vfs = guest_vfs(guest, guest_boot.annotation)
+    after = guest.inventory("after")
     for addr, before in vfs.items():
-        group = before["iommu_group"]
-        assert guest.pci_after[addr]["driver"] == "vfio-pci"
-        assert guest.dev_vfio.get(group) == "char", f"/dev/vfio/{group} missing in the guest: {guest.dev_vfio}"
+        group = before.iommu_group
+        assert after.devices[addr].driver == "vfio-pci"
+        assert after.vfio.get(group) == "char", f"/dev/vfio/{group} missing in the guest: {after.vfio}"
         if is_standin(guest):                    # the stand-in's snapshot before the hook
             assert group not in guest.data["vfio_before"]
 

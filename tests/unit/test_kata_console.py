@@ -221,3 +221,24 @@ def test_parse_transcript_ignores_the_echoed_command():
     assert parse_transcript(echoed, "n1") == (None, None)
     assert parse_transcript(echoed + "BEGIN-n1\r\nhi\r\nEND-n1 0\r\n# ", "n1") == (0, "hi\n")
     assert parse_transcript(echoed + "BEGIN-n1\r\nhi\r\n", "n1") == (None, "hi\n")
+
+
+def test_the_guest_report_gives_the_one_device_model():
+    """Both guest backends' reports read as a vfiotest.pci.Inventory (group numbers the guest's own)."""
+    from vfiotest.kata.nested import GuestReport
+
+    data = {"pci_before": {"0000:00:03.0": {"vendor": "0x8086", "device": "0x10ca", "class": "0x020000",
+                                            "driver": "igbvf", "driver_override": None, "iommu_group": "2"}},
+            "pci_after": {"0000:00:03.0": {"vendor": "0x8086", "device": "0x10ca", "class": "0x020000",
+                                           "driver": "vfio-pci", "driver_override": "vfio-pci", "iommu_group": "2"}},
+            "vfio_before": {}, "vfio_after": {"2": "char"}}
+    rep = GuestReport(data, console="", boot_seconds=0.0)
+    before, after = rep.inventory("before"), rep.inventory("after")
+    dev = after.devices["0000:00:03.0"]
+    assert dev.vendor_device == "8086:10ca" and dev.driver == "vfio-pci" and after.groups == {"2": ["0000:00:03.0"]}
+    assert after.vfio == {"2": "char"} and before.vfio == {}
+    assert before.diff(after) == ["0000:00:03.0: driver was 'igbvf', now 'vfio-pci'",
+                                  "0000:00:03.0: driver_override was None, now 'vfio-pci'",
+                                  "/dev/vfio/2: was absent, now char"]
+    with pytest.raises(ValueError):
+        rep.inventory("during")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import ProvisionError, TargetError
+from ..pci import Inventory, PciAddress, PciDevice
 from .standin_agent import REPORT_BEGIN, REPORT_END, REPORT_LINE
 
 if TYPE_CHECKING:
@@ -91,6 +92,25 @@ class GuestReport:
     @property
     def dev_vfio(self) -> dict[str, str]:
         return self.data.get("vfio_after", {})
+
+    def inventory(self, when: str = "after") -> Inventory:
+        """The guest's PCI state and /dev/vfio as the harness's one device model
+        (vfiotest.pci.Inventory): "before" the hook (the stand-in's snapshot) or "after" it.
+        Group numbers are the guest's own."""
+        if when not in ("before", "after"):
+            raise ValueError(f"when must be 'before' or 'after', not {when!r}")
+        devices: dict[str, PciDevice] = {}
+        groups: dict[str, list[str]] = {}
+        for a, s in sorted((self.data.get(f"pci_{when}") or {}).items()):
+            addr = PciAddress(a)
+            g = s.get("iommu_group")
+            devices[addr] = PciDevice(address=addr, vendor=s.get("vendor") or "", device=s.get("device") or "",
+                                      pci_class=s.get("class") or "", driver=s.get("driver"),
+                                      driver_override=s.get("driver_override"), iommu_group=g)
+            if g:
+                groups.setdefault(g, []).append(addr)
+        return Inventory(devices, groups, dict(self.data.get(f"vfio_{when}") or {}), drivers=[], protected={},
+                         identity={"hostname": "guest"})
 
     @property
     def pci_before(self) -> dict[str, dict[str, Any]]:
