@@ -353,6 +353,14 @@ class DeviceManager:
                                  address=a, group=dev.iommu_group, cause=why, reason=NotAllowed.PROTECTED)
         endpoints = [a for a in members if not inv.devices[a].is_bridge]
         for a in endpoints:
+            sriov = inv.devices[a].sriov
+            if sriov is not None and sriov.numvfs > 0:
+                raise NotAllowed(
+                    f"{a} is an SR-IOV PF with {sriov.numvfs} VFs enabled: unbinding its driver would destroy "
+                    f"them, and they would not come back on unbind",
+                    hint=f"set its VFs to 0 first (echo 0 > /sys/bus/pci/devices/{a}/sriov_numvfs on the target), "
+                         f"or bind one of its VFs instead",
+                    address=a, group=dev.iommu_group, cause=f"{sriov.numvfs} VFs", reason=NotAllowed.PF_WITH_VFS)
             if not self.profile.allows(inv.devices[a].vendor_device):
                 raise NotAllowed(
                     f"IOMMU group {dev.iommu_group} of {dev.address} also holds {a} ({inv.devices[a].vendor_device}), "

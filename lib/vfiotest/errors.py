@@ -60,6 +60,7 @@ class NotAllowed(HarnessError):
     PROTECTED = "protected"        # the host needs the device
     NOT_ALLOWLISTED = "allowlist"  # the profile does not allow its vendor:device
     GROUP = "group"                # its IOMMU group holds other endpoints (bind the group)
+    PF_WITH_VFS = "pf-with-vfs"    # an SR-IOV PF with VFs enabled: unbinding its driver destroys them
 
 
 class BindError(HarnessError):

@@ -239,6 +239,21 @@ def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, leas
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
+def test_pf_with_enabled_vfs_refused_and_keeps_them(target_host, device_manager, sriov_pfs, lease_pool, target_spec):
+    """Binding a PF unbinds its driver, which destroys its VFs (and unbind would not bring them
+    back): refused, through the library and the CLI, with the VFs as they were."""
+    pf = next(p for p in sriov_pfs if p.vfs)
+    before = _state(target_host, lease_pool)
+    with pytest.raises(NotAllowed) as e:
+        device_manager.bind_group(pf.address)
+    assert e.value.reason == NotAllowed.PF_WITH_VFS and e.value.address == pf.address
+    p = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", target_spec, pf.address],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "VFs enabled" in p.stderr and "next step" in p.stderr, p.stderr
+    assert _unchanged(before, _state(target_host, lease_pool))
+    assert read_inventory(target_host).device(pf.address).sriov.numvfs == len(pf.vfs)
+
+
 def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_pool):
     pf = read_inventory(target_host).device(sriov_pfs[0].address)
     before = _state(target_host, lease_pool)

@@ -4,6 +4,7 @@ import errno
 
 import pytest
 
+from vfiotest import sriov
 from vfiotest.bind import DeviceManager, bind_group_to_vfio, bind_to_vfio
 from vfiotest.errors import AddressError, BindError, DeviceNotFound, NotAllowed
 from vfiotest.journal import MemoryJournal
@@ -297,3 +298,21 @@ def test_errors_carry_fields(sim, dm):
     with pytest.raises(NotAllowed) as e:
         dm.bind_device("0000:00:01.0")
     assert e.value.reason == NotAllowed.PROTECTED and "default route" in e.value.cause
+
+
+def test_a_pf_with_vfs_enabled_is_refused_and_keeps_its_vfs(sim, dm):
+    """Unbinding an SR-IOV PF's driver destroys its VFs, and unbind would not bring them back."""
+    pf = "0000:10:00.0"
+    before = read_inventory(sim)
+    assert before.devices[pf].sriov.numvfs == 2
+    for bind in (dm.bind_device, dm.bind_group):
+        with pytest.raises(NotAllowed) as e:
+            bind(pf)
+        assert e.value.reason == NotAllowed.PF_WITH_VFS and e.value.address == pf
+        assert "sriov_numvfs" in e.value.hint
+        assert before.diff(read_inventory(sim)) == []
+    # with its VFs at 0 the PF itself may be bound (and is put back)
+    sriov.set_numvfs(sim, pf, 0)
+    assert dm.bind_group(pf) == [pf]
+    dm.restore_group(pf)
+    assert read_inventory(sim).devices[pf].driver == "igb"
