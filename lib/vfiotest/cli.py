@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import HarnessError
+from .errors import EXIT_CODES, HarnessError
 
 DESCRIPTION = """\
 End-to-end harness for SR-IOV/VFIO passthrough into Kata Containers under podman.
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .podman import cli as podman_cli  # image build, probe
     from .runner import cli as runner_cli  # runner up|down|status|ssh|console
 
-    parser = argparse.ArgumentParser(prog="vfiotest", description=DESCRIPTION,
+    epilog = "exit status:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(prog="vfiotest", description=DESCRIPTION, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vfiotest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

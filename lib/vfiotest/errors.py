@@ -21,7 +21,8 @@ class HarnessError(Exception):
     errno (the kernel's, when an OSError was behind it), reason (a subclass's own
     short code, see its constants)."""
 
-    exit_code = 2
+    #: the CLI's exit status for this error (EXIT_CODES lists them all)
+    exit_code = 1
 
     def __init__(self, message: str, hint: str = "", *, address: str | None = None, driver: str | None = None,
                  group: str | None = None, path: str | None = None, cause: BaseException | str | None = None,
@@ -49,13 +50,19 @@ class HarnessError(Exception):
 class AddressError(HarnessError):
     """A PCI address that does not parse."""
 
+    exit_code = 2
+
 
 class DeviceNotFound(HarnessError):
     """An address that names no device on the target."""
 
+    exit_code = 4
+
 
 class NotAllowed(HarnessError):
     """A device outside the profile's allowlist, or one the host needs (root disk, SSH NIC)."""
+
+    exit_code = 3
 
     PROTECTED = "protected"        # the host needs the device
     NOT_ALLOWLISTED = "allowlist"  # the profile does not allow its vendor:device
@@ -66,23 +73,38 @@ class NotAllowed(HarnessError):
 class BindError(HarnessError):
     """Binding a device to a driver failed; the device was restored where possible."""
 
+    exit_code = 8
+
 
 class UnbindError(HarnessError):
     """Unbinding a device failed."""
 
+    exit_code = 8
+
 
 class VFCreateError(HarnessError):
     """Creating or removing SR-IOV virtual functions failed."""
+
+    exit_code = 8
 
     IN_USE = "in-use"          # VFs bound to vfio-pci or leased
     TOO_MANY = "too-many"      # over sriov_totalvfs
     TIMEOUT = "timeout"        # the write did not return in time
     NOT_PF = "not-pf"          # no SR-IOV capability
     NO_DRIVER = "no-driver"    # the PF has no driver bound
+    #: reasons checked before anything is written: the CLI reports them as refusals (exit 3)
+    REFUSALS = (IN_USE, TOO_MANY, NOT_PF, NO_DRIVER)
+
+    def __init__(self, message: str, hint: str = "", **fields: Any) -> None:
+        super().__init__(message, hint, **fields)
+        if self.reason in self.REFUSALS:
+            self.exit_code = 3
 
 
 class JournalError(HarnessError):
     """The restore journal is missing, corrupt, or belongs to another host."""
+
+    exit_code = 6
 
     HELD = "held"                  # another live process holds it
     CORRUPT = "corrupt"            # does not parse, or an entry lacks fields
@@ -99,6 +121,8 @@ class JournalError(HarnessError):
 class LeaseBusy(HarnessError):
     """A device (IOMMU group) is held by another process."""
 
+    exit_code = 7
+
     def __init__(self, message: str, hint: str = "", *, owner: dict[str, Any] | None = None, **fields: Any) -> None:
         super().__init__(message, hint, **fields)
         #: the holder's owner record (pid, controller, worker, session, test), when known
@@ -108,6 +132,8 @@ class LeaseBusy(HarnessError):
 class TargetError(HarnessError):
     """The target host cannot be reached, or a command on it failed."""
 
+    exit_code = 5
+
 
 class CommandTimeout(TargetError):
     """A command on the target did not finish in time."""
@@ -115,3 +141,21 @@ class CommandTimeout(TargetError):
 
 class ProvisionError(HarnessError):
     """A provisioning layer (runner, image, runtime) could not be built."""
+
+    exit_code = 9
+
+
+#: The CLI's exit statuses, so a script can tell outcomes apart (`vfiotest --help` prints them).
+EXIT_CODES = {
+    0: "success",
+    1: "a check failed (doctor), or another harness error",
+    2: "usage: a bad option or argument (a malformed PCI address included)",
+    3: "refused: the device is outside the allowlist, needed by the host, or a PF with VFs (nothing changed)",
+    4: "not found: no such device on the target",
+    5: "target unreachable, or a command on it timed out",
+    6: "journal refused: corrupt, from another host, or held by a live process",
+    7: "busy: another test or session holds the device's IOMMU group",
+    8: "the change failed (bind, unbind, VF creation); the device was put back where possible",
+    9: "provisioning failed (guest image, runtime registration, podman set-up)",
+    130: "interrupted",
+}

@@ -29,6 +29,8 @@ EMULATED_VF_IDS = {"8086:10c9": "8086:10ca", "1b36:0010": "1b36:0010"}
 class UnknownProfile(HarnessError):
     """A profile name that is not defined."""
 
+    exit_code = 2       # a usage error
+
 
 @dataclass(frozen=True)
 class Profile:

@@ -114,8 +114,10 @@ def target_kind(spec: str | None = None) -> TargetKind:
 def _kind_of(spec: str) -> TargetKind:
     kind = _find_kind(spec)
     if kind is None:
-        raise TargetError(f"unknown target {spec!r}",
+        err = TargetError(f"unknown target {spec!r}",
                           hint="use --target virtual, --target local, or --target ssh://user@host[:port]")
+        err.exit_code = 2   # a usage error, not an unreachable target
+        raise err
     return kind
 
 

@@ -56,20 +56,24 @@ def test_restore_replays_everything(sim):
     assert first.diff(read_inventory(sim)) == []
 
 
-@pytest.mark.parametrize("args, profile, text", [
-    (["bind", "0000:00:1x.0"], "emulated", "is not a PCI address"),
-    (["bind", "00:1f.0"], "emulated", "no PCI device 0000:00:1f.0"),
-    (["bind", "10:10.0"], "seed", "not in the seed profile's allowlist"),
-    (["bind", "00:01.0"], "emulated", "carries the default route"),
-    (["bind", "--group", "00:07.0"], "emulated", "also holds 0000:00:08.0"),
-    (["bind", "00:07.0"], "emulated", "also holds 0000:00:08.0"),
-    (["unbind", "01:00"], "emulated", "is not a PCI address"),
-    (["devices"], "nosuch", "unknown device profile 'nosuch'"),
+@pytest.mark.parametrize("args, profile, text, code", [
+    (["bind", "0000:00:1x.0"], "emulated", "is not a PCI address", 2),
+    (["bind", "00:1f.0"], "emulated", "no PCI device 0000:00:1f.0", 4),
+    (["bind", "10:10.0"], "seed", "not in the seed profile's allowlist", 3),
+    (["bind", "00:01.0"], "emulated", "carries the default route", 3),
+    (["bind", "--group", "00:07.0"], "emulated", "also holds 0000:00:08.0", 3),
+    (["bind", "00:07.0"], "emulated", "also holds 0000:00:08.0", 3),
+    (["unbind", "01:00"], "emulated", "is not a PCI address", 2),
+    (["devices"], "nosuch", "unknown device profile 'nosuch'", 2),
+    (["bind", "10:00.0"], "emulated", "SR-IOV PF with 2 VFs enabled", 3),
+    (["devices", "--target", "ssh://root@127.0.0.1:1"], "emulated", "127.0.0.1", 5),
+    (["devices", "--target", "telnet://runner"], "emulated", "unknown target 'telnet://runner'", 2),
 ])
-def test_bad_input_clear_error_nonzero_no_change(sim, args, profile, text):
+def test_bad_input_clear_error_nonzero_no_change(sim, args, profile, text, code):
+    """Each kind of bad input has its own exit status (vfiotest --help lists them)."""
     first = read_inventory(sim)
     res = vfiotest(sim, *args, profile=profile)
-    assert res.returncode != 0
+    assert res.returncode == code, res.stderr
     assert text in res.stderr and "next step:" in res.stderr and "Traceback" not in res.stderr
     assert first.diff(read_inventory(sim)) == []
 
@@ -86,7 +90,7 @@ def test_corrupt_and_foreign_journals(sim):
     os.makedirs(root)
     open(root + "/bad.json", "w").write("{")
     res = vfiotest(sim, "restore")
-    assert res.returncode != 0 and "corrupt" in res.stderr and "mv /var/lib/vfiotest/journal/bad.json" in res.stderr
+    assert res.returncode == 6 and "corrupt" in res.stderr and "mv /var/lib/vfiotest/journal/bad.json" in res.stderr
     os.remove(root + "/bad.json")
     assert vfiotest(sim, "bind", "10:10.0").returncode == 0
     doc = json.load(open(root + "/cli.json"))

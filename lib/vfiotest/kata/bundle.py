@@ -85,9 +85,11 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
     if value:
         path = os.path.abspath(os.path.expanduser(value))
         if not os.path.exists(path):
-            raise ProvisionError(f"{BUNDLE_ENV}={value} names nothing: {path} does not exist",
+            err = ProvisionError(f"{BUNDLE_ENV}={value} names nothing: {path} does not exist",
                                  hint=f"point {BUNDLE_ENV} at a Kata 1.x .tar.zst or an unpacked bundle "
                                       f"directory (e.g. {DEFAULT_BUNDLE}), or unset it")
+            err.exit_code = 2   # a bad setting: a usage error
+            raise err
         return path, "env"
     default = default_bundle_path()
     return (default, "default") if default else (None, None)
