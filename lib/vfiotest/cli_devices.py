@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from . import prereqs
+from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import add_target_argument
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
@@ -143,11 +143,16 @@ def cmd_restore(args):
             done = _restore_address(host, profile, address)
             print("\n".join(done) or f"no journal records a change to {address}: nothing to do")
         else:
+            from .session import restore_orphaned_sessions
+
+            sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
+            for sid, n in sessions:
+                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings)")
             done = restore_orphans(host, include_kept=True)
             for owner, n in done:
                 print(f"journal {owner}: {n} change(s) undone")
-            if not done:
-                print("no orphaned journal: nothing to restore")
+            if not done and not sessions:
+                print("no orphaned journal or crashed session: nothing to restore")
     finally:
         close()
     return 0
@@ -215,7 +220,9 @@ def register(sub):
     p = sub.add_parser("restore", help="undo what crashed or finished runs left (orphaned journals)", formatter_class=fmt,
                        description="Replay every journal on the target whose process is gone (after a crash or\n"
                                    "kill -9), newest change first: drivers, driver_override, new_id, VF counts.\n"
-                                   "Journals of running sessions are left alone. With ADDR, only that device.\n"
+                                   "Before that, undo what crashed test sessions on this target recorded on this\n"
+                                   "machine (the kata-vfio registration, podman's drop-in; $VFIOTEST_STATE_DIR).\n"
+                                   "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
     add_target_argument(p)
     p.add_argument("address", metavar="ADDR", nargs="?", help=ADDRESS_HELP + " (default: everything)")

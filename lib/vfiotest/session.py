@@ -23,6 +23,7 @@ with its workers); nothing here reads pytest's or xdist's environment.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
 
 BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
 BOOTED = "runner-booted-by-this-session"
+ALIVE = ".alive"                          # <sessions>/<id>.alive: flocked by the controlling process
 RECORDS = "undo"                          # <dir>/undo/<seq>-<kind>.json
 
 @dataclass
@@ -63,6 +65,44 @@ class Session:
     def __init__(self, session_id: str, spec: str, directory: str):
         self.id, self.spec, self.dir = session_id, spec, directory
         self._runner: Any = None
+        self._alive_fd: Optional[int] = None
+
+    # -- liveness ----------------------------------------------------------------------------
+    @property
+    def alive_path(self) -> str:
+        return self.dir.rstrip("/") + ALIVE
+
+    def hold(self) -> None:
+        """The controlling process says it is alive for the life of the session (a lock next to
+        the session directory, gone with the process): a session whose lock is free crashed, and
+        the next session or `vfiotest restore` undoes what it recorded."""
+        if self._alive_fd is not None:
+            return
+        os.makedirs(os.path.dirname(self.alive_path), exist_ok=True)
+        fd = os.open(self.alive_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise HarnessError(f"session {self.id} is held by another live process ({self.alive_path})",
+                               hint="give each pytest session its own VFIOTEST_SESSION (or leave it unset)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "target": self.spec}).encode())
+        self._alive_fd = fd
+
+    def _let_go(self) -> None:
+        if self._alive_fd is None:
+            return
+        try:
+            os.remove(self.alive_path)
+        except FileNotFoundError:
+            pass
+        os.close(self._alive_fd)
+        self._alive_fd = None
+        try:
+            os.rmdir(os.path.dirname(self.alive_path))    # the sessions directory, when it is empty
+        except OSError:
+            pass
 
     def __repr__(self) -> str:
         return f"<Session {self.id} on {self.spec}: {self.state}>"
@@ -136,6 +176,8 @@ class Session:
             if os.path.exists(path):
                 return None
             try:
+                for sid, n in restore_orphaned_sessions(host, os.path.dirname(self.dir), self.spec, exclude=self.id):
+                    progress(f"undid what crashed session {sid} recorded ({n} entries)")
                 restored = restore_orphans(host)
             except JournalError:
                 raise
@@ -203,6 +245,7 @@ class Session:
         started (NEW) does nothing."""
         v = Verdict()
         if not self.started:
+            self._let_go()
             return v
         v.reached = True
         booted = os.path.exists(os.path.join(self.dir, BOOTED))
@@ -221,6 +264,7 @@ class Session:
                 finally:
                     host.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._let_go()
         if self.is_virtual:
             from .runner import Runner
 
@@ -271,4 +315,68 @@ class Session:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
 
 
-__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict"]
+def _is_held(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def orphaned_sessions(root: str, spec: Optional[str] = None, exclude: Optional[str] = None) -> list[Session]:
+    """The sessions under `root` whose controlling process is gone (their `.alive` lock is free
+    or missing), on target `spec` when given (read from their lock file or baseline)."""
+    out: list[Session] = []
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        d = os.path.join(root, name)
+        if name.endswith(ALIVE) or name == exclude or not os.path.isdir(d):
+            continue
+        if _is_held(d + ALIVE):
+            continue
+        their_spec = None
+        for f, key in ((d + ALIVE, "target"), (os.path.join(d, BASELINE), "target")):
+            try:
+                with open(f) as fh:
+                    their_spec = json.load(fh).get(key)
+                break
+            except (OSError, ValueError):
+                continue
+        if spec is not None and their_spec not in (spec, None):
+            continue
+        out.append(Session(name, their_spec or spec or "", d))
+    return out
+
+
+def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
+                              exclude: Optional[str] = None) -> list[tuple[str, int]]:
+    """Undo, newest first, what each crashed session on `spec` recorded (its registrations, its
+    podman drop-in) and drop its directory: [(session id, entries undone)]. Its PCI changes are in
+    its journal on the target, which `journal.restore_orphans` replays."""
+    from .journal import undo_entry
+
+    done = []
+    for s in orphaned_sessions(root, spec, exclude):
+        records = s._records()
+        for name, entry in reversed(records):
+            undo_entry(host, entry, where=os.path.join(s.dir, RECORDS, name))
+        shutil.rmtree(s.dir, ignore_errors=True)
+        try:
+            os.remove(s.alive_path)
+        except FileNotFoundError:
+            pass
+        done.append((s.id, len(records)))
+    return done
+
+
+__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "orphaned_sessions",
+           "restore_orphaned_sessions"]

@@ -121,3 +121,27 @@ def test_help_explains(sim):
     for cmd in ("devices", "bind", "unbind", "restore", "doctor"):
         res = subprocess.run([sys.executable, "-m", "vfiotest", cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "--target" in res.stdout and len(res.stdout) > 400
+
+
+def test_restore_undoes_what_a_crashed_session_recorded(sim, tmp_path):
+    """A test session killed with -9 leaves its records (here a file it wrote) and no live
+    holder: `vfiotest restore` puts the file back and drops the session."""
+    from vfiotest.session import Session
+    from vfiotest.undo_files import file_entry
+
+    state = tmp_path / "state"
+    s = Session("crashed1", f"sim:{sim.sysroot}", str(state / "sessions" / "crashed1"))
+    s.hold()
+    path = "/etc/containers/containers.conf.d/zz-crash.conf"
+    s.record(file_entry(sim, path))
+    sim.write_atomic(path, "left behind\n", mode=0o644)
+    os.close(s._alive_fd)          # the controlling process dies: its lock goes with it
+    env = dict(os.environ, VFIOTEST_TARGET=f"sim:{sim.sysroot}", VFIOTEST_STATE_DIR=str(state))
+    res = subprocess.run([sys.executable, "-m", "vfiotest", "restore"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "crashed session crashed1: 1 recorded change(s) undone" in res.stdout
+    assert not sim.exists(path) and not (state / "sessions" / "crashed1").exists()
+    again = subprocess.run([sys.executable, "-m", "vfiotest", "restore"], capture_output=True, text=True,
+                           timeout=60, env=env)
+    assert "nothing to restore" in again.stdout

@@ -10,7 +10,7 @@ from vfiotest.bind import DeviceManager
 from vfiotest.errors import HarnessError, JournalError
 from vfiotest.journal import Journal
 from vfiotest.pci import read_inventory
-from vfiotest.session import BASELINED, NEW, REACHED, Session
+from vfiotest.session import BASELINED, NEW, REACHED, Session, orphaned_sessions
 from vfiotest.simsysfs import SimulatedHost
 from vfiotest.sriov import set_numvfs
 from vfiotest.undo_files import file_entry
@@ -114,3 +114,50 @@ def test_the_guard_reports_a_leak_and_fails(sim, sess):
     assert any(VF in d and "driver" in d for d in v.diff), v.diff
     assert v.still_different, "nothing journaled it, so nothing could restore it"
     assert any("differs from how the session found it" in line for line in lines)
+
+
+def test_a_crashed_session_is_undone_by_the_next_one(sim, tmp_path):
+    """The controlling process holds a liveness lock; when it is gone (a crash, kill -9), the
+    next session's baseline undoes what the crashed one recorded; a live one is left alone."""
+    root = tmp_path / "sessions"
+    spec = f"sim:{sim.sysroot}"
+    crashed = Session("dead", spec, str(root / "dead"))
+    crashed.hold()
+    host = crashed.open_host()
+    crashed.baseline(host)
+    path = "/etc/containers/containers.conf.d/zz-crashed.conf"
+    crashed.record(file_entry(host, path))
+    host.write_atomic(path, "left by a crashed session\n", mode=0o644)
+    live = Session("live", spec, str(root / "live"))
+    live.hold()
+    live.path("marker")
+    other_target = Session("elsewhere", "sim:/nonexistent", str(root / "elsewhere"))
+    other_target.path("marker")
+    with open(other_target.path("baseline-inventory.json"), "w") as f:
+        f.write('{"target": "sim:/nonexistent", "inventory": {}}')
+
+    # the crash: its process lets go of the lock without finishing
+    os.close(crashed._alive_fd)
+    crashed._alive_fd = None
+
+    assert [s.id for s in orphaned_sessions(str(root), spec)] == ["dead"]
+    nxt = Session("next", spec, str(root / "next"))
+    nxt.hold()
+    lines = []
+    nxt.baseline(nxt.open_host(), progress=lines.append)
+    assert not host.exists(path), "the crashed session's file was not put back"
+    assert any("crashed session dead" in line for line in lines), lines
+    assert not (root / "dead").exists() and not (root / "dead.alive").exists()
+    assert (root / "live").exists() and (root / "elsewhere").exists(), "a live session or another target's was touched"
+    assert nxt.finish(say=lambda s: None).ok and live.finish(say=lambda s: None).ok
+    assert not (root / "live.alive").exists() and not (root / "next.alive").exists()
+
+
+def test_one_session_id_one_live_holder(sim, tmp_path):
+    a = Session("same", f"sim:{sim.sysroot}", str(tmp_path / "s" / "same"))
+    a.hold()
+    b = Session("same", f"sim:{sim.sysroot}", str(tmp_path / "s" / "same"))
+    with pytest.raises(HarnessError, match="held by another live process"):
+        b.hold()
+    a.finish(say=lambda s: None)
+    assert not (tmp_path / "s").exists(), "an empty sessions directory is left behind"
