@@ -48,6 +48,7 @@ class Verdict:
     """What `finish()` found: the guard's diff (empty: the host was left as found) and what it did."""
 
     reached: bool = False
+    compared: bool = False          # the host was compared with a baseline
     diff: list[str] = field(default_factory=list)
     still_different: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -301,6 +302,7 @@ class Session:
         if base is None:
             return
         now = read_inventory(host)
+        v.compared = True
         v.diff = base.diff(now)
         if v.diff:
             say("host state guard: the host differs from how the session found it:")
