@@ -367,6 +367,28 @@ def load_journal(host: Any, path: str, identity: dict[str, str | None] | None = 
     return doc
 
 
+def live_journals(host: Any, root: str = JOURNAL_ROOT, exclude: Iterable[str] = ()) -> dict[str, list[Entry]]:
+    """{owner: entries} of the journals on `host` whose process is alive (their lock is held),
+    read without taking them; `exclude` names owners to leave out. Unreadable ones are skipped."""
+    root = root.rstrip("/")
+    out: dict[str, list[Entry]] = {}
+    for name in host.listdir(root) or []:
+        owner = name[:-5]
+        if not name.endswith(".json") or owner in exclude:
+            continue
+        probe = host.hold_lock(f"{root}/{owner}.lock", blocking=False)
+        if probe is not None:          # nobody holds it: not a live journal
+            probe.release()
+            continue
+        try:
+            doc = load_journal(host, f"{root}/{name}")
+        except (JournalError, OSError):
+            continue
+        if doc:
+            out[owner] = list(doc["entries"])
+    return out
+
+
 def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = True) -> list[Journal]:
     """Journals on `host` whose process is gone, each opened (its lock now held by us).
     Corrupt or foreign ones raise JournalError after the lock is released."""

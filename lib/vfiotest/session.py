@@ -50,6 +50,8 @@ class Verdict:
     reached: bool = False
     compared: bool = False          # the host was compared with a baseline
     diff: list[str] = field(default_factory=list)
+    #: differences on devices other live sessions held (at the baseline or the end): not this session's
+    others: list[str] = field(default_factory=list)
     still_different: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     error: Optional[str] = None
@@ -189,16 +191,47 @@ class Session:
             if restored:
                 progress(f"restored what an earlier crashed session left on {host.name}: {restored}")
             raw = read_inventory_json(host)
+            inv = Inventory.from_json(raw)
+            # what other live sessions hold right now is theirs, not this session's baseline to keep
+            others = self.others_claims(host, inv)
             with open(path, "w") as f:
-                json.dump({"target": self.spec, "inventory": raw}, f)
-            return Inventory.from_json(raw)
+                json.dump({"target": self.spec, "inventory": raw, "others": others}, f)
+            return inv
 
-    def baseline_inventory(self) -> Optional[Inventory]:
+    def others_claims(self, host: Any, inv: Inventory) -> dict[str, list[str]]:
+        """What other live processes on the target hold now (sessions sharing the runner, a
+        developer's `vfiotest bind`): {"counts": PFs whose VF count a live journal records,
+        "devices": devices a live journal rebinds or another session leases}."""
+        from .journal import live_journals
+        from .lease import LeasePool
+
+        counts: set[str] = set()
+        devices: set[str] = set()
+        for _owner, entries in live_journals(host, exclude=(self.journal_owner,)).items():
+            for e in entries:
+                if e.get("kind") == "numvfs" and e.get("address"):
+                    counts.add(e["address"])
+                elif e.get("address"):
+                    devices.add(e["address"])
+        try:
+            held = LeasePool(host).held()
+        except (OSError, HarnessError):
+            held = {}
+        for group, owner in held.items():
+            if owner.get("session") and owner.get("session") != self.id:
+                devices.update(inv.groups.get(group, []))
+        return {"counts": sorted(counts), "devices": sorted(devices)}
+
+    def _baseline_doc(self) -> dict:
         try:
             with open(os.path.join(self.dir, BASELINE)) as f:
-                return Inventory.from_json(json.load(f)["inventory"])
+                return json.load(f)
         except FileNotFoundError:
-            return None
+            return {}
+
+    def baseline_inventory(self) -> Optional[Inventory]:
+        doc = self._baseline_doc()
+        return Inventory.from_json(doc["inventory"]) if doc else None
 
     # -- undo records ------------------------------------------------------------------------
     def recorded(self, kind: str) -> Optional[dict]:
@@ -303,7 +336,13 @@ class Session:
             return
         now = read_inventory(host)
         v.compared = True
-        v.diff = base.diff(now)
+        claims = self._baseline_doc().get("others") or {"counts": [], "devices": []}
+        for k, extra in self.others_claims(host, now).items():
+            claims[k] = sorted(set(claims.get(k, [])) | set(extra))
+        v.diff, v.others = split_others(base.diff(now), base, now, claims)
+        if v.others:
+            say(f"host state guard: {len(v.others)} difference(s) on devices other live sessions hold "
+                f"(theirs, not compared): {'; '.join(v.others)}")
         if v.diff:
             say("host state guard: the host differs from how the session found it:")
             for line in v.diff:
@@ -315,6 +354,42 @@ class Session:
                    else f"still different: {v.still_different}; run `vfiotest restore`"))
         else:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
+
+
+def split_others(diff: list[str], base: Inventory, now: Inventory,
+                 claims: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(this session's lines, other sessions' lines) of an Inventory.diff. Another session's:
+    the VF count of a PF whose count it journals (and its VFs appearing, disappearing or
+    changing group with it), and everything about a device it rebinds or leases (and the
+    /dev/vfio node of that device's group). A driver left on a VF of such a PF by this session
+    still counts as this session's."""
+    counts = set(claims.get("counts", []))
+    devices = set(claims.get("devices", []))
+    vfs: set[str] = set()
+    for pf in counts:
+        for inv in (base, now):
+            d = inv.devices.get(pf)
+            if d is not None:
+                vfs.update(d.virtfns.values())
+    groups: set[str] = set()
+    for inv in (base, now):
+        for a in devices:
+            d = inv.devices.get(a)
+            if d is not None and d.iommu_group:
+                groups.add(d.iommu_group)
+    mine: list[str] = []
+    theirs: list[str] = []
+    for line in diff:
+        if line.startswith("/dev/vfio/"):
+            group = line[len("/dev/vfio/"):].split(":", 1)[0]
+            ours = group not in groups
+        else:
+            addr, _, rest = line.partition(": ")
+            ours = not (addr in devices
+                        or (addr in counts and rest.startswith(("numvfs ", "drivers_autoprobe ")))
+                        or (addr in vfs and rest.startswith(("appeared", "disappeared", "iommu_group "))))
+        (mine if ours else theirs).append(line)
+    return mine, theirs
 
 
 def _is_held(path: str) -> bool:

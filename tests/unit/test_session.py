@@ -161,3 +161,45 @@ def test_one_session_id_one_live_holder(sim, tmp_path):
         b.hold()
     a.finish(say=lambda s: None)
     assert not (tmp_path / "s").exists(), "an empty sessions directory is left behind"
+
+
+def test_two_sessions_on_one_target_each_guards_its_own(tmp_path):
+    """Session B starts while session A has made VFs (A's live journal records the count) and
+    A finishes first: B's guard does not take A's VF count for B's leak, but still fails B
+    for what B itself left behind."""
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}, {"preset": "nvme", "numvfs": 0}])
+    spec, root = f"sim:{sim.sysroot}", tmp_path / "sessions"
+    a = Session("a", spec, str(root / "a"))
+    a.hold()
+    host = a.open_host()
+    a.baseline(host)
+    ja = Journal.open(host, owner=a.journal_owner)
+    set_numvfs(host, PF, 4, journal=ja)           # A's VFs, journaled by A (live)
+    b = Session("b", spec, str(root / "b"))
+    b.hold()
+    b.baseline(b.open_host())                      # B's baseline has A's 4 VFs
+    ja.close()
+    assert a.finish(say=lambda s: None).ok         # A puts its count back: 2 VFs
+    assert read_inventory(host).devices[PF].sriov.numvfs == 2
+    lines = []
+    v = b.finish(say=lines.append)
+    assert v.ok, v.diff
+    assert any("numvfs was 4, now 2" in o for o in v.others), v.others
+    assert any("other live sessions hold" in line for line in lines), lines
+
+    # the same, with B leaving something of its own behind: that still fails B
+    a2 = Session("a2", spec, str(root / "a2"))
+    a2.hold()
+    a2.baseline(host)
+    ja = Journal.open(host, owner=a2.journal_owner)
+    set_numvfs(host, PF, 4, journal=ja)
+    b2 = Session("b2", spec, str(root / "b2"))
+    b2.hold()
+    b2.baseline(host)
+    ja.close()
+    assert a2.finish(say=lambda s: None).ok
+    nvme = next(d.address for d in read_inventory(host).devices.values() if d.vendor_device == "1b36:0010" and d.is_pf)
+    set_numvfs(host, nvme, 1)                      # B's own change, not journaled
+    v = b2.finish(say=lambda s: None)
+    assert not v.ok and any(nvme in d and "numvfs" in d for d in v.diff), v.diff
+    assert all(nvme not in o for o in v.others)
