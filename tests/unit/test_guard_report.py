@@ -2,6 +2,7 @@
 the target changed fails there too, with the diff as the message. Runs a pytest session in a
 child process against a simulated sysfs (no VM)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def _session(tmp_path, leak):
     junit = tmp_path / "junit.xml"
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(suite),
                         "--target", f"sim:{sim.sysroot}", "--profile", "emulated", f"--junitxml={junit}",
+                        f"--alluredir={tmp_path / 'allure'}",
                         str(suite / "test_leaky.py")],
                        cwd=str(suite), env=env, capture_output=True, text=True, timeout=180)
     cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
@@ -50,6 +52,13 @@ def test_a_leak_fails_the_guard_result_in_the_xml(tmp_path):
     text = (failure.get("message") or "") + (failure.text or "")
     assert "numvfs was 2, now 3" in text and "the host differs from how the session found it" in text, text
     assert guard.get("classname") == "vfiotest.session"
+    allure = tmp_path / "allure"
+    results = [json.loads(f.read_text()) for f in allure.glob("*-result.json")]
+    mine = [r for r in results if r["name"] == "host state guard"]
+    assert len(mine) == 1 and mine[0]["status"] == "failed", results
+    assert "numvfs was 2, now 3" in mine[0]["statusDetails"]["message"]
+    attached = (allure / mine[0]["attachments"][0]["source"]).read_text()
+    assert "numvfs was 2, now 3" in attached
     assert "1 failed, 1 passed" in p.stdout, p.stdout
     row = next(line for line in summary.splitlines() if line.startswith("host state guard"))
     assert row.split()[3:6] == ["0", "1", "0"], summary      # passed, failed, skipped
