@@ -10,7 +10,7 @@ A VF is taken from the session's PFs (anything with `.address` and `.vfs`); its 
 group is leased on the target (vfiotest.lease: one holder at a time, across workers and
 sessions), bound to vfio-pci through a journaled DeviceManager (vfiotest.bind), put back
 and released on the way out, also when the body raises. The before/after states are
-inventories of the group (vfiotest.pci), compared with `Inventory.diff`.
+inventories of the group (vfiotest.pci, read with the address filter), compared with `Inventory.diff`.
 """
 
 from __future__ import annotations
@@ -52,16 +52,6 @@ class VfioGroup:
         return self.before.diff(self.after)
 
 
-def subset(inv: Inventory, addresses: Sequence[str]) -> Inventory:
-    """The part of `inv` about `addresses`: their devices, their groups' /dev/vfio nodes."""
-    keep = {PciAddress(a) for a in addresses}
-    devices = {a: d for a, d in inv.devices.items() if a in keep}
-    groups = {g: m for g, m in inv.groups.items() if any(a in keep for a in m)}
-    vfio = {g: v for g, v in inv.vfio.items() if g in groups}
-    return Inventory(devices, groups, vfio, inv.drivers, {a: r for a, r in inv.protected.items() if a in keep},
-                     inv.identity)
-
-
 def candidates(inv: Inventory, pfs: Sequence[Any], vendor_device: Optional[str] = None) -> list[tuple[PciDevice, Any]]:
     """(VF, its PF) for every VF of `pfs` that has an IOMMU group (and the vendor:device asked for)."""
     out = []
@@ -77,7 +67,7 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
     """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
     DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
-    cands = candidates(read_inventory(host), pfs, vendor_device)
+    cands = candidates(read_inventory(host, addresses=[v for pf in pfs for v in pf.vfs]), pfs, vendor_device)
     if not cands:
         raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
                              f"({', '.join(p.address for p in pfs) or 'none'})",
@@ -90,14 +80,13 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
                 continue
             # read the group now that it is ours: the inventory above may predate another
             # holder's restore of it, or VFs re-created meanwhile
-            inv = read_inventory(host)
-            now = inv.devices.get(dev.address)
+            group = read_inventory(host, addresses=[dev.address], groups=True)
+            now = group.devices.get(dev.address)
             if now is None or now.iommu_group != dev.iommu_group:
                 lease.release()
                 continue
-            members = inv.group_of(dev.address)
             return VfioGroup(dev.address, str(dev.iommu_group), dev.vendor_device, pf.address, original_driver=now.driver,
-                             members=[], before=subset(inv, members)), lease
+                             members=[], before=group), lease
         if time.monotonic() > deadline:
             raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s",
                             hint="`vfiotest devices` shows who holds them; run fewer workers or wait")
@@ -134,7 +123,7 @@ def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
     finally:
         manager.restore_group(vf.address)
         if host is not None and vf.before is not None:
-            vf.after = subset(read_inventory(host), list(vf.before.devices))
+            vf.after = read_inventory(host, addresses=[vf.address], groups=True)
 
 
 @contextlib.contextmanager
@@ -148,4 +137,4 @@ def vfio_vf(host: Any, pool: Any, manager: Any, pfs: Sequence[Any], owner: Optio
             yield vf
 
 
-__all__ = ["LEASE_WAIT", "VfioGroup", "bound", "candidates", "lease_vf", "leased_vf", "subset", "vfio_vf"]
+__all__ = ["LEASE_WAIT", "VfioGroup", "bound", "candidates", "lease_vf", "leased_vf", "vfio_vf"]

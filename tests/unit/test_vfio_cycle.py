@@ -1,0 +1,43 @@
+"""The lease-and-bind cycle (vfiotest.vfio) on a simulated sysfs: a VF of the PFs leased, its
+group bound to vfio-pci, then restored and released; before/after are the group's inventory."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vfiotest import vfio
+from vfiotest.bind import DeviceManager
+from vfiotest.errors import DeviceNotFound
+from vfiotest.lease import LeasePool
+from vfiotest.pci import read_inventory
+from vfiotest.simsysfs import SimulatedHost
+
+PF = "0000:10:00.0"
+
+
+@pytest.fixture
+def sim(tmp_path):
+    return SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+
+
+def pfs_of(sim):
+    inv = read_inventory(sim)
+    return [SimpleNamespace(address=PF, vfs=[v.address for v in inv.vfs_of(PF)])]
+
+
+def test_a_vf_goes_through_the_cycle_and_comes_back(sim):
+    pool, dm = LeasePool(sim), DeviceManager(sim, "emulated")
+    first = read_inventory(sim)
+    with vfio.vfio_vf(sim, pool, dm, pfs_of(sim), owner="t::cycle") as vf:
+        assert read_inventory(sim).devices[vf.address].driver == "vfio-pci"
+        assert vf.group in pool.held() and vf.members == [vf.address]
+        assert list(vf.before.devices) == [vf.address] and vf.before.devices[vf.address].driver == "igbvf"
+    assert vf.group not in pool.held()
+    assert vf.after is not None and vf.changes() == []
+    assert first.diff(read_inventory(sim)) == []
+
+
+def test_no_such_vf_is_a_clear_error(sim):
+    with pytest.raises(DeviceNotFound, match="no VF 1234:5678"):
+        with vfio.leased_vf(sim, LeasePool(sim), pfs_of(sim), vendor_device="1234:5678"):
+            pass
