@@ -28,6 +28,7 @@ Kinds (their owners):
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -260,10 +261,14 @@ class Journal:
 
     @classmethod
     def open(cls, host: Any, owner: str | None = None, root: str = JOURNAL_ROOT, keep: bool = False,
-             wait: float = 0.0) -> Journal:
+             wait: float = 0.0, session: dict[str, str] | None = None) -> Journal:
         """Take the journal `owner` (default: `default_owner()`, this process) on `host`, loading
         what it already holds. JournalError when another live process holds it (reason HELD),
-        or it is corrupt or from another host."""
+        or it is corrupt or from another host.
+
+        session: {"id", "alive", "controller"} of the pytest session the journal serves (its
+        controlling process's liveness lock and machine-id, see `session_alive`): the journal stays
+        live after the process holding its lock (an xdist worker) ends, until that session ends."""
         owner = owner or default_owner()
         root = root.rstrip("/")
         lock = host.hold_lock(f"{root}/{owner}.lock", blocking=wait > 0, timeout=wait)
@@ -277,6 +282,8 @@ class Journal:
             if doc is None:
                 doc = {"version": VERSION, "owner": owner, "pid": os.getpid(), "identity": ident,
                        "created": round(time.time(), 3), "entries": []}
+            if session:
+                doc["session"] = dict(session)
         except BaseException:
             lock.release()
             raise
@@ -324,6 +331,12 @@ class Journal:
     def restore_all(self) -> None:
         """Undo every entry, newest first (UnbindError lists what could not be undone)."""
         undo_entries(self.host, self)
+
+    def release(self) -> None:
+        """Release the lock and leave the file as it is (a journal another process still serves)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def close(self) -> None:
         """Release the lock; an empty journal is removed, one with entries stays (an orphan)."""
@@ -377,16 +390,51 @@ def live_journals(host: Any, root: str = JOURNAL_ROOT, exclude: Iterable[str] = 
         if not name.endswith(".json") or owner in exclude:
             continue
         probe = host.hold_lock(f"{root}/{owner}.lock", blocking=False)
-        if probe is not None:          # nobody holds it: not a live journal
-            probe.release()
-            continue
         try:
             doc = load_journal(host, f"{root}/{name}")
         except (JournalError, OSError):
-            continue
+            doc = None
+        finally:
+            if probe is not None:
+                probe.release()
+        if probe is not None and not (doc and session_alive(doc)):
+            continue                    # nobody holds it and no live session serves it: not live
         if doc:
             out[owner] = list(doc["entries"])
     return out
+
+
+def local_lock_held(path: str) -> bool:
+    """Whether a process on this machine holds an flock on `path` (False when there is no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _local_machine_id() -> str | None:
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def session_alive(doc: dict[str, Any]) -> bool:
+    """Whether the pytest session a journal serves (doc["session"]) is still running: its
+    controlling process, on this machine, holds its liveness lock. A session controlled from
+    another machine cannot be seen from here: only the journal's own lock counts then."""
+    s = doc.get("session") or {}
+    if not s.get("alive") or not s.get("controller") or s.get("controller") != _local_machine_id():
+        return False
+    return local_lock_held(s["alive"])
 
 
 def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = True) -> list[Journal]:
@@ -406,6 +454,9 @@ def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = 
             for other in found:
                 other.close()
             raise
+        if session_alive(j.doc):
+            j.release()                 # its worker ended, its session has not: not an orphan
+            continue
         if j.doc.get("keep") and not include_kept:
             j.close()
             continue
@@ -430,6 +481,9 @@ def restore_orphans(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = Fa
                 try:
                     j = Journal.open(host, name[:-5], root)
                 except JournalError:
+                    continue
+                if session_alive(j.doc):
+                    j.release()
                     continue
                 if j.doc.get("keep") and not include_kept:
                     j.close()

@@ -47,6 +47,7 @@ class Lease:
         self.pool.host.remove(self.pool.record_path(self.group))
         self._lock.release()
         self._lock = None
+        self.pool.log_release(self)
 
     def __enter__(self) -> Lease:
         return self
@@ -59,13 +60,29 @@ class Lease:
 
 
 class LeasePool:
-    """Leases of IOMMU groups on `host`, under `root` on the target. `worker` and `session`
-    name this process in the owner records of the leases it takes (see who_am_i)."""
+    """Leases of IOMMU groups (and of whole PFs, `pf-<address>`) on `host`, under `root` on the
+    target. `worker` and `session` name this process in the owner records of the leases it takes
+    (see who_am_i). `log`: a file on this machine that gets one JSON line per lease released
+    (group, test, worker, session, pid, start, end), for checking afterwards that no two users
+    held one at once."""
 
     def __init__(self, host: Any, root: str = LEASE_ROOT, worker: str | None = None,
-                 session: str | None = None) -> None:
+                 session: str | None = None, log: str | None = None) -> None:
         self.host, self.root = host, root.rstrip("/")
-        self.worker, self.session = worker, session
+        self.worker, self.session, self.log = worker, session, log
+
+    def log_release(self, lease: Lease) -> None:
+        if not self.log:
+            return
+        import filelock
+
+        o = lease.owner
+        record = {"group": lease.group, "test": o.get("test"), "worker": o.get("worker"),
+                  "session": o.get("session"), "pid": o.get("pid"), "start": o.get("since"),
+                  "end": round(time.time(), 3)}
+        with filelock.FileLock(self.log + ".lock"):
+            with open(self.log, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def lock_path(self, group: str | int) -> str:
         return f"{self.root}/{group}.lock"
@@ -100,6 +117,15 @@ class LeasePool:
                 hint="wait for that test to finish, or pick another group (`vfiotest devices` shows leases)",
                 group=str(group), owner=owner or None)
         return lease
+
+    def wait_acquire(self, group: str | int, test_id: str | None = None, timeout: float = 300.0) -> Lease:
+        """A Lease on `group`, waiting up to `timeout` s for its holder to let go; LeaseBusy
+        (naming the holder) when it does not."""
+        from .host import wait_for
+
+        lease = wait_for(lambda: self.try_acquire(group, test_id), timeout, interval=0.5,
+                         what=f"the lease on {group}", fail=False)
+        return lease if lease is not None else self.acquire(group, test_id)
 
     def acquire_first(self, groups: list[str] | list[int], test_id: str | None = None) -> Lease | None:
         """A Lease on the first free group of `groups`, or None when all are taken."""

@@ -136,6 +136,14 @@ class Session:
         """The owner of the session journal (vfiotest.journal): changes every worker shares."""
         return f"session-{self.id}"
 
+    @property
+    def journal_meta(self) -> dict[str, str]:
+        """What ties the session journal to this session's liveness (journal.session_alive): it
+        stays live while the controlling process runs, after the worker that wrote it ended."""
+        from .journal import _local_machine_id
+
+        return {"id": self.id, "alive": os.path.abspath(self.alive_path), "controller": _local_machine_id() or ""}
+
     # -- REACHED -----------------------------------------------------------------------------
     @property
     def is_virtual(self) -> bool:
@@ -312,9 +320,29 @@ class Session:
             r.release()
         return v
 
+    def _put_back_counts(self, host: Any, say: Callable[[str], None]) -> int:
+        """Undo the session journal (VF counts), the count lock held. A PF whose count another
+        live session also journals (it uses these VFs: fixtures/sriov.py recorded the same
+        original there) is left to that session, the last one to end puts it back."""
+        from .journal import Journal
+
+        journal = Journal.open(host, owner=self.journal_owner, wait=30)
+        try:
+            shared = shared_counts(host, self.journal_owner)
+            for e in journal.entries():
+                if e.get("kind") == "numvfs" and e.get("address") in shared:
+                    journal.done(e)
+                    say(f"left {e['address']}'s VF count to {shared[e['address']][0]}, a live session using "
+                        f"its VFs too, which puts it back when it ends")
+            n = len(journal.entries())
+            journal.restore_all()
+        finally:
+            journal.close()
+        return n
+
     def _finish_on(self, host: Any, base: Optional[Inventory], records: list, v: Verdict,
                    say: Callable[[str], None]) -> None:
-        from .journal import Journal, restore_orphans, undo_entry
+        from .journal import restore_orphans, undo_entry
 
         for name, entry in reversed(records):
             try:
@@ -324,14 +352,24 @@ class Session:
             except HarnessError as e:
                 v.error = f"could not undo {entry['kind']} ({name}): {e}"
                 say(f"session: {v.error}")
-        journal = Journal.open(host, owner=self.journal_owner, wait=30)
-        try:
-            n = len(journal.entries())
-            journal.restore_all()
-        finally:
-            journal.close()
-        if n:
-            say(f"put back the session's journaled changes ({n} entries: VF counts)")
+        from .sriov import COUNT_LOCK, COUNT_LOCK_TIMEOUT
+
+        count_lock = host.hold_lock(COUNT_LOCK, blocking=True, timeout=COUNT_LOCK_TIMEOUT)
+        if count_lock is None:
+            v.error = (f"{COUNT_LOCK} on {host.name} stayed held for {COUNT_LOCK_TIMEOUT:.0f} s; "
+                       f"the session's VF counts were not put back (`vfiotest restore` does it)")
+            say(f"session: {v.error}")
+        else:
+            try:
+                n = self._put_back_counts(host, say)
+            except HarnessError as e:
+                v.error = f"could not put back the session's VF counts: {e}"
+                say(f"session: {v.error}")
+                n = 0
+            finally:
+                count_lock.release()
+            if n:
+                say(f"put back the session's journaled changes ({n} entries: VF counts)")
         if base is None:
             return
         now = read_inventory(host)
@@ -354,6 +392,20 @@ class Session:
                    else f"still different: {v.still_different}; run `vfiotest restore`"))
         else:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
+
+
+def shared_counts(host: Any, own: str) -> dict[str, tuple[str, dict]]:
+    """{PF: (owner, its numvfs entry)} for the VF counts that live journals on `host` other than
+    `own` record: sessions sharing the runner that made VFs. A session using those VFs records
+    the same entry in its own journal (the original count), and the last one to end puts it back."""
+    from .journal import live_journals
+
+    out: dict[str, tuple[str, dict]] = {}
+    for owner, entries in sorted(live_journals(host, exclude=(own,)).items()):
+        for e in entries:
+            if e.get("kind") == "numvfs" and e.get("address"):
+                out.setdefault(e["address"], (owner, dict(e)))
+    return out
 
 
 def split_others(diff: list[str], base: Inventory, now: Inventory,
@@ -393,17 +445,9 @@ def split_others(diff: list[str], base: Inventory, now: Inventory,
 
 
 def _is_held(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    from .journal import local_lock_held
+
+    return local_lock_held(path)
 
 
 def orphaned_sessions(root: str, spec: Optional[str] = None, exclude: Optional[str] = None) -> list[Session]:
@@ -456,4 +500,4 @@ def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
 
 
 __all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "orphaned_sessions",
-           "restore_orphaned_sessions"]
+           "restore_orphaned_sessions", "shared_counts"]

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from . import constants
 from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
 from .lease import LeasePool
 from .pci import Inventory, PciAddress, read_inventory
@@ -22,6 +23,15 @@ from .pci import Inventory, PciAddress, read_inventory
 SYS_DEV = "/sys/bus/pci/devices"
 WRITE_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 30.0
+#: held (on the target) while a session decides whether a PF's VF count is its to create or put
+#: back, so that two sessions sharing a runner do not both create, or both leave, the same VFs
+COUNT_LOCK = f"{constants.TARGET_STATE_DIR}/numvfs.lock"
+COUNT_LOCK_TIMEOUT = 300.0
+
+
+def pf_lease_name(pf: str) -> str:
+    """The lease (vfiotest.lease) that whoever changes `pf`'s VF count, or binds the PF, holds."""
+    return f"pf-{pf}"
 
 
 def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = None) -> list[str]:
@@ -192,4 +202,4 @@ def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIME
 # The journal entry kind this module owns; vfiotest.journal registers it (journal.KIND_MODULES).
 JOURNAL_KINDS: list[dict[str, Any]] = [{"kind": "numvfs", "required": ("address", "numvfs"), "undo": restore_numvfs}]
 
-__all__ = ["set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]
+__all__ = ["COUNT_LOCK", "pf_lease_name", "set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,7 +21,7 @@ from vfiotest.errors import (
 )
 from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.pci import read_inventory
-from vfiotest.sriov import set_numvfs
+from vfiotest.sriov import pf_lease_name, set_numvfs
 
 pytestmark = [pytest.mark.mutating, pytest.mark.vm]   # vm: the default target is the emulated runner
 
@@ -112,25 +113,45 @@ class _OthersLeases:
 
 @pytest.fixture
 def whole_pf(request, target_host, sriov_pfs, lease_pool):
-    """A PF all of whose VF groups this test holds, so it may change the VF count."""
-    for pf in sorted(sriov_pfs, key=lambda p: -len(p.vfs)):
-        inv = read_inventory(target_host)
-        groups = [inv.devices[v].iommu_group for v in pf.vfs if v in inv.devices]
-        leases = []
-        for g in groups:
-            lease = lease_pool.try_acquire(g, test_id=request.node.nodeid, retry=60)
-            if lease is None:
-                break
-            leases.append(lease)
-        if len(leases) == len(groups):
-            leases.append(lease_pool.acquire(f"pf-{pf.address}", test_id=request.node.nodeid))
-            yield pf, _OthersLeases(lease_pool, groups + [f"pf-{pf.address}"])
+    """A PF all of whose VF groups this test holds, and the PF's own lease (which the sriov layer
+    of every session and the PF tests below take too), so it may change the VF count. Waits (up
+    to 5 min) for other tests, of this session or another, to let go of one."""
+    deadline = time.monotonic() + 300
+    while True:
+        for pf in sorted(sriov_pfs, key=lambda p: -len(p.vfs)):
+            leases = []
+            own = lease_pool.try_acquire(pf_lease_name(pf.address), test_id=request.node.nodeid)
+            if own is None:
+                continue
+            leases.append(own)
+            inv = read_inventory(target_host)
+            groups = [inv.devices[v].iommu_group for v in pf.vfs if v in inv.devices]
+            for g in groups:
+                lease = lease_pool.try_acquire(g, test_id=request.node.nodeid)
+                if lease is None:
+                    break
+                leases.append(lease)
+            if len(leases) == len(groups) + 1:
+                yield pf, _OthersLeases(lease_pool, groups + [pf_lease_name(pf.address)])
+                for lease in leases:
+                    lease.release()
+                return
             for lease in leases:
                 lease.release()
-            return
-        for lease in leases:
-            lease.release()
-    pytest.skip("no PF whose VFs are all free")
+        if time.monotonic() > deadline:
+            pytest.skip("no PF whose VFs were all free within 5 min")
+        time.sleep(1)
+
+
+@pytest.fixture
+def pf_held(request, lease_pool):
+    """hold(pf): this test holds the PF's lease, so no other test (or session) changes its VF
+    count or binds it meanwhile; returns the lease's name."""
+    def hold(pf):
+        lease = lease_pool.wait_acquire(pf_lease_name(pf), test_id=request.node.nodeid)
+        request.addfinalizer(lease.release)
+        return lease.group
+    return hold
 
 
 def test_numvfs_n_to_m_and_back(target_host, whole_pf, profile):
@@ -165,14 +186,14 @@ def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
 
 
 # -- bad input: a clear error and no change -----------------------------------------------------
-def _state(host, lease_pool):
+def _state(host, lease_pool, mine=()):
     """(Tests using it ask for sriov_pfs, so that VF creation is over before the first snapshot.)
     The host state minus what other tests hold (pytest -n: they change their own leased groups
     and PFs meanwhile); the leases are read before and after the inventory, and what either names
     is left out. The session's host state guard checks the whole host."""
     held = set(lease_pool.held())
     inv = read_inventory(host)
-    held |= set(lease_pool.held())
+    held = (held | set(lease_pool.held())) - set(mine)
     pfs = {name[3:] for name in held if name.startswith("pf-")}
     state = inv.state()
     for addr, dev in inv.devices.items():
@@ -230,37 +251,41 @@ def test_device_the_host_needs_refused(target_host, device_manager, lease_pool, 
     assert _unchanged(before, _state(target_host, lease_pool))
 
 
-def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool, sriov_pfs):
+def test_pf_with_vfs_in_use_keeps_its_vfs(target_host, vfio_group, profile, lease_pool, sriov_pfs, pf_held):
+    mine = [pf_held(vfio_group.pf), vfio_group.group]
     pf = read_inventory(target_host).device(vfio_group.pf)
-    before = _state(target_host, lease_pool)
+    before = _state(target_host, lease_pool, mine)
     with pytest.raises(VFCreateError, match="in use") as e:
         set_numvfs(target_host, pf.address, max(pf.sriov.numvfs - 1, 1), profile=profile)
     assert e.value.reason == VFCreateError.IN_USE and e.value.address == pf.address
-    assert _unchanged(before, _state(target_host, lease_pool))
+    assert _unchanged(before, _state(target_host, lease_pool, mine))
 
 
-def test_pf_with_enabled_vfs_refused_and_keeps_them(target_host, device_manager, sriov_pfs, lease_pool, target_spec):
+def test_pf_with_enabled_vfs_refused_and_keeps_them(target_host, device_manager, sriov_pfs, lease_pool, target_spec,
+                                                    pf_held):
     """Binding a PF unbinds its driver, which destroys its VFs (and unbind would not bring them
     back): refused, through the library and the CLI, with the VFs as they were."""
     pf = next(p for p in sriov_pfs if p.vfs)
-    before = _state(target_host, lease_pool)
+    mine = [pf_held(pf.address)]
+    before = _state(target_host, lease_pool, mine)
     with pytest.raises(NotAllowed) as e:
         device_manager.bind_group(pf.address)
     assert e.value.reason == NotAllowed.PF_WITH_VFS and e.value.address == pf.address
     p = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", target_spec, pf.address],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "VFs enabled" in p.stderr and "next step" in p.stderr, p.stderr
-    assert _unchanged(before, _state(target_host, lease_pool))
+    assert _unchanged(before, _state(target_host, lease_pool, mine))
     assert read_inventory(target_host).device(pf.address).sriov.numvfs == len(pf.vfs)
 
 
-def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_pool):
+def test_more_vfs_than_totalvfs_refused(target_host, sriov_pfs, profile, lease_pool, pf_held):
+    mine = [pf_held(sriov_pfs[0].address)]
     pf = read_inventory(target_host).device(sriov_pfs[0].address)
-    before = _state(target_host, lease_pool)
+    before = _state(target_host, lease_pool, mine)
     with pytest.raises(VFCreateError, match="at most") as e:
         set_numvfs(target_host, pf.address, pf.sriov.totalvfs + 1, profile=profile)
     assert e.value.reason == VFCreateError.TOO_MANY and e.value.address == pf.address
-    assert _unchanged(before, _state(target_host, lease_pool))
+    assert _unchanged(before, _state(target_host, lease_pool, mine))
 
 
 def test_corrupt_journal_refused_with_recovery_step(target_host, prereqs_met, lease_pool, sriov_pfs):

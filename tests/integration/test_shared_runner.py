@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -39,8 +40,16 @@ def test_two_rebind_sessions_share_a_runner(tmp_path):
             assert p.returncode == 0, out[-4000:]
             assert "failed" not in out.splitlines()[-1], out[-2000:]
             assert "host state guard: runner left as found" in out, out[-3000:]
-        # no group held by two tests at once, across both sessions
+        for name in ("a", "b"):    # both pass: nothing failed, nothing skipped for want of a device
+            suite = ET.parse(tmp_path / f"junit-{name}.xml").getroot().find("testsuite")
+            assert suite is not None
+            counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            assert counts["tests"] >= 15 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, \
+                (name, counts)
+        # no group, and no whole PF, held by two users at once, across both sessions
         leases = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+        assert any(rec["group"].startswith("pf-") for rec in leases), "the whole-PF users are not in the lease log"
+        assert len({rec["session"] for rec in leases}) == 2, {rec["session"] for rec in leases}
         by_group: dict = {}
         for rec in leases:
             by_group.setdefault(rec["group"], []).append(rec)

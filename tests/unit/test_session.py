@@ -203,3 +203,59 @@ def test_two_sessions_on_one_target_each_guards_its_own(tmp_path):
     v = b2.finish(say=lambda s: None)
     assert not v.ok and any(nvme in d and "numvfs" in d for d in v.diff), v.diff
     assert all(nvme not in o for o in v.others)
+
+
+def test_the_session_journal_stays_live_after_its_worker_ends(tmp_path):
+    """The xdist worker that made the session's VFs ends before its session does: another
+    session's baseline must not take the session journal for an orphan and put the count back
+    under the first session's feet; once the first session's controller is gone, it is one."""
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+    spec, root = f"sim:{sim.sysroot}", tmp_path / "sessions"
+    a = Session("a", spec, str(root / "a"))
+    a.hold()
+    host = a.open_host()
+    a.baseline(host)
+    ja = Journal.open(host, owner=a.journal_owner, session=a.journal_meta)
+    set_numvfs(host, PF, 4, journal=ja)
+    ja.close()                                     # the worker ends; the session goes on
+    assert a.journal_owner in journal.live_journals(host)
+    b = Session("b", spec, str(root / "b"))
+    b.hold()
+    b.baseline(b.open_host())
+    assert read_inventory(host).devices[PF].sriov.numvfs == 4, "B put back the VFs of a live session"
+    assert b.finish(say=lambda s: None).ok
+    a._let_go()                                    # A's controller is killed
+    assert a.journal_owner not in journal.live_journals(host)
+    assert journal.restore_orphans(host) == [(a.journal_owner, 1)]
+    assert read_inventory(host).devices[PF].sriov.numvfs == 2
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_the_last_session_using_shared_vfs_puts_the_count_back(tmp_path, first):
+    """A made the VFs, B uses them (and records A's original count, as the sriov layer does):
+    whichever ends first leaves the count to the other, and the last one puts it back."""
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+    spec, root = f"sim:{sim.sysroot}", tmp_path / "sessions"
+    s = {n: Session(n, spec, str(root / n)) for n in "ab"}
+    host = s["a"].open_host()
+    for n in "ab":
+        s[n].hold()
+        s[n].baseline(host)
+    ja = Journal.open(host, owner=s["a"].journal_owner, session=s["a"].journal_meta)
+    set_numvfs(host, PF, 4, journal=ja)
+    ja.close()
+    from vfiotest.session import shared_counts
+    shared = shared_counts(host, s["b"].journal_owner)
+    assert shared[PF][0] == s["a"].journal_owner and shared[PF][1]["numvfs"] == 2
+    jb = Journal.open(host, owner=s["b"].journal_owner, session=s["b"].journal_meta)
+    jb.record(shared[PF][1])
+    assert set_numvfs(host, PF, 4, journal=jb)     # already there: no change
+    jb.close()
+    last = "b" if first == "a" else "a"
+    lines = []
+    assert s[first].finish(say=lines.append).ok
+    assert read_inventory(host).devices[PF].sriov.numvfs == 4, "the first to end took the other's VFs away"
+    assert any("left" in line and s[last].journal_owner in line for line in lines), lines
+    v = s[last].finish(say=lambda x: None)
+    assert v.ok, (v.diff, v.error)
+    assert read_inventory(host).devices[PF].sriov.numvfs == 2
