@@ -24,6 +24,10 @@ Kinds (their owners):
   {"kind": "new_id", "driver", "id"}                             an ID we added to new_id  (vfiotest.bind)
   {"kind": "numvfs", "address", "numvfs", "drivers_autoprobe"}   original SR-IOV state     (vfiotest.sriov)
   {"kind": "file", "path", "existed", "content", "mode"}         a file as it was          (vfiotest.undo_files)
+  {"kind": "registration", "runtime", "previous", ...}            a runtime registered      (vfiotest.kata.runtime)
+  {"kind": "podman-dropin", "path", "previous", "created_dir"}   podman's base settings    (vfiotest.podman.conf)
+  {"kind": "podman-service", "socket", "pid_path", "log_path"}   an API service started    (vfiotest.podman.client)
+  {"kind": "containers", "runtime", "label"}                     containers (and Kata VMs) (vfiotest.podman.client)
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ JOURNAL_ROOT = constants.JOURNAL_DIR
 VERSION = 1
 
 #: The modules that own entry kinds (each has a JOURNAL_KINDS list), imported on first use.
-KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.undo_files", "vfiotest.kata.runtime", "vfiotest.podman.conf")
+KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.undo_files", "vfiotest.kata.runtime", "vfiotest.podman.conf",
+                "vfiotest.podman.client")
 
 Entry = dict[str, Any]
 
@@ -344,6 +349,11 @@ class Journal:
             return
         if not self.doc["entries"]:
             self.host.remove(self.path)
+            if not self.doc.get("keep"):
+                # a journal of one process (or session) leaves no lock file behind either. A kept
+                # journal (the CLI's, shared by every `vfiotest bind`) keeps its lock file: a
+                # waiter could otherwise hold the unlinked one while a newcomer takes a new one.
+                self.host.remove(f"{self.root}/{self.owner}.lock")
         self._lock.release()
         self._lock = None
 
@@ -464,6 +474,24 @@ def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = 
     return found
 
 
+def _sweep_lock_files(host: Any, root: str) -> None:
+    """Remove the lock files of journals that never got an entry (their process died between
+    taking the lock and its first change): nobody holds them and no journal goes with them.
+    The CLI's shared lock file stays (Journal.close)."""
+    root = root.rstrip("/")
+    names = set(host.listdir(root) or [])
+    for name in names:
+        owner = name[:-5]
+        if not name.endswith(".lock") or f"{owner}.json" in names or owner == "cli":
+            continue
+        probe = host.hold_lock(f"{root}/{name}", blocking=False)
+        if probe is not None:
+            try:
+                host.remove(f"{root}/{name}")
+            finally:
+                probe.release()
+
+
 def restore_orphans(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = False) -> list[tuple[str, int]]:
     """Replay every orphaned journal on `host` (newest entry first). Returns
     [(owner, entries restored)]. Problems are collected and raised together at the end,
@@ -489,15 +517,30 @@ def restore_orphans(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = Fa
                     j.close()
                     continue
                 journals.append(j)
-    for j in journals:
-        n = len(j.entries())
-        try:
-            j.restore_all()
-            done.append((j.owner, n))
-        except HarnessError as e:
-            problems.append(e)
-        finally:
+    # VF counts last: a PF's count cannot go back while its VFs are bound (another journal's
+    # driver entries); what failed is tried again while the others' undo makes progress
+    journals.sort(key=lambda j: all(e.get("kind") == "numvfs" for e in j.entries()))
+    counts = {j.owner: len(j.entries()) for j in journals}
+    pending: list[Journal] = journals
+    failed: list[tuple[Journal, HarnessError]] = []
+    try:
+        while pending:
+            failed = []
+            for j in pending:
+                try:
+                    j.restore_all()
+                except HarnessError as e:
+                    failed.append((j, e))
+            if not failed or len(failed) == len(pending):
+                break
+            pending = [j for j, _ in failed]
+    finally:
+        for j in journals:
+            if not j.entries():
+                done.append((j.owner, counts[j.owner]))
             j.close()
+    problems += [e for _, e in failed]
+    _sweep_lock_files(host, root)
     if problems:
         if len(problems) == 1:
             raise problems[0]

@@ -259,13 +259,14 @@ class Session:
         missing = kind.missing(entry)
         if missing:
             raise HarnessError(f"session record of kind {entry['kind']!r} lacks {', '.join(missing)}")
-        d = self.path(RECORDS)
-        seq = len(os.listdir(d)) if os.path.isdir(d) else 0
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{seq:03d}-{entry['kind']}.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(entry, f)
-        os.replace(tmp, os.path.join(d, f"{seq:03d}-{entry['kind']}.json"))
+        with self.lock("records"):       # workers record too: one sequence number each
+            d = self.path(RECORDS)
+            os.makedirs(d, exist_ok=True)
+            seq = len([n for n in os.listdir(d) if n.endswith(".json")])
+            tmp = os.path.join(d, f".{seq:03d}-{entry['kind']}.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(entry, f)
+            os.replace(tmp, os.path.join(d, f"{seq:03d}-{entry['kind']}.json"))
 
     def _records(self) -> list[tuple[str, dict]]:
         d = os.path.join(self.dir, RECORDS)

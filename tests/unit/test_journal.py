@@ -236,3 +236,24 @@ def test_file_that_cannot_be_recorded_is_not_changed(sim):
             write_file(sim, j, "/etc/vfiotest-test/blob", "text")
         assert e.value.path == "/etc/vfiotest-test/blob" and j.entries() == []
     assert open(sim.sysroot + "/etc/vfiotest-test/blob", "rb").read() == b"\xff\xfe\x00"
+
+
+def test_orphans_of_two_processes_are_undone_in_an_order_that_works(sim):
+    """A killed session leaves its VF count in one journal (the session's) and a VF on
+    vfio-pci in another (a worker's): the count can only go back once the VF is off vfio-pci,
+    whichever journal is read first. Lock files of journals that never got an entry go too."""
+    first = read_inventory(sim)
+    pf = "0000:10:00.0"
+    s = Journal.open(sim, "session-x")           # read first by name order: the count
+    vfs = sriov.set_numvfs(sim, pf, 3, journal=s)
+    w = Journal.open(sim, "worker-y")
+    DeviceManager(sim, "emulated", w).bind_device(vfs[0])
+    s.release()
+    w.release()                                   # both processes killed
+    empty = Journal.open(sim, "never-wrote")      # killed between its lock and its first change
+    empty.release()
+    assert os.path.exists(f"{sim.sysroot}{ROOT}/never-wrote.lock")
+    done = restore_orphans(sim)
+    assert sorted(done) == [("session-x", 1), ("worker-y", 1)], done
+    assert read_inventory(sim).diff(first) == []
+    assert sorted(os.listdir(f"{sim.sysroot}{ROOT}")) == [], os.listdir(f"{sim.sysroot}{ROOT}")

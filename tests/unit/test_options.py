@@ -71,3 +71,17 @@ def test_a_bogus_target_is_refused_at_start_up(tmp_path, where):
     assert p.returncode == 4, said
     assert "unknown target 'bogus://x'" in said and "--target virtual" in said, said
     assert "OPTIONS" not in said                             # no test ran
+
+
+@pytest.mark.parametrize("where", ["option", "env"])
+def test_a_malformed_pf_is_refused_at_start_up(tmp_path, where):
+    args, env = (["--pf", "zz:00"], {}) if where == "option" else ([], {"VFIOTEST_PF": "0000:01:00.0,zz:00"})
+    p = pytest_child(tmp_path, *args, env={**env, "VFIOTEST_TARGET": "sim:/nonexistent"})
+    said = p.stdout + p.stderr
+    assert p.returncode == 4 and "zz:00" in said and "next step" in said and "Traceback" not in said, said
+    assert "OPTIONS " not in p.stdout, "the session went on with a malformed PF"
+
+
+def test_a_short_pf_is_given_its_domain(tmp_path):
+    got = shown(pytest_child(tmp_path, "--pf", "01:00.0", env={"VFIOTEST_TARGET": "sim:/nonexistent"}))
+    assert got["pf"] == ["0000:01:00.0"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shlex
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..constants import VFIO_ANNOTATION
 from ..errors import HarnessError
-from .service import PodmanService, wait_for_ping
+from .service import PodmanService, service_entry, undo_service, wait_for_ping
 
 if TYPE_CHECKING:
     from typing import Self
@@ -132,27 +133,36 @@ def runtime_is_kata(host: Host, runtime: str, timeout: float = 60) -> bool:
 class RuntimeClient:
     """podman-py bound to one runtime on one target. Use `open()`, and `close()` at the end."""
 
-    def __init__(self, service: PodmanService, client: Any, owner: str | None = None) -> None:
+    def __init__(self, service: PodmanService, client: Any, owner: str | None = None, recorder: Any = None) -> None:
         self.service, self.client = service, client
         self.runtime = service.runtime
         self.owner = owner or secrets.token_hex(6)
         self.made: List[str] = []  # ids of every container created, in order
+        #: where the containers' undo entry goes before the first is made (a journal or the session)
+        self.recorder = recorder
+        self._recorded = False
         #: the kata-vfio registration (vfiotest.kata.runtime.RuntimeInfo) the client was opened for, if any
         self.runtime_info: Any = None
 
     @classmethod
     def open(cls, host: Host, runtime: str, *, ping_timeout: float = 60.0, owner: str | None = None,
-             **service_kw: Any) -> RuntimeClient:
+             recorder: Any = None, **service_kw: Any) -> RuntimeClient:
+        """recorder: a journal (or vfiotest.session.Session) that gets, before each is made, the
+        undo entries of the API service and of the containers, so a crashed harness leaves
+        neither running (`vfiotest restore`)."""
         import podman
 
-        service = PodmanService(host, runtime, **service_kw).start()
+        service = PodmanService(host, runtime, **service_kw)
+        if recorder is not None:
+            recorder.record(service_entry(service))
+        service.start()
         try:
             client = podman.PodmanClient(base_url=service.url, timeout=120)
             wait_for_ping(client, ping_timeout)
         except BaseException:
             service.stop()
             raise
-        return cls(service, client, owner)
+        return cls(service, client, owner, recorder)
 
     # -- containers -------------------------------------------------------------
     def create(self, image: str, command: Iterable[str], *, devices: Iterable[str] = (), cap_add: Iterable[str] = (),
@@ -163,6 +173,9 @@ class RuntimeClient:
         from podman.errors import APIError, ImageNotFound
 
         name = name or f"vfiotest-{self.owner}-{len(self.made)}"
+        if self.recorder is not None and not self._recorded:
+            self.recorder.record(containers_entry(self.runtime, self.owner))
+            self._recorded = True
         kw = dict(devices=list(devices), cap_add=list(cap_add), cap_drop=list(cap_drop), ulimits=ulimit_list(ulimits),
                   annotations=dict(annotations or {}), labels={OWNER_LABEL: self.owner, **(labels or {})},
                   name=name, log_config=LOG_CONFIG, **extra)
@@ -269,6 +282,10 @@ class RuntimeClient:
                 removed.append(cid)
             except Exception as e:  # noqa: BLE001 - try every one, report at the end
                 log.warning("removing container %s: %s", cid[:12], e)
+        try:
+            reap(self.service.host, removed)
+        except HarnessError as e:
+            log.warning("reaping what outlived containers %s: %s", [c[:12] for c in removed], e)
         self.made.clear()
         return removed
 
@@ -303,3 +320,52 @@ def _text(out):
     if isinstance(out, str):
         return out
     return b"".join(x if isinstance(x, bytes) else str(x).encode() for x in out).decode("utf-8", "replace")
+
+
+# -- undo after a crash (vfiotest.journal kinds) ------------------------------------------
+def containers_entry(runtime: str, owner: str) -> dict[str, Any]:
+    """The journal entry written before a client's first container: every container with its
+    owner label is removed on undo, with its Kata VM."""
+    return {"kind": "containers", "runtime": runtime, "label": f"{OWNER_LABEL}={owner}"}
+
+
+def reap(host: Host, ids: Iterable[str]) -> None:
+    """Kill what outlives removed containers: a Kata VM (its qemu names the sandbox, which is
+    the container's id) and the conmon of an exec session (podman keeps it up to 5 min after
+    the exec, `--exit-delay 300`, even once the container is gone)."""
+    words = []
+    for cid in ids:
+        if not cid.isalnum():
+            continue
+        words += [f"pkill -KILL -f {shlex.quote('[s]andbox-' + cid)};",
+                  f"pkill -KILL -f {shlex.quote('[c]onmon .*-c ' + cid + ' ')};"]
+    if words:
+        host.run(" ".join(words) + " true", timeout=60)
+
+
+def undo_containers(host: Host, entry: dict[str, Any]) -> None:
+    """Remove every container labelled `entry["label"]` (force: a running one is stopped, its
+    Kata sandbox VM with it); a Kata VM that outlives its container (its qemu names the sandbox,
+    which is the container's id) is killed. Needs the runtime still registered: undo entries
+    run newest first, and the registration was recorded before any container."""
+    label = entry["label"]
+    if not label.startswith(OWNER_LABEL + "=") or not label[len(OWNER_LABEL) + 1:].isalnum():
+        raise ContainerError(f"the containers entry names label {label!r}, not {OWNER_LABEL}=<hex>; it is refused",
+                             hint="the journal was edited by hand: remove that entry")
+    ls = host.run(["podman", "ps", "-a", "-q", "--no-trunc", "--filter", f"label={label}"], timeout=120,
+                  check=True, what=f"listing the containers labelled {label}")
+    ids = [i for i in ls.stdout.split() if i.isalnum()]
+    for cid in ids:
+        host.run(["podman", "rm", "-f", "-v", "--time", "10", cid], timeout=180)
+    reap(host, ids)
+    left = host.run(["podman", "ps", "-a", "-q", "--filter", f"label={label}"], timeout=120)
+    if left.ok and left.stdout.split():
+        raise ContainerError(f"containers {left.stdout.split()} (label {label}) could not be removed on {host.name}",
+                             hint=f"remove them by hand: podman rm -f {' '.join(left.stdout.split())}")
+
+
+#: the journal entry kinds this module and the service own (vfiotest.journal.register_kind arguments)
+JOURNAL_KINDS = [
+    {"kind": "containers", "required": ("runtime", "label"), "undo": undo_containers},
+    {"kind": "podman-service", "required": ("socket", "pid_path"), "undo": undo_service},
+]

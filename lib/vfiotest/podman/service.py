@@ -264,3 +264,26 @@ def wait_for_ping(client: Any, timeout: float = 30.0) -> bool:
         return True
     raise ProvisionError(f"the podman API did not answer ping within {timeout:.0f} s: {last}",
                          hint="read the service log on the target (PodmanService.log_tail())")
+
+
+# -- undo after a crash (vfiotest.journal kinds) ------------------------------------------
+def service_entry(service: PodmanService) -> dict[str, Any]:
+    """The journal entry of a service about to be started: enough to stop it after a crash."""
+    return {"kind": "podman-service", "runtime": service.runtime, "socket": service.socket_path,
+            "pid_path": service.pid_path, "log_path": service.log_path}
+
+
+def undo_service(host: Host, entry: dict[str, Any]) -> None:
+    """Stop the service a crashed harness left running (if its pid still names its socket)
+    and remove its files. Nothing to do when it is gone."""
+    sock, pidf, logf = entry["socket"], entry["pid_path"], entry.get("log_path") or ""
+    for path in (sock, pidf, logf):
+        if path and not path.startswith(SOCKET_DIR + "/"):
+            raise TargetError(f"the podman-service entry names {path}, outside {SOCKET_DIR}; it is refused",
+                              hint="the journal was edited by hand: remove that entry")
+    cmd = (f"p=$(cat {shlex.quote(pidf)} 2>/dev/null); "
+           f"if [ -n \"$p\" ] && grep -qF {shlex.quote(sock)} /proc/$p/cmdline 2>/dev/null; then "
+           f"kill -TERM $p; i=0; while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+           f"kill -0 $p 2>/dev/null && kill -KILL $p; fi; rm -f {shlex.quote(sock)} {shlex.quote(pidf)}"
+           + (f" {shlex.quote(logf)}" if logf else "") + "; exit 0")
+    host.run(cmd, timeout=60, check=True, what=f"stopping the podman service of {sock}")
