@@ -81,10 +81,13 @@ def file_op(op, path, extra, data):
             os.close(fd)
         return None
     if op == "atomic":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # directories the harness makes are not writable by others, whatever the umask: a
+        # journal is replayed by root, so nobody else may put one there
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         tmp = path + ".tmp.%d" % os.getpid()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, int(extra[0], 8))
         try:
+            os.fchmod(fd, int(extra[0], 8))   # the mode asked for, not what a umask or a stale file left
             os.write(fd, data)
             os.fsync(fd)
         finally:
@@ -199,8 +202,8 @@ class LocalTransport(Transport):
     def hold_lock(self, path: str, blocking: bool = False, timeout: float = 10.0) -> Lock | None:
         import filelock  # not in the guest: the hook takes no locks
 
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = filelock.FileLock(path)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        lock = filelock.FileLock(path, mode=0o600)
         try:
             lock.acquire(timeout=timeout if blocking else 0)
         except filelock.Timeout:

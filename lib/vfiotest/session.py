@@ -264,7 +264,7 @@ class Session:
             os.makedirs(d, exist_ok=True)
             seq = len([n for n in os.listdir(d) if n.endswith(".json")])
             tmp = os.path.join(d, f".{seq:03d}-{entry['kind']}.json.tmp")
-            with open(tmp, "w") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 json.dump(entry, f)
             os.replace(tmp, os.path.join(d, f"{seq:03d}-{entry['kind']}.json"))
 

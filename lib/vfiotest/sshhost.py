@@ -243,7 +243,7 @@ class SshTransport(Transport):
         if this process dies, sshd closes the session and the lock goes with it."""
         d = os.path.dirname(path)
         wait = f"-w {int(timeout)}" if blocking else "-n"
-        cmd = (f"mkdir -p {shlex.quote(d)} && exec flock {wait} -E 75 {shlex.quote(path)} "
+        cmd = (f"mkdir -p -m 0755 {shlex.quote(d)} && umask 077 && exec flock {wait} -E 75 {shlex.quote(path)} "
                f"sh -c 'echo LOCKED; exec cat >/dev/null'")
         chan = self.connect().get_transport().open_session(timeout=self.connect_timeout)
         chan.settimeout(timeout + 5)

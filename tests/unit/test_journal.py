@@ -257,3 +257,22 @@ def test_orphans_of_two_processes_are_undone_in_an_order_that_works(sim):
     assert sorted(done) == [("session-x", 1), ("worker-y", 1)], done
     assert read_inventory(sim).diff(first) == []
     assert sorted(os.listdir(f"{sim.sysroot}{ROOT}")) == [], os.listdir(f"{sim.sysroot}{ROOT}")
+
+
+def test_journal_and_its_directory_are_not_open_to_others_whatever_the_umask(tmp_path):
+    """Root replays journals: a journal directory others could write to would let them
+    plant one. Under umask 0 the journal stays 0600 and its directory 0755."""
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2}])
+    old = os.umask(0)
+    try:
+        with Journal.open(sim, "m") as j:
+            DeviceManager(sim, "emulated", j).bind_device(VF)
+            st_j = os.stat(jfile(sim, "m"))
+            st_d = os.stat(os.path.dirname(jfile(sim, "m")))
+            st_l = os.stat(f"{sim.sysroot}{ROOT}/m.lock")
+            j.restore_all()
+    finally:
+        os.umask(old)
+    assert st_j.st_mode & 0o777 == 0o600
+    assert st_d.st_mode & 0o777 == 0o755
+    assert st_l.st_mode & 0o077 == 0
