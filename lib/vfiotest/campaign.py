@@ -401,6 +401,8 @@ def row_rebind_n(c: Campaign, table: Table, s0: dict, n: int) -> None:
         if d:
             drift.append((i + 1, d))
             note(f"rebind run {i + 1} drift: {d[:8]}")
+        note(f"rebind run {i + 1}/{n}: rc {p.returncode}, {len(d)} diffs; so far {passed} passed, "
+             f"{len(drift)} drifted, {time.monotonic() - t:.0f} s")
     table.add(f"rebind suite x{n}", "every run passes, no drift", f"{passed}/{n} pass, {len(drift)} drifted",
               passed == n and not drift, time.monotonic() - t)
 
@@ -438,7 +440,7 @@ def row_runner_killed(c: Campaign, table: Table) -> dict:
     return s0
 
 
-CUT = 75   # seconds every packet to the runner's sshd is dropped: longer than a command's timeout (30 s)
+CUT = 150  # seconds every packet to the runner's sshd is dropped: longer than any timeout in play (podman-py: 120 s)
 
 
 def row_ssh_cut(c: Campaign, table: Table, s0: dict) -> None:
