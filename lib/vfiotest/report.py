@@ -343,15 +343,17 @@ def results_dir_of(path: str) -> str:
 
 
 def run_name_of(spec: str, taken: set[str]) -> tuple[str, str]:
-    """(name, directory) of a --merge argument: NAME=DIR, or DIR named after itself (the directory
-    holding allure-results, else its own name); made unique among `taken`."""
+    """(name, directory) of a --merge argument: NAME=DIR, or DIR named after itself, less a trailing
+    reports/ or allure-results/ (runner-a/reports -> runner-a); made unique among `taken`."""
     if "=" in spec and not os.path.exists(spec):
         name, path = spec.split("=", 1)
     else:
         path = spec
         norm = os.path.normpath(os.path.abspath(spec))
-        base = os.path.basename(norm)
-        name = os.path.basename(os.path.dirname(norm)) if base == "allure-results" else base
+        for generic in ("allure-results", "reports"):     # runner-a/reports/allure-results -> runner-a
+            if os.path.basename(norm) == generic:
+                norm = os.path.dirname(norm)
+        name = os.path.basename(norm) or "run"
     unique, n = name, 2
     while unique in taken:
         unique, n = f"{name}-{n}", n + 1

@@ -70,7 +70,7 @@ def test_environment_categories_and_executor_are_written(session):
     alluredir, _, _ = session
     env = dict(line.split("=", 1) for line in (alluredir / "environment.properties").read_text().splitlines())
     assert env["device.pf"] == "0000:10:00.0=8086:10c9" and env["device.vf_ids"] == "8086:10ca", env
-    assert env["profile"] == "emulated" and env["run.command"].startswith("pytest ") and "target.cmdline" in env
+    assert env["profile"] == "emulated" and env["run.command"].startswith("python -m pytest -p no:cacheprovider ") and "target.cmdline" in env
     cats = json.loads((alluredir / "categories.json").read_text())
     assert [c["name"].split(":")[0] for c in cats] == ["Environment", "Environment", "Product", "Harness"]
     executor = json.loads((alluredir / "executor.json").read_text())
