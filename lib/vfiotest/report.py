@@ -192,10 +192,12 @@ def outcomes_from_junit(junit_path: str, env: dict[str, str], run: str = "") -> 
     return out
 
 
-def outcomes_from_allure(results_dir: str, run: str = "") -> list[Outcome]:
-    """Every *-result.json of an Allure results directory (labels suite and lane, as the plugin sets them)."""
+def outcomes_from_allure(results_dir: str, run: str = "", runs: Optional[dict[str, dict[str, str]]] = None) -> list[Outcome]:
+    """Every *-result.json of an Allure results directory (labels suite and lane, as the plugin sets
+    them); the device from the environment of the result's run (`runs`, by its label `run`), else
+    from the directory's environment.properties."""
     env = read_environment(os.path.join(results_dir, "environment.properties"))
-    device = device_of(env)
+    runs = runs or {}
     out = []
     for name in sorted(os.listdir(results_dir)):
         if not name.endswith("-result.json"):
@@ -204,7 +206,9 @@ def outcomes_from_allure(results_dir: str, run: str = "") -> list[Outcome]:
             r = json.load(f)
         labels = {lab.get("name"): lab.get("value") for lab in r.get("labels", [])}
         status = r.get("status") or "unknown"
-        out.append(Outcome(labels.get("run") or run, labels.get("suite") or "?", device, labels.get("lane") or "host",
+        name = labels.get("run") or run
+        device = device_of(runs.get(name, env))
+        out.append(Outcome(name, labels.get("suite") or "?", device, labels.get("lane") or "host",
                            r.get("fullName") or r.get("name") or "?", status,
                            (r.get("statusDetails") or {}).get("message") or ""))
     return out
@@ -437,7 +441,7 @@ def run(a: argparse.Namespace, argv_text: str) -> int:
         out = a.output
         merged = os.path.join(out, "allure-results")
         runs = merge_results(a.merge, merged)
-        outcomes = outcomes_from_allure(merged)
+        outcomes = outcomes_from_allure(merged, runs=runs)
         summary = a.summary or os.path.join(out, "summary.md")
         html_dir = a.html or os.path.join(out, "html")
         title, group_by = "vfiotest release qualification summary", ["run", "suite"]

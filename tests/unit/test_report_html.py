@@ -113,7 +113,10 @@ def test_merging_two_runs_gives_one_report_with_both(tmp_path):
     assert len({r["historyId"] for r in same}) == 2
     assert sorted(lab["value"] for r in same for lab in r["labels"] if lab["name"] == "run") == ["e810-6.1", "runner-b"]
     md = (out / "summary.md").read_text()
-    assert "| e810-6.1 | demo_bind |" in md and "| runner-b | demo_bind |" in md, md
+    device = "PF 0000:10:00.0=8086:10c9; VF 8086:10ca"
+    assert f"| e810-6.1 | demo_bind | {device} | host | 1 | 1 | 0 |" in md, md
+    assert f"| runner-b | demo_env | {device} | host | 0 | 0 | 1 |" in md, md
+    assert md.count("- command: `python -m pytest ") == 2, md
     index = out / "html" / "index.html"
     main = rendered_text(browser, index, expect="runner-b")
     for text in ("e810-6.1", "runner-b", "Total 8", "Failed 2", "Passed 4", "Skipped 2"):
