@@ -302,7 +302,6 @@ def write_html(results_dirs: list[str], out_dir: str, *, name: str = "vfiotest",
     """Allure 3's single-file report of `results_dirs` as OUT_DIR/index.html, its tree grouped by
     the labels `group_by`; `attachments` (e.g. summary.md) are the report's global attachments.
     Returns the path of index.html."""
-    cli = allure_cli()
     for d in results_dirs:
         if not os.path.isdir(d):
             raise ReportError(f"no Allure results directory {d}", hint="run pytest with --alluredir (ci/main-job does)")
@@ -314,6 +313,11 @@ def write_html(results_dirs: list[str], out_dir: str, *, name: str = "vfiotest",
                 categories = json.load(f)
             break
     out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not os.path.exists(os.path.join(out_dir, "index.html")):
+            raise ReportError(f"{out_dir} is not empty and holds no earlier report (index.html): not replaced",
+                              hint="give --html a new or empty directory")
+    cli = allure_cli()
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
@@ -365,11 +369,20 @@ def run_name_of(spec: str, taken: set[str]) -> tuple[str, str]:
     return unique, path
 
 
+def _is_allure_file(name: str) -> bool:
+    return (name.endswith(("-result.json", "-container.json")) or "-attachment" in name
+            or name in ("environment.properties", "categories.json", "executor.json"))
+
+
 def merge_results(specs: list[str], out_results: str) -> dict[str, dict[str, str]]:
     """Copy several runs' Allure results into one directory. Each result gets the label `run` and
     its run as parentSuite, and a history id and test case id of its own run, so the same test of
     two runs stays two results (not one with a retry). Returns {run: its environment}."""
     if os.path.isdir(out_results):
+        foreign = [f for f in os.listdir(out_results) if not _is_allure_file(f)]
+        if foreign:
+            raise ReportError(f"{out_results} holds files that are not Allure results ({', '.join(sorted(foreign)[:3])}): "
+                              "not replaced", hint="give -o a new directory")
         shutil.rmtree(out_results)
     os.makedirs(out_results)
     runs: dict[str, dict[str, str]] = collections.OrderedDict()
@@ -428,7 +441,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-html", action="store_true", help="no HTML report (the summary table and summary.md only)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="[NAME=]DIR",
                     help="merge several runs (each a reports/ or allure-results/ directory; NAME labels its "
-                         "results, default the directory's name) into one release report in -o")
+                         "results, default: the directory's name less a trailing reports/ or allure-results/) "
+                         "into one release report in -o")
     ap.add_argument("-o", "--output", default=None, metavar="DIR",
                     help="with --merge: the release report's directory (allure-results/, summary.md, html/)")
 

@@ -86,3 +86,21 @@ def test_a_missing_junit_file_names_the_next_step(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 4
     assert "no JUnit file" in p.stderr and "next step: run the suites first" in p.stderr
+
+
+def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path):
+    reports = write_run(tmp_path)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    p = subprocess.run([sys.executable, "-m", "vfiotest.report", str(reports / "junit.xml"), "--html", str(other)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 4 and "holds no earlier report" in p.stderr, p.stderr
+    assert (other / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "release"
+    (out / "allure-results").mkdir(parents=True)
+    (out / "allure-results" / "notes.txt").write_text("keep me")
+    p = subprocess.run([sys.executable, "-m", "vfiotest.report", "--merge", str(reports), "-o", str(out), "--no-html"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 4 and "not Allure results (notes.txt)" in p.stderr, p.stderr
+    assert (out / "allure-results" / "notes.txt").read_text() == "keep me"
