@@ -1,4 +1,4 @@
-"""The `container` fixture attaches `podman inspect` of every container a test made (and the JSON
+"""The `container` fixture shows each run and start as a step and attaches `podman inspect` of every container a test made (and the JSON
 a run printed, the probe's) to the test's Allure result before removing them. The podman client
 and image are stand-ins (fixtures of the demo suite's own conftest): no podman, no VM."""
 
@@ -85,3 +85,4 @@ def test_inspect_and_probe_json_are_attached(tmp_path):
     assert "podman inspect run-c1" in attached and "output of run-c1 (JSON)" not in attached   # printed no JSON
     assert json.loads(attached["podman inspect kept-k1"])["State"]["Status"] == "running"
     assert attached["podman inspect gone"].startswith("not available: no such container")
+    assert [st["name"] for st in result["steps"]] == ["podman run probe", "podman run echo hello", "podman start sleep 60"]
