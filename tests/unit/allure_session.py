@@ -55,7 +55,7 @@ def with_finalizer_env():
 '''
 
 
-def run_session(tmp_path, name="run", env=None, timeout=240):
+def run_session(tmp_path, name="run", env=None, timeout=240, args=()):
     """Run the demo suites in tmp_path/name; returns (completed process, alluredir, junit path)."""
     root = tmp_path / name
     for suite, text in (("demo_bind", BIND_SUITE), ("demo_env", ENV_SUITE)):
@@ -71,6 +71,6 @@ def run_session(tmp_path, name="run", env=None, timeout=240):
     alluredir, junit = reports / "allure-results", reports / "junit.xml"
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(root),
                         "--target", f"sim:{sim.sysroot}", "--profile", "emulated", f"--junitxml={junit}",
-                        f"--alluredir={alluredir}", "suites"],
+                        f"--alluredir={alluredir}", *args, "suites"],
                        cwd=str(root), env=full_env, capture_output=True, text=True, timeout=timeout)
     return p, alluredir, junit

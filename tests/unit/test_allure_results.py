@@ -96,3 +96,14 @@ def test_executor_from_github_and_gitlab_variables():
     gl = executor_info("abc123", {"GITLAB_CI": "true", "CI_JOB_NAME": "fleet", "CI_PIPELINE_IID": "3",
                                   "CI_JOB_URL": "https://gitlab.example/j/1", "CI_RUNNER_DESCRIPTION": "r1"})
     assert gl["type"] == "gitlab" and gl["name"] == "r1" and gl["buildUrl"].endswith("/j/1")
+
+
+def test_a_layer_that_is_unavailable_is_a_skipped_step_with_its_reason(tmp_path):
+    # the seed profile has no PF on the simulated host (an igb): the prereqs layer is unavailable
+    p, alluredir, _ = run_session(tmp_path, args=("--profile", "seed"))
+    assert "1 failed, 1 passed, 2 skipped" in p.stdout, p.stdout + p.stderr   # test_bound_group skipped
+    containers = [json.loads(f.read_text()) for f in alluredir.glob("*-container.json")]
+    steps = [s for c in containers for b in c.get("befores", []) for s in b.get("steps", [])
+             if s["name"].startswith("prereqs: every prerequisite met")]
+    assert steps and all(s["status"] == "skipped" for s in steps), steps
+    assert "prereqs layer unavailable: supported SR-IOV PF found: none of" in steps[0]["statusDetails"]["message"]
