@@ -32,7 +32,10 @@ def add_target_argument(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Each module provides `register(subparsers)`: it adds its subcommands and sets
     # `func(args) -> int` on them. Imported here: they import add_target_argument from this module.
-    from . import cli_devices  # devices, bind, unbind, restore, doctor
+    from . import (
+        cli_devices,  # devices, bind, unbind, restore, doctor
+        report,  # report (summary, summary.md, HTML; --merge)
+    )
     from .kata import cli as kata_cli  # kata build-initrd|inspect|config|register
     from .podman import cli as podman_cli  # image build, probe
     from .runner import cli as runner_cli  # runner up|down|status|ssh|console
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vfiotest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (cli_devices, runner_cli, kata_cli, podman_cli):
+    for mod in (cli_devices, runner_cli, kata_cli, podman_cli, report):
         mod.register(sub)
     return parser
 

@@ -1,7 +1,7 @@
 """The README's main job, end to end: every suite against a freshly booted emulated runner,
 on real Kata 1.12.1 (the bundle beside the checkout), 0 skipped, JUnit XML and Allure results
-written (lane per test, the guest hook's log attached), the summary printed, the runner
-stopped afterwards."""
+written (lane per test, the guest hook's log attached), the summary printed, summary.md and
+the HTML report written, the runner stopped afterwards."""
 
 import os
 import subprocess
@@ -45,5 +45,9 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
     assert logs, "no guest hook log among the Allure attachments"
     assert os.listdir(os.path.join(ROOT, "reports", "allure-results")), "no Allure results"
     assert "suite             passed" in out and "rebind" in out  # the summary table
+    # the qualification summary and the single-file HTML report (vfiotest report, Allure 3)
+    summary = open(os.path.join(ROOT, "reports", "summary.md")).read()
+    assert "| podman_run | PF " in summary and "| kata-1.12.1 |" in summary, summary
+    assert os.path.getsize(os.path.join(ROOT, "reports", "html", "index.html")) > 100_000
     qemu = subprocess.run(["pgrep", "-f", str(tmp_path / "state")], capture_output=True, text=True)
     assert qemu.stdout.strip() == "", f"the job left its runner running: {qemu.stdout}"

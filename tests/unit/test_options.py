@@ -33,8 +33,9 @@ def pytest_child(tmp_path, *args, env=None):
 def shown(p):
     import json
 
-    line = next(out for out in p.stdout.splitlines() if out.startswith("OPTIONS "))
-    return json.loads(line[len("OPTIONS "):])
+    # with live logging (pytest.ini log_cli) the test's id comes first on its line
+    line = next(out for out in p.stdout.splitlines() if "OPTIONS {" in out)
+    return json.loads(line[line.index("OPTIONS {") + len("OPTIONS "):])
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
