@@ -460,16 +460,24 @@ def row_ssh_cut(c: Campaign, table: Table, s0: dict) -> None:
     r = c.run_subject(kill_phase="Kata VM running", delay=2, at_phase=cut, timeout=900)
     took = r["end"] - (r["acted"] or 0)
     text = "".join(r["lines"][-60:])
-    said = bool(re.search(r"did not finish in|timed out|unreachable|cannot reach", text))
+    said = bool(re.search(r"did not finish in|timed out|Timeout opening channel|unreachable|cannot reach|"
+                          r"lost the connection", text))
     table.add("ssh link cut mid-command: reported", "run fails within 300 s, names what it waited for",
               f"rc {r['rc']} after {took:.0f} s, {'said so' if said else 'SILENT'}",
               r["rc"] != 0 and took <= 300 and said, time.monotonic() - t)
     if not said or r["rc"] == 0:
         note(text[-1500:])
     t = time.monotonic()
-    time.sleep(max(0.0, CUT + 5 - took))
+    time.sleep(max(0.0, (r["acted"] or 0) + CUT + 10 - r["end"]))     # the link is back
     rs = c.restore()
-    d1 = c.diff(s0, c.snapshot())
+    try:
+        after = c.snapshot()
+    except HarnessError as e:        # a connection made while the link came back: once more
+        note(f"reading the runner after the cut: {e}; again in 10 s")
+        c.drop_host()
+        time.sleep(10)
+        after = c.snapshot()
+    d1 = c.diff(s0, after)
     r = c.run_subject()
     d2 = c.diff(s0, c.snapshot())
     ok = rs.returncode == 0 and not d1 and r["rc"] == 0 and not d2
