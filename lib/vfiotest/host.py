@@ -197,7 +197,30 @@ class LocalTransport(Transport):
 
     def file_op(self, op: str, path: str, extra: Sequence[str] = (), data: bytes | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> Any:
-        return file_op(op, path, [str(e) for e in extra], data)
+        """In this process; a write (a sysfs attribute can block in the kernel: an unbind whose
+        driver waits for its device) runs in a thread and is given up after `timeout`."""
+        if op not in ("write", "atomic"):
+            return file_op(op, path, [str(e) for e in extra], data)
+        import threading
+
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = file_op(op, path, [str(e) for e in extra], data)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+
+        t = threading.Thread(target=run, name=f"write {path}", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            raise CommandTimeout(f"writing {path} on {self.name} did not finish in {timeout:.0f} s",
+                                 hint="the kernel may be stuck on that device; look at dmesg, and at "
+                                      "`cat /proc/*/stack` of the writer")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     def hold_lock(self, path: str, blocking: bool = False, timeout: float = 10.0) -> Lock | None:
         import filelock  # not in the guest: the hook takes no locks
