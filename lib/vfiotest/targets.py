@@ -81,7 +81,7 @@ def _open_virtual(spec: str, progress: Progress | None, boot: bool) -> tuple[Hos
     booted = False
     if not runner.is_up():
         runner.up(progress=progress)
-        booted = True
+        booted = runner.booted_now      # up() may have found it up after all: then it is not ours to stop
     host = runner.host()
 
     def close() -> None:

@@ -35,6 +35,8 @@ from . import assets, qemu
 BOOT_TIMEOUT_ENV = "VFIOTEST_RUNNER_BOOT_TIMEOUT"
 DEFAULT_BOOT_TIMEOUT = 240.0
 CONSOLE_TAIL = 40
+#: how long a running runner may take to show its SSH banner before it counts as not answering
+BANNER_WAIT = 30.0
 NVME_IMAGE_BYTES = 64 << 20
 
 
@@ -73,6 +75,8 @@ class Runner:
         self.memory_mb, self.cpus = memory_mb, int(cpus or os.environ.get("VFIOTEST_RUNNER_CPUS") or 1)
         self.boot_timeout = float(boot_timeout or os.environ.get(BOOT_TIMEOUT_ENV) or DEFAULT_BOOT_TIMEOUT)
         self._qemu_path = qemu_path
+        #: whether the last up() booted it (False: it found one up and reused it)
+        self.booted_now = False
         self.ssh_dir = os.path.join(state_dir, "ssh")
         self.pidfile = os.path.join(state_dir, "qemu.pid")
         self.state_file = os.path.join(state_dir, "state.json")
@@ -180,7 +184,9 @@ class Runner:
         st = self._read_state()
         if not st.get("port") or self._orphaned(st):
             return False
-        return wait_for_ssh_banner("127.0.0.1", st["port"], timeout=3)
+        # under load (TCG guests on a busy machine) the banner can take a while: a runner that
+        # others use is not to be taken for a dead one after a few seconds
+        return wait_for_ssh_banner("127.0.0.1", st["port"], timeout=BANNER_WAIT)
 
     @property
     def port(self) -> int | None:
@@ -250,17 +256,20 @@ class Runner:
             st = self._read_state()
             pids = self.qemu_pids()
             if pids:
-                if st.get("port") and not self._orphaned(st) and wait_for_ssh_banner("127.0.0.1", st["port"], timeout=5):
+                if st.get("port") and not self._orphaned(st) and wait_for_ssh_banner("127.0.0.1", st["port"],
+                                                                                     timeout=BANNER_WAIT):
                     if persistent and not st.get("persistent"):
                         st["persistent"] = True
                         self._write_state(st)
                     self._add_user()
                     say(f"runner: reusing the runner already up (pid {pids[0]}, ssh port {st['port']})")
+                    self.booted_now = False
                     return self
                 why = "whose users are all gone" if self._orphaned(st) else "that does not answer on SSH"
                 say(f"runner: stopping a runner {why} (QEMU pid {', '.join(map(str, pids))})")
                 self._stop(pids)
             self._boot(say, persistent)
+            self.booted_now = True
             return self
 
     def keep(self) -> None:
