@@ -213,7 +213,8 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile, kat
         "memlock and CAP_IPC_LOCK", INFO,
         f"RLIMIT_MEMLOCK {'unlimited' if unlimited else f'{soft // 1024} KiB'} for uid {facts['uid']}; "
         "containers need --cap-add CAP_IPC_LOCK (or a memlock ulimit as large as their DMA mappings) to map DMA through VFIO"))
-    checks.append(Check("podman present", OK if facts["podman"] else (INFO if facts.get("simulated") else MISSING),
+    podman_ok = bool(re.search(r"\d+\.\d+", facts["podman"] or ""))    # "error: ..." when it does not run
+    checks.append(Check("podman present", OK if podman_ok else (INFO if facts.get("simulated") else MISSING),
                         facts["podman"] or ("not looked for on a simulated host" if facts.get("simulated") else "not installed"),
                         fix="apt-get install podman runc (or dnf install podman)"))
     kata_rt = facts["kata_runtime"]

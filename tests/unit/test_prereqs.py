@@ -140,3 +140,9 @@ def test_reboot_of_the_local_machine_is_refused():
 
     with pytest.raises(ProvisionError, match="cannot reboot"):
         kernelargs.reboot_and_wait(LocalHost())
+
+
+def test_podman_that_does_not_run_is_not_present(inventory):
+    facts = dict(GOOD, podman="error: [Errno 13] Permission denied: 'podman'")
+    c = next(c for c in prereqs.check_all(facts, inventory, get_profile("seed")) if c.name == "podman present")
+    assert c.status == prereqs.MISSING and "Permission denied" in c.seen
