@@ -147,7 +147,7 @@ def cmd_restore(args):
 
             sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
             for sid, n in sessions:
-                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings)")
+                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings, boot loader files)")
             done = restore_orphans(host, include_kept=True)
             for owner, n in done:
                 print(f"journal {owner}: {n} change(s) undone")
@@ -233,7 +233,8 @@ def register(sub):
                        description="Replay every journal on the target whose process is gone (after a crash or\n"
                                    "kill -9), newest change first: drivers, driver_override, new_id, VF counts.\n"
                                    "Before that, undo what crashed test sessions on this target recorded on this\n"
-                                   "machine (the kata-vfio registration, podman's drop-in; $VFIOTEST_STATE_DIR).\n"
+                                   "machine (the kata-vfio registration, podman's drop-in, the boot loader files\n"
+                                   "--allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
                                    "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
     add_target_argument(p)

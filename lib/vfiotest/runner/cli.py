@@ -52,6 +52,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if st["running"] else 1
     if not st["running"]:
         print(f"runner: not running (state {st['state_dir']})")
+        if st.get("boot_error"):
+            print(f"  it rebooted and was not booted again: {st['boot_error']} (see "
+                  f"{os.path.join(st['state_dir'], 'supervisor.log')}; fix {st['boot_config']}, then `vfiotest runner up`)")
         return 1
     rss = st.get("rss_bytes")
     lines = [

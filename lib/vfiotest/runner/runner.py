@@ -272,6 +272,7 @@ class Runner:
             "rebooting": bool(st.get("rebooting")) if up else False,
             "supervisor": self.supervisor_pid(),
             "boot_config": self.grub_path,
+            "boot_error": st.get("boot_error"),
             "ssh_ready": False,
         }
         if up:
