@@ -97,6 +97,7 @@ def iommu_kernel_arg(facts: dict[str, Any]) -> str:
 
 
 CGROUP_V1_ARG = "systemd.unified_cgroup_hierarchy=0"
+UNSAFE_INTERRUPTS_ARG = "vfio_iommu_type1.allow_unsafe_interrupts=1"   # the module option, from the command line
 CGROUP_V2_ARG = "systemd.unified_cgroup_hierarchy=1"
 
 
@@ -184,12 +185,17 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile, kat
         fix=f"boot with {arg} (and enable VT-d/AMD-Vi in firmware)",
         kernel_args=[] if configured else [arg]))
     unsafe = facts["unsafe_interrupts"] in ("Y", "1")
+    ir_ok = facts["irq_remapping"] or unsafe
+    allow = getattr(profile, "allow_unsafe_interrupts", False)
     checks.append(Check(
-        "interrupt remapping", OK if facts["irq_remapping"] or unsafe else MISSING,
+        "interrupt remapping", OK if ir_ok else MISSING,
         "active (IR- vectors in /proc/interrupts)" if facts["irq_remapping"]
         else ("off, but vfio_iommu_type1 allow_unsafe_interrupts=1 is set" if unsafe else "off"),
         fix="enable interrupt remapping in firmware, or (less safe) "
-            "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf"))
+            + (f"boot with {UNSAFE_INTERRUPTS_ARG} (profile {profile.name} allows it)" if allow else
+               "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf "
+               f"(profile {profile.name} does not let the harness do it)"),
+        kernel_args=[UNSAFE_INTERRUPTS_ARG] if not ir_ok and allow else []))
     # "v1" (the seed's systemd.unified_cgroup_hierarchy=0: legacy or hybrid), "v2", "any"
     want, why = wanted_cgroup_mode(profile, kata)
     seen = facts["cgroup_mode"]

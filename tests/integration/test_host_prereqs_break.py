@@ -75,17 +75,22 @@ def test_a_broken_subject_fails_its_check(env, test, broken, mend, said):
     assert said in out, out[-4000:]
 
 
-def test_interrupt_remapping_off_fails_unless_unsafe_interrupts_are_allowed(env):
+def test_interrupt_remapping_off_fails_and_allow_reboot_states_unsafe_interrupts(env):
+    """intremap=off: the check fails naming the fix; the emulated profile allows unsafe interrupts,
+    so --allow-reboot boots with vfio_iommu_type1.allow_unsafe_interrupts=1 and the check passes."""
     r = runner(env)
     r.edit_boot_config(with_=["intremap=off"])
     try:
         r.reboot()
         rc, out = check(env, "test_interrupt_remapping_or_unsafe_interrupts_stated")
         assert rc == 1 and "interrupt remapping: off" in out and "allow_unsafe_interrupts=1" in out, out[-4000:]
-        # the stated alternative: vfio_iommu_type1 allow_unsafe_interrupts=1 makes the same check pass
-        sh(env, "modprobe -r vfio_pci vfio_iommu_type1 && modprobe vfio_iommu_type1 allow_unsafe_interrupts=1 "
-                "&& modprobe vfio_pci")
-        rc, out = check(env, "test_interrupt_remapping_or_unsafe_interrupts_stated")
-        assert rc == 0, out[-4000:]
+        grub = open(r.grub_path).read()
+        p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--allow-reboot",
+                            f"{SUITE}::test_interrupt_remapping_or_unsafe_interrupts_stated"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout[-4000:]
+        cmd = sh(env, "cat /proc/cmdline; cat /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts").stdout
+        assert "intremap=off" in cmd and "vfio_iommu_type1.allow_unsafe_interrupts=1" in cmd and cmd.split()[-1] == "Y", cmd
+        assert open(r.grub_path).read() == grub, "the session's end puts the boot configuration back"
     finally:
         r.edit_boot_config(without=["intremap"])

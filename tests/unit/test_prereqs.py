@@ -146,3 +146,15 @@ def test_podman_that_does_not_run_is_not_present(inventory):
     facts = dict(GOOD, podman="error: [Errno 13] Permission denied: 'podman'")
     c = next(c for c in prereqs.check_all(facts, inventory, get_profile("seed")) if c.name == "podman present")
     assert c.status == prereqs.MISSING and "Permission denied" in c.seen
+
+
+def test_unsafe_interrupts_only_where_the_profile_allows_them(inventory):
+    facts = dict(GOOD, irq_remapping=False, cmdline=GOOD["cmdline"])
+    seed = prereqs.check_all(facts, inventory, get_profile("seed"))
+    c = next(c for c in seed if c.name == "interrupt remapping")
+    assert c.status == prereqs.MISSING and c.kernel_args == [] and "does not let the harness" in c.fix
+    assert prereqs.missing_kernel_args(seed) == []
+    emulated = prereqs.check_all(facts, inventory, get_profile("emulated"))
+    assert prereqs.missing_kernel_args(emulated) == ["vfio_iommu_type1.allow_unsafe_interrupts=1"]
+    facts["unsafe_interrupts"] = "Y"      # the effect after the reboot
+    assert prereqs.missing_kernel_args(prereqs.check_all(facts, inventory, get_profile("emulated"))) == []
