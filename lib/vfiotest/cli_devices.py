@@ -147,7 +147,7 @@ def cmd_restore(args):
 
             sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
             for sid, n in sessions:
-                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings)")
+                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings, boot loader files)")
             done = restore_orphans(host, include_kept=True)
             for owner, n in done:
                 print(f"journal {owner}: {n} change(s) undone")
@@ -160,8 +160,13 @@ def cmd_restore(args):
 
 # -- doctor ----------------------------------------------------------------------------------------
 def doctor_checks(host, profile):
-    """The prerequisite Checks (vfiotest.prereqs): the same ones the host_prereqs suite asserts."""
-    return prereqs.check_all(prereqs.gather(host), read_inventory(host), profile)
+    """The prerequisite Checks (vfiotest.prereqs): the same ones the host_prereqs suite asserts
+    (with the Kata version a session would drive: a bundle or Kata 1.x wants cgroup v1)."""
+    from .kata.bundle import bundle_source
+
+    facts = prereqs.gather(host)
+    kata = prereqs.kata_major(facts.get("kata_runtime"), bundle_source()[0])
+    return prereqs.check_all(facts, read_inventory(host), profile, kata)
 
 
 def cmd_doctor(args):
@@ -178,7 +183,14 @@ def cmd_doctor(args):
             print(c.line())
         args_needed = prereqs.missing_kernel_args(checks)
         if args_needed:
-            print(f"kernel arguments to add: {' '.join(args_needed)} (pytest --allow-reboot adds them on an ssh:// runner)")
+            from .kernelargs import fix_command
+
+            kw = {}
+            if target_spec(args.target) == "virtual":
+                from .runner import Runner
+
+                kw = {"emulated": True, "grub_path": Runner.default().grub_path}
+            print(f"kernel arguments to add: {' '.join(args_needed)}: {fix_command(args_needed, **kw)}")
     return 1 if any(c.status == prereqs.MISSING for c in checks) else 0
 
 
@@ -221,7 +233,8 @@ def register(sub):
                        description="Replay every journal on the target whose process is gone (after a crash or\n"
                                    "kill -9), newest change first: drivers, driver_override, new_id, VF counts.\n"
                                    "Before that, undo what crashed test sessions on this target recorded on this\n"
-                                   "machine (the kata-vfio registration, podman's drop-in; $VFIOTEST_STATE_DIR).\n"
+                                   "machine (the kata-vfio registration, podman's drop-in, the boot loader files\n"
+                                   "--allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
                                    "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
     add_target_argument(p)

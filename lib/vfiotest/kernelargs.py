@@ -1,8 +1,11 @@
-"""Adding kernel arguments on a bare-metal runner (--allow-reboot): grubby, else GRUB defaults.
+"""Adding kernel arguments (--allow-reboot): grubby, else GRUB defaults + update-grub; on the
+emulated runner its /etc/default/grub alone (vfiotest.runner.bootcfg).
 
-Only for ssh:// targets: the harness must survive the reboot to wait for the host.
-The arguments stay after the session (taking them out needs another reboot); the
-session log prints the command that removes them.
+For ssh:// targets and the emulated runner (`virtual`): the harness must survive the reboot
+to wait for the host. Every file is recorded in the session (the `file` journal kind) before
+it changes, on the controller (the target's /var may not survive the reboot: the emulated
+runner's is tmpfs), so the session's end, or `vfiotest restore` after a crash, puts the boot
+configuration back. The running kernel keeps the arguments until the target's next reboot.
 """
 
 import re
@@ -37,27 +40,77 @@ def add_to_grub_default(text, args):
     return "".join(lines) + ("" if text.endswith("\n") or not text else "\n") + f'GRUB_CMDLINE_LINUX="{" ".join(args)}"\n'
 
 
-def apply(host, args, progress=print):
-    """Add `args` for every installed kernel; returns the command that takes them out again."""
+GRUB_DEFAULTS = "/etc/default/grub"
+GRUB_CONFIGS = ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg")
+BLS_DIR = "/boot/loader/entries"
+
+
+def fix_command(args, emulated=False, grub_path="<state>/runner/etc-default/grub"):
+    """What a user runs to add `args` by hand (the layer's skip and fail messages name it);
+    `grub_path`: the emulated runner's GRUB defaults as this machine sees them."""
+    joined = " ".join(validate_args(args))
+    if emulated:
+        return (f"add them to GRUB_CMDLINE_LINUX in the runner's /etc/default/grub ({grub_path} on this "
+                "machine), then `vfiotest runner reboot`; or let pytest do it: --allow-reboot")
+    return (f"on the runner: grubby --update-kernel=ALL --args={shlex.quote(joined)} (or add them to "
+            "GRUB_CMDLINE_LINUX in /etc/default/grub and run update-grub), then reboot; "
+            "or from a controller: pytest --target ssh://... --allow-reboot")
+
+
+def _record(host, recorder, paths, progress):
+    """Record each existing file of `paths` (text, before any change) in `recorder`."""
+    from .undo_files import record_file
+
+    for p in paths:
+        if host.exists(p):
+            record_file(host, recorder, p)
+            progress(f"recorded {p} before changing it (`vfiotest restore` puts it back after a crash)")
+
+
+def apply(host, args, recorder, emulated=False, progress=print):
+    """Add `args` to the boot configuration of `host` for every kernel, each file recorded in
+    `recorder` (a session: Session.record, the `file` journal kind) before it changes. The
+    emulated runner: its /etc/default/grub alone (the runner composes its command line from it
+    at boot). Elsewhere grubby, else GRUB defaults + update-grub (or grub2-mkconfig).
+    Returns what was done, one line."""
     validate_args(args)
     joined = " ".join(args)
-    if host.run(["sh", "-c", "command -v grubby"]).ok:
+    if emulated:
+        _record(host, recorder, [GRUB_DEFAULTS], progress)
+        before = host.read_text(GRUB_DEFAULTS) if host.exists(GRUB_DEFAULTS) else ""
+        _write(host, GRUB_DEFAULTS, add_to_grub_default(before, args))
+        return f"added {joined} to GRUB_CMDLINE_LINUX in the emulated runner's {GRUB_DEFAULTS}"
+    if host.run(["sh", "-c", "command -v grubby"], timeout=30).ok:
+        entries = host.run(["sh", "-c", 'for f in "$1"/*.conf; do [ -f "$f" ] && echo "$f"; done', "sh", BLS_DIR],
+                           timeout=30).stdout.split()
+        _record(host, recorder, [*entries, GRUB_DEFAULTS, "/etc/kernel/cmdline", *GRUB_CONFIGS], progress)
         progress(f"adding kernel arguments with grubby: {joined}")
-        host.run(["grubby", "--update-kernel=ALL", f"--args={joined}"], timeout=120, check=True)
-        return f"grubby --update-kernel=ALL --remove-args={shlex.quote(joined)}"
-    if host.exists("/etc/default/grub"):
-        progress(f"adding kernel arguments to GRUB_CMDLINE_LINUX in /etc/default/grub: {joined}")
-        before = host.read_text("/etc/default/grub")
-        host.write_atomic("/etc/default/grub.vfiotest-orig", before, mode=0o644)
-        host.write_atomic("/etc/default/grub", add_to_grub_default(before, args), mode=0o644)
-        for cmd in (["update-grub"], ["grub2-mkconfig", "-o", "/boot/grub2/grub.cfg"], ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]):
-            if host.run(["sh", "-c", f"command -v {cmd[0]}"]).ok:
-                host.run(cmd, timeout=300, check=True)
-                return "mv /etc/default/grub.vfiotest-orig /etc/default/grub && " + shlex.join(cmd)
-        raise ProvisionError("no update-grub or grub2-mkconfig on the target to regenerate the GRUB config",
-                             hint="regenerate it by hand, then reboot")
-    raise ProvisionError("the target has neither grubby nor /etc/default/grub",
+        host.run(["grubby", "--update-kernel=ALL", f"--args={joined}"], timeout=120, check=True,
+                 what="grubby --update-kernel=ALL --args")
+        return f"added {joined} with grubby --update-kernel=ALL"
+    if host.exists(GRUB_DEFAULTS):
+        for cmd in (["update-grub"], ["grub2-mkconfig", "-o", "/boot/grub2/grub.cfg"],
+                    ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]):
+            if host.run(["sh", "-c", 'command -v "$1"', "sh", cmd[0]], timeout=30).ok:
+                break
+        else:
+            raise ProvisionError(f"the target has {GRUB_DEFAULTS} but no update-grub or grub2-mkconfig to "
+                                 "regenerate the GRUB configuration; nothing was changed",
+                                 hint=f"add {joined} with your boot loader's tool and reboot")
+        _record(host, recorder, [GRUB_DEFAULTS, *GRUB_CONFIGS], progress)
+        progress(f"adding kernel arguments to GRUB_CMDLINE_LINUX in {GRUB_DEFAULTS}: {joined}")
+        _write(host, GRUB_DEFAULTS, add_to_grub_default(host.read_text(GRUB_DEFAULTS), args))
+        host.run(cmd, timeout=300, check=True, what=" ".join(cmd))
+        return f"added {joined} to GRUB_CMDLINE_LINUX in {GRUB_DEFAULTS}, then {' '.join(cmd)}"
+    raise ProvisionError("the target has neither grubby nor /etc/default/grub; nothing was changed",
                          hint=f"add {joined} to the kernel command line with your boot loader's tool and reboot")
+
+
+def _write(host, path, text):
+    from .undo_files import _chmod
+
+    host.write_atomic(path, text, mode=0o644)
+    _chmod(host, path, 0o644)
 
 
 def reboot_and_wait(host, timeout=900, progress=print):

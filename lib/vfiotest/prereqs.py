@@ -7,6 +7,7 @@ The `host_prereqs` suite asserts them; `vfiotest doctor` prints them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List
@@ -95,33 +96,114 @@ def iommu_kernel_arg(facts: dict[str, Any]) -> str:
     return "amd_iommu=on" if vendor == "amd" else "intel_iommu=on"
 
 
-def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile) -> list[Check]:
-    """Every prerequisite as a Check, in the order a user would fix them."""
+CGROUP_V1_ARG = "systemd.unified_cgroup_hierarchy=0"
+UNSAFE_INTERRUPTS_ARG = "vfio_iommu_type1.allow_unsafe_interrupts=1"   # the module option, from the command line
+CGROUP_V2_ARG = "systemd.unified_cgroup_hierarchy=1"
+
+
+def kata_major(kata_runtime: str | None, bundle_path: str | None) -> int | None:
+    """The Kata major version the session's Kata layers drive: 1 when a bundle is there (the
+    harness drives 1.x bundles only) or Kata 1.x is installed (`kata-runtime --version` text);
+    None otherwise (the stand-in lane, or only a 2.x/3.x the Kata layer refuses)."""
+    if bundle_path:
+        return 1
+    m = re.search(r"(\d+)\.\d+", kata_runtime or "")
+    return 1 if m and int(m.group(1)) == 1 else None
+
+
+def wanted_cgroup_mode(profile: Profile, kata: int | None) -> tuple[str, str]:
+    """(mode, why): Kata 1.x needs cgroup v1 (the seed's systemd.unified_cgroup_hierarchy=0)
+    whatever the profile says; otherwise the profile's "v1", "v2" or "any"."""
+    if kata == 1:
+        return "v1", "Kata 1.x needs cgroup v1"
+    return profile.cgroup_mode or "any", f"profile {profile.name}"
+
+
+def required_kernel_args(facts: dict[str, Any], profile: Profile, kata: int | None = None) -> list[str]:
+    """The kernel arguments this host's command line must have: the profile's (its IOMMU
+    argument made the vendor's: amd_iommu=on on AMD) and the cgroup one the Kata version needs."""
+    iommu = iommu_kernel_arg(facts)
+    args = [iommu if a in ("intel_iommu=on", "amd_iommu=on") else a for a in profile.kernel_args]
+    mode, _why = wanted_cgroup_mode(profile, kata)
+    cg = {"v1": CGROUP_V1_ARG, "v2": CGROUP_V2_ARG}.get(mode)
+    if cg and cg not in args:
+        args = [a for a in args if not a.startswith("systemd.unified_cgroup_hierarchy=")] + [cg]
+    return list(dict.fromkeys(args))
+
+
+_FALSE, _TRUE = {"0", "false", "no", "off", "n"}, {"1", "true", "yes", "on", "y"}
+
+
+def cmdline_has(cmdline: str | list[str], arg: str) -> bool:
+    """Whether the kernel command line gives `arg`'s effect: the last argument of that name
+    has its value (`intel_iommu=on` is met by `intel_iommu=on,sm_on`; booleans by any spelling)."""
+    words = cmdline.split() if isinstance(cmdline, str) else list(cmdline)
+    name, _, want = arg.partition("=")
+    last = None
+    for w in words:
+        n, eq, v = w.partition("=")
+        if n == name:
+            last = v if eq else ""
+    if last is None:
+        return False
+    if last == want:
+        return True
+    for group in (_FALSE, _TRUE):
+        if want.lower() in group and last.lower() in group:
+            return True
+    return bool(want) and want in last.split(",")
+
+
+def missing_args(cmdline: str, required: list[str]) -> list[str]:
+    return [a for a in required if not cmdline_has(cmdline, a)]
+
+
+def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile, kata: int | None = None) -> list[Check]:
+    """Every prerequisite as a Check, in the order a user would fix them. `kata`: the Kata
+    major the session drives (kata_major), which may need more of the host than the profile."""
     checks = []
     cmd = facts["cmdline"].split()
-    iommu_on = facts["iommu_groups"] > 0 and bool(facts["iommu_units"])
+    required = required_kernel_args(facts, profile, kata)
+    lacking = missing_args(facts["cmdline"], required)
+    checks.append(Check(
+        "kernel arguments", MISSING if lacking else OK,
+        (f"/proc/cmdline lacks {' '.join(lacking)}" if lacking else f"/proc/cmdline has {' '.join(required)}")
+        + f" (wanted by profile {profile.name}" + (", Kata 1.x)" if kata == 1 else ")"),
+        fix=f"add {' '.join(lacking)} to the kernel command line and reboot", kernel_args=lacking))
+    live = facts["iommu_groups"] > 0 and bool(facts["iommu_units"])
     arg = iommu_kernel_arg(facts)
+    configured = cmdline_has(cmd, arg) or arg not in required
+    if live and configured:
+        how = "on"
+    elif live:
+        how = f"on by this kernel's default only: /proc/cmdline lacks {arg}, which the profile asks for"
+    else:
+        how = "off" + ("" if configured else f": /proc/cmdline lacks {arg}")
     checks.append(Check(
-        "IOMMU enabled", OK if iommu_on else MISSING,
-        f"{facts['iommu_groups']} IOMMU groups, units {facts['iommu_units'] or 'none'}, "
-        f"cmdline {'has' if any(a.startswith(('intel_iommu=', 'amd_iommu=', 'iommu=')) for a in cmd) else 'lacks'} an iommu argument",
-        fix=f"boot with {arg} (and enable VT-d/AMD-Vi in firmware); --allow-reboot applies it on a bare-metal runner",
-        kernel_args=[] if iommu_on else [arg]))
+        "IOMMU enabled", OK if live and configured else MISSING,
+        f"{how}; {facts['iommu_groups']} IOMMU groups, units {facts['iommu_units'] or 'none'}",
+        fix=f"boot with {arg} (and enable VT-d/AMD-Vi in firmware)",
+        kernel_args=[] if configured else [arg]))
     unsafe = facts["unsafe_interrupts"] in ("Y", "1")
+    ir_ok = facts["irq_remapping"] or unsafe
+    allow = getattr(profile, "allow_unsafe_interrupts", False)
     checks.append(Check(
-        "interrupt remapping", OK if facts["irq_remapping"] or unsafe else MISSING,
+        "interrupt remapping", OK if ir_ok else MISSING,
         "active (IR- vectors in /proc/interrupts)" if facts["irq_remapping"]
         else ("off, but vfio_iommu_type1 allow_unsafe_interrupts=1 is set" if unsafe else "off"),
         fix="enable interrupt remapping in firmware, or (less safe) "
-            "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf"))
-    # profile.cgroup_mode: "v1" (the seed's systemd.unified_cgroup_hierarchy=0: legacy or hybrid), "v2", "any"
-    want = profile.cgroup_mode
+            + (f"boot with {UNSAFE_INTERRUPTS_ARG} (profile {profile.name} allows it)" if allow else
+               "echo 'options vfio_iommu_type1 allow_unsafe_interrupts=1' > /etc/modprobe.d/iommu_unsafe_interrupts.conf "
+               f"(profile {profile.name} does not let the harness do it)"),
+        kernel_args=[UNSAFE_INTERRUPTS_ARG] if not ir_ok and allow else []))
+    # "v1" (the seed's systemd.unified_cgroup_hierarchy=0: legacy or hybrid), "v2", "any"
+    want, why = wanted_cgroup_mode(profile, kata)
     seen = facts["cgroup_mode"]
     cg_ok = want in (None, "any") or (want == "v1" and seen in ("legacy", "hybrid")) or (want == "v2" and seen == "unified")
-    cg_arg = "systemd.unified_cgroup_hierarchy=0" if want == "v1" else "systemd.unified_cgroup_hierarchy=1"
+    cg_arg = CGROUP_V1_ARG if want == "v1" else CGROUP_V2_ARG
     checks.append(Check(
         "cgroup mode", OK if cg_ok else MISSING,
-        f"{seen} (profile {profile.name} wants {want or 'any'})",
+        f"{seen} mounted (wanted: {want or 'any'}, {why})",
         fix=f"boot with {cg_arg}", kernel_args=[] if cg_ok else [cg_arg]))
     se = facts["selinux"]
     checks.append(Check("SELinux permissive or absent", MISSING if se == "enforcing" else OK,
@@ -137,11 +219,12 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile) -> 
         "memlock and CAP_IPC_LOCK", INFO,
         f"RLIMIT_MEMLOCK {'unlimited' if unlimited else f'{soft // 1024} KiB'} for uid {facts['uid']}; "
         "containers need --cap-add CAP_IPC_LOCK (or a memlock ulimit as large as their DMA mappings) to map DMA through VFIO"))
-    checks.append(Check("podman present", OK if facts["podman"] else (INFO if facts.get("simulated") else MISSING),
+    podman_ok = bool(re.search(r"\d+\.\d+", facts["podman"] or ""))    # "error: ..." when it does not run
+    checks.append(Check("podman present", OK if podman_ok else (INFO if facts.get("simulated") else MISSING),
                         facts["podman"] or ("not looked for on a simulated host" if facts.get("simulated") else "not installed"),
                         fix="apt-get install podman runc (or dnf install podman)"))
-    kata = facts["kata_runtime"]
-    checks.append(Check("Kata runtime present", INFO if not kata else OK, kata or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
+    kata_rt = facts["kata_runtime"]
+    checks.append(Check("Kata runtime present", INFO if not kata_rt else OK, kata_rt or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
     pfs = [d for d in inventory.devices.values()
            if d.is_pf and d.vendor_device in profile.pf_ids and d.address not in inventory.protected]
     checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,
@@ -153,4 +236,5 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile) -> 
 
 
 def missing_kernel_args(checks: Iterable[Check]) -> list[str]:
-    return [a for c in checks if c.status == MISSING for a in c.kernel_args]
+    """The kernel arguments the missing checks ask for, each once, in order."""
+    return list(dict.fromkeys(a for c in checks if c.status == MISSING for a in c.kernel_args))

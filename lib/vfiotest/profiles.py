@@ -40,6 +40,8 @@ class Profile:
     vf_ids: PF ID -> the ID its VFs carry.
     cgroup_mode: "v1" (the seed's systemd.unified_cgroup_hierarchy=0), "v2", or "any".
     kernel_args: arguments the host's command line should have.
+    allow_unsafe_interrupts: where interrupt remapping is missing, VFIO may be told to do without
+      it (vfio_iommu_type1 allow_unsafe_interrupts=1, which --allow-reboot sets as a kernel argument).
     """
 
     name: str
@@ -47,6 +49,7 @@ class Profile:
     vf_ids: Dict[str, str] = field(default_factory=dict)
     cgroup_mode: str = "any"
     kernel_args: tuple = ("intel_iommu=on",)
+    allow_unsafe_interrupts: bool = False
     description: str = ""
 
     def allows(self, vendor_device: str) -> bool:
@@ -84,6 +87,7 @@ PROFILES["emulated"] = Profile(
     vf_ids={**SEED_VF_IDS, **EMULATED_VF_IDS},
     cgroup_mode="any",
     kernel_args=("intel_iommu=on",),
+    allow_unsafe_interrupts=True,     # a VM: no device can forge interrupts there
     description="seed plus QEMU's igb (8086:10c9 PF, 8086:10ca VF) and NVMe (1b36:0010)",
 )
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from . import Runner
+from . import Runner, bootcfg
 
 
 def _progress(text):
@@ -17,12 +17,24 @@ def _progress(text):
 
 def cmd_up(args: argparse.Namespace) -> int:
     r = Runner.default(**({"boot_timeout": args.timeout} if args.timeout else {}))
-    r.up(progress=_progress, persistent=True)
+    with_ = list(args.with_ or [])
+    if args.cgroup:
+        with_.append(bootcfg.CGROUP_ARGS[args.cgroup])
+    r.up(progress=_progress, persistent=True, without=args.without or [], with_=with_)
     st = r.status()
     print(f"runner up: pid {st['pid']}, ssh 127.0.0.1:{st['ssh_port']}, PFs {json.dumps(st['pfs'])}")
+    print(f"kernel command line: {st['cmdline']}")
+    print(f"  (GRUB_CMDLINE_LINUX from {st['boot_config']}: edit it, then `vfiotest runner reboot`)")
     if not st.get("igb"):
         print("note: this QEMU has no igb device (needs QEMU 8.0+): only the NVMe PF is present")
     print("it stays up until `vfiotest runner down`; test sessions with --target virtual use it")
+    return 0
+
+
+def cmd_reboot(args: argparse.Namespace) -> int:
+    r = Runner.default(**({"boot_timeout": args.timeout} if args.timeout else {}))
+    res = r.reboot(progress=_progress)
+    print(f"runner rebooted in {res['seconds']:.0f} s; /proc/cmdline: {res['cmdline']}")
     return 0
 
 
@@ -40,6 +52,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if st["running"] else 1
     if not st["running"]:
         print(f"runner: not running (state {st['state_dir']})")
+        if st.get("boot_error"):
+            print(f"  it rebooted and was not booted again: {st['boot_error']} (see "
+                  f"{os.path.join(st['state_dir'], 'supervisor.log')}; fix {st['boot_config']}, then `vfiotest runner up`)")
         return 1
     rss = st.get("rss_bytes")
     lines = [
@@ -49,6 +64,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  kept by:  {_kept_by(st)}",
         f"  memory:   {rss / 2**20:.0f} MiB RSS" if rss else "  memory:   ?",
         f"  kernel:   {st['kernel']}",
+        f"  cmdline:  {st['cmdline']}",
+        f"  boots:    {st['boots']}" + (" (rebooting)" if st["rebooting"] else ""),
+        f"  grub:     {st['boot_config']}",
         f"  console:  {st['console_log']}",
     ]
     print("\n".join(lines))
@@ -98,7 +116,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="runner_command", metavar="ACTION")
     up = sub.add_parser("up", help="boot the runner and keep it up (sessions reuse it)")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for SSH (default 240)")
+    up.add_argument("--without", action="append", metavar="ARG",
+                    help="remove ARG (name=value, or a bare name: every value) from GRUB_CMDLINE_LINUX in the "
+                         "runner's GRUB defaults before it boots, e.g. --without intel_iommu=on (repeatable; kept "
+                         "for later boots)")
+    up.add_argument("--with", dest="with_", action="append", metavar="ARG",
+                    help="add ARG to GRUB_CMDLINE_LINUX, replacing any of the same name (repeatable; kept)")
+    up.add_argument("--cgroup", choices=sorted(bootcfg.CGROUP_ARGS),
+                    help="boot with cgroup v1 (systemd.unified_cgroup_hierarchy=0, hybrid) or v2 (=1, unified); kept")
     up.set_defaults(func=cmd_up)
+    rb = sub.add_parser("reboot", help="reboot the runner (its GRUB defaults read again) and wait for SSH",
+                        description="Reboot the runner from inside (`reboot`); its supervisor boots it again with "
+                                    "the kernel arguments of its GRUB defaults (<state>/runner/etc-default/grub, "
+                                    "the runner's /etc/default/grub) and this waits until SSH answers.")
+    rb.add_argument("--timeout", type=float, default=None, help="seconds to wait for SSH (default 240)")
+    rb.set_defaults(func=cmd_reboot)
     sub.add_parser("down", help="stop the runner (also one left by a killed session)").set_defaults(func=cmd_down)
     st = sub.add_parser("status", help="is it up: pid, ssh port, uptime, PFs, memory")
     st.add_argument("--json", action="store_true", help="machine-readable")

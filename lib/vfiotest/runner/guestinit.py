@@ -48,6 +48,12 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp
 for d in /var/lib/containers /var/lib/vfiotest /var/log/vfiotest; do
     mkdir -p $R$d && mount -t tmpfs -o mode=0755 vfiotest-rw $R$d || die "tmpfs on $d"
 done
+# The runner's boot configuration (its GRUB defaults), kept on the controller across reboots
+mount -t 9p -o trans=virtio,version=9p2000.L,rw,cache=none vfiotest-etc-default $R/etc/default \
+    || die "mount the runner's /etc/default (9p tag vfiotest-etc-default, $STATE/etc-default)"
+# busybox's reboot/poweroff/halt (the controller's are systemctl links; there is no systemd here)
+mkdir -p $R/usr/local/sbin
+for c in reboot poweroff halt; do ln -sf /run/vfiotest/busybox $R/usr/local/sbin/$c; done
 mkdir -p $R/usr/lib/modules/$KVER
 mount --bind $R$KMODS $R/usr/lib/modules/$KVER || die "bind the kernel modules from $KMODS"
 
@@ -90,14 +96,28 @@ mkdir -p /dev/pts /dev/shm /dev/mqueue
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
 mount -t mqueue mqueue /dev/mqueue
-# cgroup v1 (hybrid), the layout `systemd.unified_cgroup_hierarchy=0` gives
-mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
-for c in $($B awk '!/^#/ && $4 == 1 {print $1}' /proc/cgroups); do
-    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+# cgroups as systemd 252 lays them out: v1 (hybrid) with systemd.unified_cgroup_hierarchy=0
+# (or false/no/off), else v2 alone (unified, systemd's default)
+CG=unified
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        systemd.unified_cgroup_hierarchy=0|systemd.unified_cgroup_hierarchy=false|\
+        systemd.unified_cgroup_hierarchy=no|systemd.unified_cgroup_hierarchy=off) CG=hybrid ;;
+        systemd.unified_cgroup_hierarchy|systemd.unified_cgroup_hierarchy=*) CG=unified ;;
+    esac
 done
-mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
-mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
-mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+if [ $CG = hybrid ]; then
+    mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
+    for c in $($B awk '!/^#/ && $4 == 1 {print $1}' /proc/cgroups); do
+        mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+    done
+    mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+    mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+else
+    mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+fi
+echo "vfiotest-stage2: cgroups $CG"
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 # Drivers: no udev here, so load what the suites use (VFs probe against loaded drivers);
 # netfilter, bridge and veth load on demand when podman asks the kernel for them.

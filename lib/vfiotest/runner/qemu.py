@@ -12,6 +12,7 @@ from ..errors import ProvisionError
 QEMU_ENV = "VFIOTEST_QEMU"
 IGB_MIN_VERSION = (8, 0)
 ROOT_TAG = "vfiotest-root"
+ETC_DEFAULT_TAG = "vfiotest-etc-default"   # the runner's /etc/default, read-write (bootcfg)
 
 # PCI IDs of the emulated PFs, as the guest sees them
 PF_IDS = {"igb": ("8086", "10c9"), "nvme": ("1b36", "0010")}
@@ -52,8 +53,13 @@ def has_igb(path: str) -> bool:
 
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
             nvme_image: str, memory_mb: int = 3072, cpus: int = 2, igb: bool = True,
-            name: str = "vfiotest-runner") -> list[str]:
-    """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates."""
+            name: str = "vfiotest-runner", etc_default: str | None = None) -> list[str]:
+    """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates.
+    `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write."""
+    if etc_default and ("," in etc_default or not etc_default.startswith("/")):
+        raise ProvisionError(f"the runner's state directory {etc_default!r} cannot be shared over 9p "
+                             "(not absolute, or it has a comma, which QEMU's option syntax splits on)",
+                             hint="set VFIOTEST_STATE_DIR to an absolute path without commas")
     argv = [
         qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi", "-cpu", "max",
@@ -67,6 +73,8 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
         "-device", "virtio-net-pci,netdev=mgmt,addr=0x3",
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-rng-pci,addr=0x5",
+        *(["-virtfs", f"local,path={etc_default},mount_tag={ETC_DEFAULT_TAG},security_model=none"]
+          if etc_default else []),
         # SR-IOV PFs, each behind its own root port (its own IOMMU group)
         "-device", "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10",
         "-device", "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0,addr=0x11",

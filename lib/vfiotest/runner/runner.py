@@ -18,8 +18,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import filelock
@@ -30,7 +32,7 @@ from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
 from ..host import wait_for
 from ..sshhost import SshHost, wait_for_ssh_banner
-from . import assets, qemu
+from . import assets, bootcfg, qemu
 
 BOOT_TIMEOUT_ENV = "VFIOTEST_RUNNER_BOOT_TIMEOUT"
 DEFAULT_BOOT_TIMEOUT = 240.0
@@ -84,6 +86,12 @@ class Runner:
         self.known_hosts = os.path.join(state_dir, "known_hosts")
         self.users_dir = os.path.join(state_dir, "users")
         self.nvme_image = os.path.join(state_dir, "nvme0.img")
+        # the runner's boot configuration, kept across reboots: its /etc/default (bootcfg)
+        self.etc_default_dir = os.path.join(state_dir, "etc-default")
+        self.grub_path = os.path.join(self.etc_default_dir, bootcfg.GRUB_FILE)
+        self.boot_file = os.path.join(state_dir, "boot.json")
+        self.supervisor_pidfile = os.path.join(state_dir, "supervisor.pid")
+        self.supervisor_log = os.path.join(state_dir, "supervisor.log")
 
     @classmethod
     def default(cls, **kw: Any) -> Runner:
@@ -122,6 +130,59 @@ class Runner:
         with open(tmp, "w") as f:
             json.dump(st, f, indent=2, sort_keys=True)
         os.replace(tmp, self.state_file)
+
+    def _set_state(self, **changes: Any) -> None:
+        """Change some fields of state.json (nothing when the runner was stopped: no state)."""
+        st = self._read_state()
+        if not st:
+            return
+        st.update(changes)
+        self._write_state(st)
+
+    def supervisor_pid(self) -> int | None:
+        """PID of the live supervisor of this runner (vfiotest.runner.supervisor), or None."""
+        try:
+            with open(self.supervisor_pidfile) as f:
+                pid, start = map(int, f.read().split())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if _proc_start(pid) != start or not _is_running(pid) or self.state_dir.encode() not in args:
+            return None
+        return pid
+
+    def _rebooting(self, st: dict) -> bool:
+        """A reboot is under way: asked (`reboot()`) or seen by the supervisor, which is alive."""
+        return bool(st.get("rebooting")) and self.supervisor_pid() is not None
+
+    # -- the boot configuration --------------------------------------------------------
+    def ensure_boot_config(self) -> str:
+        """The runner's GRUB defaults (made on first use with bootcfg.DEFAULT_KERNEL_ARGS); returns its text."""
+        os.makedirs(self.etc_default_dir, mode=0o755, exist_ok=True)
+        if not os.path.exists(self.grub_path):
+            tmp = self.grub_path + f".tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(bootcfg.default_grub())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.grub_path)
+        with open(self.grub_path) as f:
+            return f.read()
+
+    def edit_boot_config(self, without: Iterable[str] = (), with_: Iterable[str] = ()) -> list[str]:
+        """Change GRUB_CMDLINE_LINUX of the runner's GRUB defaults (bootcfg.edit); returns the
+        arguments it then adds. Takes effect at the next boot (`up`) or `reboot()`."""
+        text = bootcfg.edit(self.ensure_boot_config(), without=without, with_=with_)
+        tmp = self.grub_path + f".tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.grub_path)
+        return bootcfg.grub_args(text, self.grub_path)
+
+    def boot_args(self) -> list[str]:
+        """The kernel arguments the runner's GRUB defaults add (what the next boot gets after its own)."""
+        return bootcfg.grub_args(self.ensure_boot_config(), self.grub_path)
 
     def qemu_pids(self) -> list[int]:
         """PIDs of the QEMU processes of this runner (normally one): found by their pidfile argument."""
@@ -212,6 +273,12 @@ class Runner:
             "persistent": bool(st.get("persistent")) if up else False,
             "users": [p for p, _ in self._users()] if up else [],
             "kernel": st.get("kernel") if up else None,
+            "cmdline": st.get("cmdline") if up else None,
+            "boots": st.get("boots") if up else None,
+            "rebooting": bool(st.get("rebooting")) if up else False,
+            "supervisor": self.supervisor_pid(),
+            "boot_config": self.grub_path,
+            "boot_error": st.get("boot_error"),
             "ssh_ready": False,
         }
         if up:
@@ -245,19 +312,32 @@ class Runner:
                 "root@127.0.0.1", *command]
 
     # -- lifecycle ---------------------------------------------------------------------
-    def up(self, progress: Callable[[str], None] | None = None, persistent: bool = False) -> Runner:
+    def up(self, progress: Callable[[str], None] | None = None, persistent: bool = False,
+           without: Iterable[str] = (), with_: Iterable[str] = ()) -> Runner:
         """Boot the runner, or reuse a running one that someone keeps. Returns self.
 
-        `persistent` (the CLI's `runner up`) keeps it up until `down()`.
-        Safe to call from several processes at once (a file lock serialises them).
+        `persistent` (the CLI's `runner up`) keeps it up until `down()`. `without`/`with_`
+        change GRUB_CMDLINE_LINUX of its GRUB defaults before it boots (bootcfg.edit); they
+        are refused while a runner is up (edit, then `reboot()`).
+        Safe to call from several processes at once (a file lock serialises them); a runner in
+        the middle of a reboot is waited for, not stopped.
         """
         say = progress or (lambda text: None)
-        with self._lock():
-            st = self._read_state()
-            pids = self.qemu_pids()
-            if pids:
-                if st.get("port") and not self._orphaned(st) and wait_for_ssh_banner("127.0.0.1", st["port"],
-                                                                                     timeout=BANNER_WAIT):
+        without, with_ = list(without), list(with_)
+        deadline = time.monotonic() + self.boot_timeout
+        waited = False
+        while True:
+            with self._lock():
+                st = self._read_state()
+                pids = self.qemu_pids()
+                answers = bool(pids) and bool(st.get("port")) and not self._orphaned(st) \
+                    and wait_for_ssh_banner("127.0.0.1", st["port"], timeout=BANNER_WAIT)
+                if answers or (self._rebooting(st) and not self._orphaned(st) and time.monotonic() < deadline):
+                    if without or with_:
+                        raise TargetError("the runner is up: its kernel arguments change at its next boot",
+                                          hint=f"edit GRUB_CMDLINE_LINUX in {self.grub_path} and run "
+                                               "`vfiotest runner reboot`, or `vfiotest runner down` first")
+                if answers:
                     if persistent and not st.get("persistent"):
                         st["persistent"] = True
                         self._write_state(st)
@@ -265,12 +345,86 @@ class Runner:
                     say(f"runner: reusing the runner already up (pid {pids[0]}, ssh port {st['port']})")
                     self.booted_now = False
                     return self
-                why = "whose users are all gone" if self._orphaned(st) else "that does not answer on SSH"
-                say(f"runner: stopping a runner {why} (QEMU pid {', '.join(map(str, pids))})")
-                self._stop(pids)
-            self._boot(say, persistent)
-            self.booted_now = True
-            return self
+                if not (self._rebooting(st) and not self._orphaned(st) and time.monotonic() < deadline):
+                    if pids or self.supervisor_pid():
+                        why = "whose users are all gone" if self._orphaned(st) else "that does not answer on SSH"
+                        say(f"runner: stopping a runner {why} (QEMU pid {', '.join(map(str, pids)) or 'none'})")
+                        self._stop(pids)
+                    if without or with_:
+                        args = self.edit_boot_config(without=without, with_=with_)
+                        say(f"runner: GRUB_CMDLINE_LINUX in {self.grub_path} changed: boots with {' '.join(args)}")
+                    self._boot(say, persistent)
+                    self.booted_now = True
+                    return self
+            # rebooting: wait outside the lock (the supervisor takes it to start QEMU again)
+            if not waited:
+                say("runner: it is rebooting; waiting for it")
+                waited = True
+            if st.get("port"):
+                wait_for_ssh_banner("127.0.0.1", st["port"], timeout=3)
+            else:
+                time.sleep(1)
+
+    def reboot(self, progress: Callable[[str], None] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Reboot the runner from inside (`reboot` in the VM) and wait until it answers on SSH
+        again, booted with its GRUB defaults as they are now. Returns {"boot_id", "cmdline", "seconds"}."""
+        say = progress or (lambda text: None)
+        timeout = timeout or self.boot_timeout
+        with self._lock():
+            st = self._read_state()
+            pids = self.qemu_pids()
+            if not pids or not st.get("port"):
+                raise TargetError(f"the runner in {self.state_dir} is not running: nothing to reboot",
+                                  hint="start it: `vfiotest runner up`")
+            if self.supervisor_pid() is None:
+                raise ProvisionError("the runner has no supervisor to boot it again after a reboot "
+                                     "(booted by an older vfiotest?)",
+                                     hint="`vfiotest runner down` then `vfiotest runner up`")
+            self.boot_args()   # a GRUB file the boot would refuse is refused now, before rebooting
+            st["rebooting"] = True
+            self._write_state(st)
+        port = st["port"]
+        t0 = time.monotonic()
+        h = self.host(register=False)
+        try:
+            old = h.read_text("/proc/sys/kernel/random/boot_id").strip()
+            say(f"runner: rebooting (boot {old[:8]}), GRUB_CMDLINE_LINUX from {self.grub_path}")
+            h.run(["sh", "-c", "(sleep 1; reboot) >/dev/null 2>&1 </dev/null &"], timeout=30, check=True,
+                  what="asking the runner to reboot")
+        finally:
+            h.close()
+        deadline = time.monotonic() + timeout
+        wait_for(lambda: not any(_is_running(p) for p in pids) or time.monotonic() > deadline, timeout, 0.2,
+                 "the runner's QEMU to exit on the guest's reboot", fail=False)
+        if any(_is_running(p) for p in pids):
+            raise TargetError(f"the runner did not go down within {timeout:.0f} s after `reboot`",
+                              hint=f"read {self.console_log}; `vfiotest runner down` and `up`")
+        while time.monotonic() < deadline:
+            new = self.qemu_pids()
+            if new and not set(new) & set(pids):
+                break
+            if self.supervisor_pid() is None and not self.qemu_pids():
+                break
+            time.sleep(0.2)
+        if not self.qemu_pids():
+            err = self._read_state().get("boot_error") or "see the supervisor log"
+            raise ProvisionError(f"the runner was not booted again after its reboot: {err}; last console lines:\n  "
+                                 + "\n  ".join(self.console_tail(10)),
+                                 hint=f"read {self.supervisor_log}; fix {self.grub_path}, then `vfiotest runner up`")
+        self._wait_ready(port, say)
+        h = self.host(register=False)
+        try:
+            new_id = h.read_text("/proc/sys/kernel/random/boot_id").strip()
+            cmdline = h.read_text("/proc/cmdline").strip()
+        finally:
+            h.close()
+        if new_id == old:
+            raise TargetError("the runner answers with the boot id it had before the reboot",
+                              hint=f"read {self.console_log}")
+        self._set_state(rebooting=False)
+        took = time.monotonic() - t0
+        say(f"runner: back in {took:.1f} s (boot {new_id[:8]})")
+        return {"boot_id": new_id, "cmdline": cmdline, "seconds": round(took, 1)}
 
     def keep(self) -> None:
         """Keep the runner up after this process ends (as `runner up` does), until `down()`."""
@@ -300,6 +454,17 @@ class Runner:
             return bool(pids)
 
     def _stop(self, pids):
+        # the supervisor first, so that it does not start QEMU again
+        sup = self.supervisor_pid()
+        if sup is not None:
+            try:
+                os.kill(sup, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            wait_for(lambda: not _is_running(sup), 10, 0.05, "the runner's supervisor to exit", fail=False)
+            if _is_running(sup):
+                os.kill(sup, signal.SIGKILL)
+            pids = sorted(set(pids) | set(self.qemu_pids()))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -318,7 +483,7 @@ class Runner:
         if left:
             raise ProvisionError(f"QEMU pid {left} of the runner did not stop after SIGKILL",
                                  hint="look at it with `ps -o pid,stat,cmd -p PID`; it may be stuck in the kernel")
-        for path in (self.pidfile, self.state_file):
+        for path in (self.pidfile, self.state_file, self.supervisor_pidfile):
             try:
                 os.remove(path)
             except FileNotFoundError:
@@ -353,12 +518,8 @@ class Runner:
         if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
             with open(self.nvme_image, "wb") as f:
                 f.truncate(NVME_IMAGE_BYTES)
-        append = " ".join([
-            "console=ttyS0", "intel_iommu=on", "systemd.unified_cgroup_hierarchy=0",
-            "panic=-1", "loglevel=4", "random.trust_cpu=on",
-            f"vfiotest.tag={qemu.ROOT_TAG}", f"vfiotest.state={self.state_dir}",
-            f"vfiotest.modules={kernel.modules}",
-        ])
+        base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG)
+        append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
         last_err = ""
         for _attempt in range(8):
@@ -368,7 +529,7 @@ class Runner:
             open(self.console_log, "w").close()
             argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
                                 console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
-                                memory_mb=self.memory_mb, cpus=self.cpus, igb=igb)
+                                memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir)
             say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
             try:
                 p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
@@ -392,20 +553,33 @@ class Runner:
             f.write(" ".join(argv) + "\n")
         pids = self.qemu_pids()
         me = _me()
+        generation = uuid.uuid4().hex
         st: dict[str, Any] = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
-              "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me)}
+              "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me),
+              "generation": generation, "cmdline": append, "boots": 1}
         self._write_state(st)
         self._add_user(me)
+        with open(self.boot_file, "w") as f:
+            json.dump({"argv": argv, "base_args": base}, f, indent=1)
         try:
+            self._start_supervisor(generation)
             self._wait_ready(port, say)
             st["pfs"] = self._read_pfs()
         except BaseException:
             self._stop(self.qemu_pids())
             raise
-        self._write_state(st)
+        self._set_state(pfs=st["pfs"])
         if not igb:
             say("runner: up with the NVMe PF only (no igb in this QEMU)")
         say(f"runner: up in {time.time() - st['started']:.1f} s, PFs {st['pfs']}")
+
+    def _start_supervisor(self, generation):
+        """The detached process that boots the runner again after a guest reboot (supervisor.py)."""
+        with open(self.supervisor_log, "a") as logf:
+            subprocess.Popen([sys.executable, "-m", "vfiotest.runner.supervisor", self.state_dir, generation],
+                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                             close_fds=True, cwd="/")
+        wait_for(lambda: self.supervisor_pid() is not None, 30, 0.05, "the runner's supervisor to start")
 
     def _wait_ready(self, port, say):
         t0 = time.monotonic()
