@@ -86,3 +86,9 @@ def test_a_malformed_pf_is_refused_at_start_up(tmp_path, where):
 def test_a_short_pf_is_given_its_domain(tmp_path):
     got = shown(pytest_child(tmp_path, "--pf", "01:00.0", env={"VFIOTEST_TARGET": "sim:/nonexistent"}))
     assert got["pf"] == ["0000:01:00.0"]
+
+
+def test_the_plugin_works_without_pytests_logging_plugin(tmp_path):
+    """`-p no:logging` (what the docs give to quiet the live progress) must not break start-up."""
+    p = pytest_child(tmp_path, "-p", "no:logging", env={"VFIOTEST_TARGET": "sim:/nonexistent"})
+    assert p.returncode == 0 and "INTERNALERROR" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
