@@ -83,11 +83,11 @@ def test_2_a_session_killed_mid_reboot_is_put_back_by_restore(env):
     before = open(r.grub_path).read()
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", "--allow-reboot",
                           f"{SUITE}::test_kernel_arguments_configured"], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         seen = []
-        for line in p.stderr:
+        for line in p.stdout:   # progress: the live log (stdout) or stderr
             seen.append(line)
             if "rebooting" in line and "allow-reboot" in line:
                 break
