@@ -151,6 +151,9 @@ def cmd_restore(args):
             done = restore_orphans(host, include_kept=True)
             for owner, n in done:
                 print(f"journal {owner}: {n} change(s) undone")
+            from .lease import LeasePool
+
+            LeasePool(host).held()      # drops the records of leases whose holder died
             if not done and not sessions:
                 print("no orphaned journal or crashed session: nothing to restore")
     finally:

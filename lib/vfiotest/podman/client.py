@@ -358,6 +358,11 @@ def undo_containers(host: Host, entry: dict[str, Any]) -> None:
     for cid in ids:
         host.run(["podman", "rm", "-f", "-v", "--time", "10", cid], timeout=180)
     reap(host, ids)
+    # the conmon of an exec session outlives its container by up to 5 min; when the harness died
+    # right after removing the container itself, only the container's name (which carries the
+    # owner) still finds it
+    owner = label[len(OWNER_LABEL) + 1:]
+    host.run(f"pkill -KILL -f {shlex.quote('[c]onmon .* -n vfiotest-' + owner + '-[0-9]+ ')}; true", timeout=60)
     left = host.run(["podman", "ps", "-a", "-q", "--filter", f"label={label}"], timeout=120)
     if left.ok and left.stdout.split():
         raise ContainerError(f"containers {left.stdout.split()} (label {label}) could not be removed on {host.name}",
