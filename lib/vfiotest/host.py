@@ -217,7 +217,7 @@ class LocalTransport(Transport):
         if t.is_alive():
             raise CommandTimeout(f"writing {path} on {self.name} did not finish in {timeout:.0f} s",
                                  hint="the kernel may be stuck on that device; look at dmesg, and at "
-                                      "`cat /proc/*/stack` of the writer")
+                                      "`cat /proc/*/stack` of the writer", path=path)
         if "error" in box:
             raise box["error"]
         return box.get("value")

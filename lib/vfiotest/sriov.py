@@ -11,7 +11,6 @@ refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 from __future__ import annotations
 
 import errno
-import threading
 import time
 from typing import Any
 
@@ -52,26 +51,9 @@ def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = No
 
 
 def timed_write(host: Any, path: str, data: str, timeout: float) -> None:
-    """host.write_text with a deadline. Remote hosts bound it themselves; a local write(2)
-    cannot be interrupted, so it runs in a daemon thread that is abandoned on timeout."""
-    if not getattr(host, "is_local", False) or getattr(host, "simulated", False):
-        return host.write_text(path, data, timeout=timeout)
-    outcome: dict[str, BaseException] = {}
-
-    def write() -> None:
-        try:
-            host.write_text(path, data, timeout=timeout)
-        except BaseException as e:  # handed to the caller
-            outcome["error"] = e
-
-    worker = threading.Thread(target=write, name=f"write {path}", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise CommandTimeout(f"write of {data!r} to {path} did not finish in {timeout:.0f} s on {host.name}",
-                             hint="the driver is blocking in the kernel; look at dmesg", path=path)
-    if "error" in outcome:
-        raise outcome["error"]
+    """host.write_text with a deadline: every transport bounds its writes (remote ones by the
+    agent call's timeout, the local one by abandoning a write(2) that blocks, host.LocalTransport)."""
+    host.write_text(path, data, timeout=timeout)
 
 
 def _write_numvfs(host: Any, pf: str, n: int, timeout: float) -> None:
