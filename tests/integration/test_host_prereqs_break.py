@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from _runner_env import runner_env
 
 from vfiotest.runner import Runner
 
@@ -21,14 +22,7 @@ SUITE = "suites/host_prereqs/test_host_prereqs.py"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
-    env.update(VFIOTEST_STATE_DIR=str(tmp_path_factory.mktemp("breaks") / "state"), VFIOTEST_TARGET="virtual")
-    up = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "up"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-    assert up.returncode == 0, up.stderr[-3000:]
-    yield env
-    subprocess.run([sys.executable, "-m", "vfiotest", "runner", "down"], cwd=ROOT, env=env,
-                   capture_output=True, text=True, timeout=300)
+    yield from runner_env(tmp_path_factory.mktemp("breaks") / "state")
 
 
 def runner(env):

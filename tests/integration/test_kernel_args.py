@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from _runner_env import runner_env
 
 from vfiotest.runner import Runner, bootcfg
 
@@ -29,14 +30,7 @@ DEPENDENT = "suites/rebind/test_rebind.py::test_cli_bad_address_exits_non_zero_w
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
-    env.update(VFIOTEST_STATE_DIR=str(tmp_path_factory.mktemp("kargs") / "state"), VFIOTEST_TARGET="virtual")
-    up = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "up", "--without", "intel_iommu=on",
-                         "--cgroup", "v2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert up.returncode == 0, up.stderr[-3000:]
-    yield env
-    subprocess.run([sys.executable, "-m", "vfiotest", "runner", "down"], cwd=ROOT, env=env,
-                   capture_output=True, text=True, timeout=300)
+    yield from runner_env(tmp_path_factory.mktemp("kargs") / "state", "--without", "intel_iommu=on", "--cgroup", "v2")
 
 
 def runner(env):

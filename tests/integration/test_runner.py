@@ -16,6 +16,7 @@ import textwrap
 
 import paramiko
 import pytest
+from _runner_env import no_process_refers_to
 
 from vfiotest.errors import ProvisionError, TargetError
 from vfiotest.runner import Runner, assets
@@ -28,13 +29,7 @@ pytestmark = pytest.mark.vm
 def _no_qemu_left(r):
     """Nothing of the runner runs: no QEMU of its state dir, no process holding its console log."""
     assert r.qemu_pids() == [], f"QEMU still running: {r.qemu_pids()}"
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    assert r.state_dir.encode() not in f.read(), f"pid {name} still refers to {r.state_dir}"
-            except OSError:
-                pass
+    no_process_refers_to(r.state_dir)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from _runner_env import no_process_refers_to
 
 from vfiotest.errors import TargetError
 from vfiotest.runner import Runner, bootcfg
@@ -24,13 +25,7 @@ def _cmdline(r):
 
 def _no_process_left(r):
     assert r.qemu_pids() == [] and r.supervisor_pid() is None
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    assert r.state_dir.encode() not in f.read(), f"pid {name} still refers to {r.state_dir}"
-            except OSError:
-                pass
+    no_process_refers_to(r.state_dir)
 
 
 def test_grub_defaults_reboots_and_a_killed_runner_stays_down(tmp_path):
