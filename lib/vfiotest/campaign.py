@@ -144,6 +144,19 @@ class Campaign:
         return {"pci": inv["devices"], "vfio": sorted(inv["vfio"]), "other": res.stdout.splitlines(),
                 "controller sessions": sorted(os.listdir(sessions)) if os.path.isdir(sessions) else []}
 
+    def snapshot_when_back(self, wait: float) -> dict[str, Any]:
+        """snapshot(), retried every 10 s for up to `wait` s while the runner does not answer on SSH."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self.snapshot()
+            except Exception as e:  # noqa: BLE001 - paramiko's own errors too
+                self.drop_host()
+                if time.monotonic() > deadline:
+                    raise
+                note(f"the runner does not answer on SSH yet ({str(e).splitlines()[0][:120]}); again in 10 s")
+                time.sleep(10)
+
     @staticmethod
     def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         out = []
@@ -480,22 +493,17 @@ def row_ssh_cut(c: Campaign, table: Table, s0: dict) -> None:
     time.sleep(max(0.0, (r["acted"] or 0) + CUT + 10 - r["end"]))     # the link is back
     # sshd may still refuse logins a while: the connections made during the cut count against
     # its MaxStartups until their LoginGraceTime (120 s) is over
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            c.snapshot()
-            break
-        except Exception as e:  # noqa: BLE001 - paramiko's own errors too
-            c.drop_host()
-            if time.monotonic() > deadline:
-                raise
-            note(f"the runner does not answer on SSH yet ({str(e).splitlines()[0][:120]}); again in 10 s")
-            time.sleep(10)
-    back = time.monotonic() - t
-    rs = c.restore()
-    d1 = c.diff(s0, c.snapshot())
-    r = c.run_subject()
-    d2 = c.diff(s0, c.snapshot())
+    try:
+        c.snapshot_when_back(300)
+        back = time.monotonic() - t
+        rs = c.restore()
+        d1 = c.diff(s0, c.snapshot_when_back(300))
+        r = c.run_subject()
+        d2 = c.diff(s0, c.snapshot_when_back(300))
+    except Exception as e:  # noqa: BLE001 - the row fails, the table still prints
+        table.add("ssh link cut mid-command: recovered", "SSH back, restore leaves it as before, next run passes",
+                  f"SSH not back: {str(e).splitlines()[0][:60]}", False, time.monotonic() - t)
+        return
     ok = rs.returncode == 0 and not d1 and r["rc"] == 0 and not d2
     table.add("ssh link cut mid-command: recovered", "SSH back, restore leaves it as before, next run passes",
               f"SSH {back:.0f} s, restore rc {rs.returncode} ({len(d1)} diffs), run rc {r['rc']} ({len(d2)})", ok,

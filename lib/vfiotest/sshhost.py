@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shlex
@@ -97,13 +98,26 @@ def wait_for_ssh_banner(host: str, port: int, timeout: float) -> bool:
     return wait_for(banner, timeout, 0.25, f"the SSH banner on {host}:{port}", fail=False)
 
 
+log = logging.getLogger(__name__)
+LOGIN_RETRY = 60.0   # s a login that fails before authentication is tried again (SshTransport.connect)
+LOGIN_PAUSE = 5.0
+
+
+class _TransientLogin(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 class SshTransport(Transport):
     """Commands on a host reached over SSH. `known_hosts` pins its key; missing or different keys are refused.
     Scripts and file operations go to one resident python3 (the agent)."""
 
     def __init__(self, host: str, port: int = 22, user: str = "root", key_filename: str | None = None,
-                 known_hosts: str | None = None, connect_timeout: float = 15.0, name: str | None = None) -> None:
+                 known_hosts: str | None = None, connect_timeout: float = 15.0, name: str | None = None,
+                 login_retry: float = LOGIN_RETRY) -> None:
         self.hostname, self.port, self.user = host, port, user
+        self.login_retry = login_retry
         self.key_filename = key_filename
         self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         self.connect_timeout = connect_timeout
@@ -114,12 +128,38 @@ class SshTransport(Transport):
 
     # -- connection ----------------------------------------------------------
     def connect(self) -> paramiko.SSHClient:
+        """The live connection, or a new one. A login that fails before authentication (no banner
+        in time, the link reset: a busy sshd, or one still throttling the connections of a cut
+        link by MaxStartups) is tried again for `login_retry` s; a refused connection, a key
+        that is not pinned or differs, and a refused authentication are not."""
         if self._client is not None and self._client.get_transport() and self._client.get_transport().is_active():
             return self._client
-        client = paramiko.SSHClient()
         if not os.path.exists(self.known_hosts):
             raise TargetError(f"no known_hosts file {self.known_hosts} to pin {self.name}'s host key",
                               hint=f"add the runner's key: ssh-keyscan -p {self.port} {self.hostname} >> {self.known_hosts} (after checking its fingerprint)")
+        deadline = time.monotonic() + self.login_retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                client = self._login()
+                break
+            except _TransientLogin as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    took = self.login_retry + self.connect_timeout
+                    raise TargetError(f"cannot log in to {self.name}: {e.cause} ({attempt} attempt(s) in about {took:.0f} s)",
+                                      hint="its sshd accepts connections but does not finish a login: is the target "
+                                           "overloaded? look at its console; then retry") from e.__cause__
+                log.info("ssh %s: login failed before authentication (%s); again in %.3g s",
+                         self.name, e.cause, min(LOGIN_PAUSE, left))
+                time.sleep(min(LOGIN_PAUSE, left))
+        client.get_transport().set_keepalive(15)
+        self._client = client
+        return client
+
+    def _login(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
         client.load_host_keys(self.known_hosts)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
@@ -127,19 +167,29 @@ class SshTransport(Transport):
                            timeout=self.connect_timeout, banner_timeout=self.connect_timeout,
                            auth_timeout=self.connect_timeout, allow_agent=self.key_filename is None,
                            look_for_keys=self.key_filename is None)
+            return client
         except paramiko.BadHostKeyException as e:
             raise TargetError(f"{self.name} offered a host key that differs from the one pinned in {self.known_hosts}",
                               hint="someone may be in the middle, or the runner was rebuilt: check, then update known_hosts") from e
         except paramiko.SSHException as e:
+            t = client.get_transport()
+            kex_done = t is not None and getattr(t, "host_key", None) is not None
+            banner = t is not None and getattr(t, "remote_version", None)
+            client.close()
             if "not found in known_hosts" in str(e):
                 raise TargetError(f"{self.name}'s host key is not pinned in {self.known_hosts}",
                                   hint=f"check the fingerprint, then: ssh-keyscan -p {self.port} {self.hostname} >> {self.known_hosts}") from e
-            raise TargetError(f"cannot log in to {self.name}: {e}", hint="check the user, the key and sshd on the target") from e
+            if kex_done:
+                # past the key exchange: the server refused the login (paramiko words some of these oddly)
+                raise TargetError(f"cannot log in to {self.name}: {e}", hint="check the user, the key and sshd on the target") from e
+            if not banner:
+                raise _TransientLogin(f"no SSH banner within {self.connect_timeout:g} s") from e
+            raise _TransientLogin(str(e) or type(e).__name__) from e
+        except (EOFError, ConnectionResetError) as e:
+            client.close()
+            raise _TransientLogin(f"the connection was closed during the login ({type(e).__name__})") from e
         except OSError as e:
             raise TargetError(f"cannot reach {self.name}: {e}", hint="is the runner up? `vfiotest runner status`") from e
-        client.get_transport().set_keepalive(15)
-        self._client = client
-        return client
 
     def close(self) -> None:
         self._drop_agent()
