@@ -129,9 +129,8 @@ class SshTransport(Transport):
     # -- connection ----------------------------------------------------------
     def connect(self) -> paramiko.SSHClient:
         """The live connection, or a new one. A login that fails before authentication (no banner
-        in time, the link reset: a busy sshd, or one still throttling the connections of a cut
-        link by MaxStartups) is tried again for `login_retry` s; a refused connection, a key
-        that is not pinned or differs, and a refused authentication are not."""
+        in time, the link reset: a busy target) is tried again for `login_retry` s; a refused
+        connection, a key that is not pinned or differs, and a refused login are not."""
         if self._client is not None and self._client.get_transport() and self._client.get_transport().is_active():
             return self._client
         if not os.path.exists(self.known_hosts):
