@@ -99,6 +99,11 @@ def wait_for_ssh_banner(host: str, port: int, timeout: float) -> bool:
 
 
 log = logging.getLogger(__name__)
+# paramiko's transport thread logs a failed login (no banner...) with its traceback at ERROR;
+# connect() reports it itself, with the attempts: where nothing is configured (the CLI, the
+# campaign) this keeps Python's last-resort handler from printing those tracebacks. Handlers
+# that are configured (pytest's log capture) still get the records.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 LOGIN_RETRY = 60.0   # s a login that fails before authentication is tried again (SshTransport.connect)
 LOGIN_PAUSE = 5.0
 

@@ -144,3 +144,24 @@ def test_a_refused_login_is_not_tried_again(tmp_path, keys):
         srv.close()
     assert srv.accepted == 1
     assert "attempt" not in str(e.value)
+
+
+def test_no_paramiko_traceback_on_stderr_when_nothing_is_configured(tmp_path, keys):
+    """The CLI configures no logging: a failed login is our one error, not paramiko's traceback too."""
+    import subprocess
+    import sys
+
+    srv = StallingSshd(*keys, stall=1000)
+    t = _transport(tmp_path, keys, srv.port, login_retry=0)
+    script = (
+        "import sys; from vfiotest.sshhost import SshTransport\n"
+        f"t = SshTransport('127.0.0.1', {srv.port}, 'root', key_filename={t.key_filename!r}, "
+        f"known_hosts={t.known_hosts!r}, connect_timeout=1.0, name='stalling', login_retry=0)\n"
+        "try:\n    t.connect()\nexcept Exception as e:\n    print('ERROR', e, file=sys.stderr)\n"
+    )
+    try:
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        srv.close()
+    assert "ERROR cannot log in to stalling: no SSH banner within 1 s" in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
