@@ -430,6 +430,11 @@ def split_others(diff: list[str], base: Inventory, now: Inventory,
             d = inv.devices.get(a)
             if d is not None and d.iommu_group:
                 groups.add(d.iommu_group)
+        # a VF the other session's count made or removed: its group's /dev/vfio node is theirs too
+        for a in vfs:
+            d = inv.devices.get(a)
+            if d is not None and d.iommu_group and (a in base.devices) != (a in now.devices):
+                groups.add(d.iommu_group)
     mine: list[str] = []
     theirs: list[str] = []
     for line in diff:

@@ -259,3 +259,26 @@ def test_the_last_session_using_shared_vfs_puts_the_count_back(tmp_path, first):
     v = s[last].finish(say=lambda x: None)
     assert v.ok, (v.diff, v.error)
     assert read_inventory(host).devices[PF].sriov.numvfs == 2
+
+
+def test_the_vfio_node_of_a_vf_another_session_made_is_theirs(tmp_path):
+    """Another live session made VFs (its journal holds the count) and has one of them on
+    vfio-pci when this session's guard looks: the VF appearing and its group's /dev/vfio node
+    are both theirs (seen in CI: the node alone failed the other session's guard)."""
+    from vfiotest.session import split_others
+
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 0}])
+    a = Session("a", f"sim:{sim.sysroot}", str(tmp_path / "a"))
+    host = a.open_host()
+    base = read_inventory(host)
+    set_numvfs(host, PF, 2)
+    now = read_inventory(host)
+    vf = next(iter(now.devices[PF].virtfns.values()))
+    group = now.devices[vf].iommu_group
+    diff = base.diff(now) + [f"/dev/vfio/{group}: was absent, now char"]
+    mine, theirs = split_others(diff, base, now, {"counts": [PF], "devices": []})
+    assert mine == [], mine
+    assert f"/dev/vfio/{group}: was absent, now char" in theirs
+    # without the other session's claim, all of it is this session's
+    mine, theirs = split_others(diff, base, now, {"counts": [], "devices": []})
+    assert theirs == [] and f"/dev/vfio/{group}: was absent, now char" in mine
