@@ -158,7 +158,7 @@ class RuntimeClient:
         service.start()
         try:
             client = podman.PodmanClient(base_url=service.url, timeout=120)
-            wait_for_ping(client, ping_timeout)
+            wait_for_ping(client, ping_timeout, service)
         except BaseException:
             service.stop()
             raise

@@ -17,6 +17,7 @@ Reaching the socket:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -172,6 +173,8 @@ class SocketForward:
         self._conns: set[tuple[socket.socket, Any]] = set()
         self._lock = threading.Lock()
         self.channels_opened = 0
+        #: why the last channel could not be opened (None: none failed)
+        self.last_error: str | None = None
         threading.Thread(target=self._accept_loop, name="podman-forward", daemon=True).start()
 
     def _accept_loop(self):
@@ -192,9 +195,13 @@ class SocketForward:
     def _relay(self, conn):
         try:
             chan = self._open_channel()
-        except Exception as e:  # noqa: BLE001 - the HTTP client sees a closed connection and reports it
-            log.warning("cannot open a channel to %s on %s: %s", self.remote_path, self.host.name, e)
-            conn.close()
+        except Exception as e:  # noqa: BLE001 - the HTTP client gets the reason as an API error
+            reason = (f"the SSH link to {self.host.name} could not carry this API call: no channel to "
+                      f"{self.remote_path} ({type(e).__name__}: {e or 'no reason given'}; waited up to "
+                      f"{self.channel_timeout:.0f} s)")
+            log.warning("%s", reason)
+            self.last_error = reason
+            _answer_502(conn, reason)
             return
         with self._lock:
             self._conns.add((conn, chan))
@@ -248,8 +255,33 @@ class SocketForward:
                 pass
 
 
-def wait_for_ping(client: Any, timeout: float = 30.0) -> bool:
-    """Poll the API until it answers `ping` (the socket can exist before it serves)."""
+def _answer_502(conn: socket.socket, reason: str) -> None:
+    """Answer the HTTP request waiting on `conn` with 502 and a podman-style error body, so
+    podman-py raises an APIError that says why (not a bare "GET operation failed")."""
+    body = json.dumps({"cause": "no SSH channel to the podman API", "message": reason, "response": 502}).encode()
+    head = (f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        conn.settimeout(2.0)
+        got = b""
+        while b"\r\n\r\n" not in got and len(got) < 65536:   # the request's head, so the answer follows it
+            d = conn.recv(65536)
+            if not d:
+                break
+            got += d
+        conn.sendall(head + body)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):        # the rest of the request, until the client closes: no reset
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def wait_for_ping(client: Any, timeout: float = 30.0, service: PodmanService | None = None) -> bool:
+    """Poll the API until it answers `ping` (the socket can exist before it serves); the error
+    gives the SSH link's last failure when `service` is reached through one."""
     last = None
 
     def ping():
@@ -262,7 +294,9 @@ def wait_for_ping(client: Any, timeout: float = 30.0) -> bool:
 
     if wait_for(ping, timeout, 0.2, "the podman API to answer ping", fail=False):
         return True
-    raise ProvisionError(f"the podman API did not answer ping within {timeout:.0f} s: {last}",
+    fw = service._forward if service is not None else None
+    link = f"; {fw.last_error}" if fw is not None and fw.last_error else ""
+    raise ProvisionError(f"the podman API did not answer ping within {timeout:.0f} s: {last}{link}",
                          hint="read the service log on the target (PodmanService.log_tail())")
 
 
