@@ -198,13 +198,25 @@ class Session:
                 progress(f"warning: could not put back everything an earlier session left: {e}")
             if restored:
                 progress(f"restored what an earlier crashed session left on {host.name}: {restored}")
-            raw = read_inventory_json(host)
-            inv = Inventory.from_json(raw)
-            # what other live sessions hold right now is theirs, not this session's baseline to keep
-            others = self.others_claims(host, inv)
-            with open(path, "w") as f:
-                json.dump({"target": self.spec, "inventory": raw, "others": others}, f)
-            return inv
+            return self._write_baseline(host)
+
+    def rebaseline(self, host: Any) -> Inventory:
+        """The inventory now becomes the baseline: after a reboot this session made
+        (--allow-reboot), what it leaves is compared with the new boot, not the old one.
+        Nothing is restored first (that was done when the session began)."""
+        with self.lock("baseline"):
+            return self._write_baseline(host)
+
+    def _write_baseline(self, host: Any) -> Inventory:
+        raw = read_inventory_json(host)
+        inv = Inventory.from_json(raw)
+        # what other live sessions hold right now is theirs, not this session's baseline to keep
+        others = self.others_claims(host, inv)
+        path = self.path(BASELINE)
+        with open(path + ".new", "w") as f:
+            json.dump({"target": self.spec, "inventory": raw, "others": others}, f)
+        os.replace(path + ".new", path)        # a reader sees the old baseline or the new one, whole
+        return inv
 
     def others_claims(self, host: Any, inv: Inventory) -> dict[str, list[str]]:
         """What other live processes on the target hold now (sessions sharing the runner, a

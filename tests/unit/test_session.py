@@ -282,3 +282,19 @@ def test_the_vfio_node_of_a_vf_another_session_made_is_theirs(tmp_path):
     # without the other session's claim, all of it is this session's
     mine, theirs = split_others(diff, base, now, {"counts": [], "devices": []})
     assert theirs == [] and f"/dev/vfio/{group}: was absent, now char" in mine
+
+
+def test_rebaseline_makes_the_host_now_the_baseline(sim, sess):
+    """After a reboot the session made (--allow-reboot), the new boot is what the session's
+    end is compared with: a VF count the boot changed is not a leak."""
+    host = sess.open_host()
+    sess.baseline(host)
+    before = read_inventory(host).devices[PF].sriov.numvfs
+    set_numvfs(host, PF, 0)                        # as a new boot can find it
+    inv = sess.rebaseline(host)
+    assert inv.devices[PF].sriov.numvfs == 0
+    assert sess.baseline_inventory().devices[PF].sriov.numvfs == 0
+    assert sess.baseline(host) is None, "still one baseline per session"
+    v = sess.finish(say=lambda s: None)
+    assert v.ok and v.diff == [], v
+    assert read_inventory(host).devices[PF].sriov.numvfs == 0 != before
