@@ -1,6 +1,7 @@
 """`vfiotest devices | bind | unbind | restore | doctor`: the device layer from the command line."""
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -76,11 +77,30 @@ def cmd_devices(args):
 
 
 # -- bind / unbind / restore ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _leased(host, address):
+    """For the command's length, the lease of `address`'s IOMMU group and, for a PF or a VF, the
+    PF's (the one its VF count is changed under): a device that a test or session holds is
+    refused (LeaseBusy, exit 7, naming the holder), and none can lease it half-way through."""
+    from .sriov import pf_lease_name
+
+    dev = read_inventory(host).device(address)     # no such device: exit 4 first
+    pool = LeasePool(host)
+    names = [dev.iommu_group] if dev.iommu_group else []
+    pf = dev.physfn if dev.is_vf else (dev.address if dev.is_pf else None)
+    if pf:
+        names.append(pf_lease_name(pf))
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(pool.acquire(name, test_id=f"vfiotest (CLI) on {address}"))
+        yield
+
+
 def cmd_bind(args):
     address = PciAddress(args.address)  # a malformed address fails before anything is opened
     host, close, profile = _opened(args)
     try:
-        with _cli_journal(host) as journal:
+        with _leased(host, address), _cli_journal(host) as journal:
             dm = DeviceManager(host, profile, journal)
             bound = dm.bind_group(address) if args.group else [dm.bind_device(address)]
             inv = dm.inventory()
@@ -114,25 +134,30 @@ def cmd_unbind(args):
     address = PciAddress(args.address)
     host, close, profile = _opened(args)
     try:
-        inv = read_inventory(host)
-        dev = inv.device(address)
-        done = _restore_address(host, profile, address)
-        if not done:
-            if dev.driver != VFIO_DRIVER and not dev.driver_override:
-                print(f"{address} is on {dev.driver or 'no driver'} and no journal records a change: nothing to do")
-                return 0
-            # bound by hand, outside vfiotest: give it to its native driver, with the same safety checks
-            dm = DeviceManager(host, profile)
-            dm.check_device(inv, address)
-            restore_driver(host, address, None, None)
-            host.write_text("/sys/bus/pci/drivers_probe", address)
-            done.append(f"{address} released from {VFIO_DRIVER} (no journal entry: probed for its native driver)")
-        after = read_inventory(host).device(address)
+        with _leased(host, address):
+            done, after = _unbind(host, profile, address)
     finally:
         close()
     print("\n".join(done))
     print(f"{address} is now on {after.driver or 'no driver'}")
     return 0
+
+
+def _unbind(host, profile, address):
+    inv = read_inventory(host)
+    dev = inv.device(address)
+    done = _restore_address(host, profile, address)
+    if not done:
+        if dev.driver != VFIO_DRIVER and not dev.driver_override:
+            done.append(f"{address} is on {dev.driver or 'no driver'} and no journal records a change: nothing to do")
+            return done, dev
+        # bound by hand, outside vfiotest: give it to its native driver, with the same safety checks
+        dm = DeviceManager(host, profile)
+        dm.check_device(inv, address)
+        restore_driver(host, address, None, None)
+        host.write_text("/sys/bus/pci/drivers_probe", address)
+        done.append(f"{address} released from {VFIO_DRIVER} (no journal entry: probed for its native driver)")
+    return done, read_inventory(host).device(address)
 
 
 def cmd_restore(args):

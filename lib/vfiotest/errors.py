@@ -154,7 +154,7 @@ EXIT_CODES = {
     4: "not found: no such device on the target",
     5: "target unreachable, or a command on it timed out",
     6: "journal refused: corrupt, from another host, or held by a live process",
-    7: "busy: another test or session holds the device's IOMMU group",
+    7: "busy: another test or session holds the device's IOMMU group (or its PF, while changing its VF count)",
     8: "the change failed (bind, unbind, VF creation); the device was put back where possible",
     9: "provisioning failed (guest image, runtime registration, podman set-up)",
     130: "interrupted",

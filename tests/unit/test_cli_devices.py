@@ -145,3 +145,29 @@ def test_restore_undoes_what_a_crashed_session_recorded(sim, tmp_path):
     again = subprocess.run([sys.executable, "-m", "vfiotest", "restore"], capture_output=True, text=True,
                            timeout=60, env=env)
     assert "nothing to restore" in again.stdout
+
+
+@pytest.mark.parametrize("lease", ["group", "pf"])
+def test_a_device_a_test_holds_is_refused_busy(sim, lease):
+    """A VF that a running test has leased and bound stays with it: `vfiotest unbind` (and `bind`)
+    exit 7 naming the holder; the same while its PF's VF count is being changed (the PF's lease)."""
+    from vfiotest.lease import LeasePool
+    from vfiotest.sriov import pf_lease_name
+
+    vf = "0000:10:10.1"
+    assert vfiotest(sim, "bind", vf).returncode == 0            # the test's VF, on vfio-pci
+    inv = read_inventory(sim)
+    name = inv.devices[vf].iommu_group if lease == "group" else pf_lease_name(str(inv.devices[vf].physfn))
+    held = LeasePool(sim).acquire(name, test_id="suites/rebind::test_x")
+    try:
+        for cmd in ("unbind", "bind"):
+            res = vfiotest(sim, cmd, vf)
+            assert res.returncode == 7, (cmd, res.stdout, res.stderr)
+            assert f"is leased by pid {os.getpid()}" in res.stderr and "test_x" in res.stderr, res.stderr
+            assert "next step:" in res.stderr
+            assert read_inventory(sim).devices[vf].driver == "vfio-pci"
+    finally:
+        held.release()
+    res = vfiotest(sim, "unbind", vf)                            # once it is let go
+    assert res.returncode == 0, res.stderr
+    assert read_inventory(sim).devices[vf].driver == "igbvf"
