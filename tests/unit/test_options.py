@@ -92,3 +92,22 @@ def test_the_plugin_works_without_pytests_logging_plugin(tmp_path):
     """`-p no:logging` (what the docs give to quiet the live progress) must not break start-up."""
     p = pytest_child(tmp_path, "-p", "no:logging", env={"VFIOTEST_TARGET": "sim:/nonexistent"})
     assert p.returncode == 0 and "INTERNALERROR" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+
+def test_an_unwritable_state_directory_fails_only_the_tests_that_need_a_session(tmp_path):
+    """Installed, the plugin loads in every pytest run: a run whose tests use none of its fixtures
+    passes where the state directory cannot be made; a test that needs the session errors with
+    the directory, the cause and the next step (not an INTERNALERROR for the whole run)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    user = tmp_path / "test_user_suite.py"
+    user.write_text("def test_plain():\n    assert True\n\n\ndef test_session(vfiotest_session):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VFIOTEST_", "PYTEST_"))}
+    env["VFIOTEST_STATE_DIR"] = str(blocker / "state")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
+                        str(user)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert "INTERNALERROR" not in out, out
+    assert "1 passed, 1 error" in out, out
+    assert f"cannot keep the session's state in {blocker / 'state'}" in out, out
+    assert "VFIOTEST_STATE_DIR to a directory you can write" in out, out
