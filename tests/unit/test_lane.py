@@ -58,3 +58,15 @@ def test_a_users_container_test_runs_in_the_kata_lane(tmp_path):
 def test_another_podman_runtime_is_not_a_kata_lane(tmp_path):
     lanes = _lanes(tmp_path, VFIOTEST_PODMAN_RUNTIME="runc")
     assert lanes["test_with_container"] == "host" and lanes["test_marked"] == "kata"
+
+
+def test_the_tests_in_a_kata_lane_carry_the_nested_marker(tmp_path):
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
+    full.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "-m", "nested", "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")],
+                       cwd=str(tmp_path), env=full, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    chosen = sorted(line.split("::")[-1] for line in p.stdout.splitlines() if "::" in line)
+    assert chosen == ["test_marked", "test_with_client", "test_with_container"], p.stdout
