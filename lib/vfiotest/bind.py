@@ -370,24 +370,26 @@ class DeviceManager:
         return dev.iommu_group, endpoints
 
     # -- actions --------------------------------------------------------------------------
-    def bind_device(self, address: str) -> PciAddress:
-        """Bind one device to vfio-pci; its IOMMU group must hold no other endpoint."""
-        inv = self.inventory()
+    def check_bind(self, inv: Inventory, address: str, whole_group: bool = False) -> PciDevice:
+        """Every refusal of bind_device (`whole_group`: bind_group) for `address`, nothing changed."""
         dev = self.check_device(inv, address)
         group, endpoints = self.check_group(inv, dev.address)
-        if len(endpoints) > 1:
+        if not whole_group and len(endpoints) > 1:
             raise NotAllowed(f"IOMMU group {group} of {dev.address} holds {len(endpoints)} devices "
                              f"({', '.join(endpoints)}); binding one of them alone leaves the group unusable",
                              hint="bind the whole group: `vfiotest bind --group ADDR` / DeviceManager.bind_group",
                              address=dev.address, group=group, reason=NotAllowed.GROUP)
+        return dev
+
+    def bind_device(self, address: str) -> PciAddress:
+        """Bind one device to vfio-pci; its IOMMU group must hold no other endpoint."""
+        dev = self.check_bind(self.inventory(), address)
         bind_to_vfio(self.host, dev.address, self.journal)
         return dev.address
 
     def bind_group(self, address: str) -> list[PciAddress]:
         """Bind the whole IOMMU group of `address` to vfio-pci; returns the bound addresses."""
-        inv = self.inventory()
-        self.check_device(inv, address)
-        self.check_group(inv, address)
+        self.check_bind(self.inventory(), address, whole_group=True)
         return bind_group_to_vfio(self.host, PciAddress(address), self.journal)
 
     def _entries_for(self, addresses: Iterable[str]) -> list[Entry]:

@@ -100,6 +100,8 @@ def cmd_bind(args):
     address = PciAddress(args.address)  # a malformed address fails before anything is opened
     host, close, profile = _opened(args)
     try:
+        # what is refused (exit 3) is refused whoever holds the device; then its leases (exit 7)
+        DeviceManager(host, profile).check_bind(read_inventory(host), address, whole_group=args.group)
         with _leased(host, address), _cli_journal(host) as journal:
             dm = DeviceManager(host, profile, journal)
             bound = dm.bind_group(address) if args.group else [dm.bind_device(address)]

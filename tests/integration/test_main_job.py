@@ -17,13 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_main_job_runs_every_suite_for_real(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_SESSION"))}
     # Its own runner state: the job must boot the runner itself and stop it at the end.
-    env.update(VFIOTEST_SKIP_SETUP="1", VFIOTEST_STATE_DIR=str(tmp_path / "state"), VFIOTEST_TARGET="virtual")
+    # and its own reports directory: the user's reports/ stays as it was
+    reports = tmp_path / "reports"
+    env.update(VFIOTEST_SKIP_SETUP="1", VFIOTEST_STATE_DIR=str(tmp_path / "state"), VFIOTEST_TARGET="virtual",
+               VFIOTEST_REPORTS=str(reports))
     p = subprocess.run(["ci/main-job", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=2400)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-5000:]
     assert "host state guard: runner left as found" in out, out[-3000:]
-    junit = ET.parse(os.path.join(ROOT, "reports", "junit.xml")).getroot()
+    junit = ET.parse(os.path.join(reports, "junit.xml")).getroot()
     cases = list(junit.iter("testcase"))
     ran = {c.get("classname").split(".")[1] for c in cases
            if c.find("skipped") is None and c.find("failure") is None and c.find("error") is None}
@@ -34,20 +37,20 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
     lanes = {c.get("name"): {p.get("value") for p in c.iter("property") if p.get("name") == "lane"} for c in cases
              if c.get("classname").split(".")[1] in ("guest_hook", "podman_run")}
     assert lanes and all(v == {"kata-1.12.1"} for v in lanes.values()), lanes
-    env_file = os.path.join(ROOT, "reports", "allure-results", "environment.properties")
+    env_file = os.path.join(reports, "allure-results", "environment.properties")
     props = open(env_file).read()
     assert "kata.version=1.12.1" in props and "lane=kata-1.12.1" in props, props
     assert "kata.bundle.sha256=" in props and "STAND-IN" not in props, props
     # the hook's log read from the guest's /tmp is attached to the guest_hook results
-    results = os.path.join(ROOT, "reports", "allure-results")
+    results = os.path.join(reports, "allure-results")
     logs = [f for f in os.listdir(results) if f.endswith("-attachment.txt")
             and '"action": "bind"' in open(os.path.join(results, f)).read()]
     assert logs, "no guest hook log among the Allure attachments"
-    assert os.listdir(os.path.join(ROOT, "reports", "allure-results")), "no Allure results"
+    assert os.listdir(os.path.join(reports, "allure-results")), "no Allure results"
     assert "suite             passed" in out and "rebind" in out  # the summary table
     # the qualification summary and the single-file HTML report (vfiotest report, Allure 3)
-    summary = open(os.path.join(ROOT, "reports", "summary.md")).read()
+    summary = open(os.path.join(reports, "summary.md")).read()
     assert "| podman_run | PF " in summary and "| kata-1.12.1 |" in summary, summary
-    assert os.path.getsize(os.path.join(ROOT, "reports", "html", "index.html")) > 100_000
+    assert os.path.getsize(os.path.join(reports, "html", "index.html")) > 100_000
     qemu = subprocess.run(["pgrep", "-f", str(tmp_path / "state")], capture_output=True, text=True)
     assert qemu.stdout.strip() == "", f"the job left its runner running: {qemu.stdout}"

@@ -171,3 +171,18 @@ def test_a_device_a_test_holds_is_refused_busy(sim, lease):
     res = vfiotest(sim, "unbind", vf)                            # once it is let go
     assert res.returncode == 0, res.stderr
     assert read_inventory(sim).devices[vf].driver == "igbvf"
+
+
+def test_a_refusal_is_said_before_busy(sim):
+    """A PF with VFs is refused (exit 3) even while a test holds it (suites/rebind checks the CLI
+    so, holding the PF): what can never be done is said before who holds it."""
+    from vfiotest.lease import LeasePool
+    from vfiotest.sriov import pf_lease_name
+
+    pf = "0000:10:00.0"
+    held = LeasePool(sim).acquire(pf_lease_name(pf), test_id="suites/rebind::test_pf")
+    try:
+        res = vfiotest(sim, "bind", pf)
+    finally:
+        held.release()
+    assert res.returncode == 3 and "2 VFs enabled" in res.stderr, res.stderr
