@@ -67,16 +67,23 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from .. import targets
+    from ..journal import Journal
     from ..pci import read_inventory
     from .client import RuntimeClient, runtime_is_kata, vfio_recipe
-    from .conf import PodmanBaseSettings
+    from .conf import PodmanBaseSettings, dropin_record
     from .image import ensure_image
 
     host, close = targets.open_host(args.target, progress=_say)
-    settings = None
+    journal = None
     try:
+        # this process's journal: each change recorded before it is made (the drop-in, the API
+        # service, the container); the end of the command replays it, and after a kill it is an
+        # orphan that `vfiotest restore` (or the next session) replays
+        journal = Journal.open(host)
         if not args.no_base_settings:
             settings = PodmanBaseSettings(host)
+            settings.snapshot()
+            journal.record(dropin_record(settings))
             settings.apply()
         img = ensure_image(host, image=args.image, progress=_say)
         cmd = img.probe_command + (["--device", args.device] if args.device else [])
@@ -85,7 +92,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         members = sorted((d for d in read_inventory(host).devices.values()
                           if d.iommu_group == str(args.group) and not d.is_bridge), key=lambda d: str(d.address))
         vendor_device = members[0].vendor_device if members else None
-        with RuntimeClient.open(host, args.runtime) as client:
+        with RuntimeClient.open(host, args.runtime, recorder=journal) as client:
             res = client.run(img.ref, cmd, **vfio_recipe(kata, f"/dev/vfio/{args.group}", vendor_device),
                              cap_add=[] if args.no_ipc_lock else ["CAP_IPC_LOCK"],
                              cap_drop=["CAP_IPC_LOCK"] if args.no_ipc_lock else [],
@@ -94,6 +101,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         _say(f"container ran on {res.oci_runtime} in {res.seconds:.1f} s, exit {res.exit_code}")
         return 0 if res.exit_code == 0 else 1
     finally:
-        if settings is not None:
-            settings.restore()
-        close()
+        try:
+            if journal is not None:
+                journal.restore_all()
+                journal.close()
+        finally:
+            close()
