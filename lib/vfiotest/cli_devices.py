@@ -8,6 +8,7 @@ import sys
 from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import add_target_argument
+from .errors import TargetError
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool
 from .pci import PciAddress, read_inventory
@@ -17,10 +18,20 @@ from .targets import default_profile, open_host, target_spec
 CLI_OWNER = "cli"  # the journal of manual binds: kept until `vfiotest unbind`/`restore`
 
 
-def _opened(args):
-    """(host, close, profile) for --target/--profile; the profile is checked before connecting."""
+def _opened(args, lasting=False):
+    """(host, close, profile) for --target/--profile; the profile is checked before connecting.
+    lasting: the command makes a change meant to outlive it (bind); on the emulated runner that
+    needs a runner already up (one booted for the command would be stopped at its end)."""
     spec = target_spec(args.target)
     profile = get_profile(default_profile(spec, args.profile))
+    if lasting and spec == "virtual":
+        from .runner import Runner
+
+        if not Runner.default().is_up():
+            raise TargetError(
+                "the emulated runner is not up: a device bound on a runner booted for this one command "
+                "would be back on its driver when the command stops the runner",
+                hint="start it first with `vfiotest runner up` (and `vfiotest runner down` when done)")
     host, close = open_host(spec, progress=lambda m: print(m, file=sys.stderr))
     return host, close, profile
 
@@ -98,7 +109,7 @@ def _leased(host, address):
 
 def cmd_bind(args):
     address = PciAddress(args.address)  # a malformed address fails before anything is opened
-    host, close, profile = _opened(args)
+    host, close, profile = _opened(args, lasting=True)
     try:
         # what is refused (exit 3) is refused whoever holds the device; then its leases (exit 7)
         DeviceManager(host, profile).check_bind(read_inventory(host), address, whole_group=args.group)

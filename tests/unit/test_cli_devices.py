@@ -186,3 +186,15 @@ def test_a_refusal_is_said_before_busy(sim):
     finally:
         held.release()
     assert res.returncode == 3 and "2 VFs enabled" in res.stderr, res.stderr
+
+
+def test_bind_on_an_emulated_runner_that_is_not_up_is_refused(tmp_path):
+    """A runner booted for one `vfiotest bind` would be stopped at its end, the bind with it:
+    refused before anything boots, naming the step (no QEMU is started here)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VFIOTEST_")}
+    env["VFIOTEST_STATE_DIR"] = str(tmp_path / "state")
+    res = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", "virtual", "0000:01:10.0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 5, res.stderr
+    assert "the emulated runner is not up" in res.stderr and "vfiotest runner up" in res.stderr, res.stderr
+    assert not (tmp_path / "state" / "runner").exists() or not os.listdir(tmp_path / "state" / "runner")
