@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import socketserver
 import subprocess
 import threading
@@ -20,6 +19,7 @@ import time
 
 import paramiko
 import pytest
+from inprocess_sshd import InProcessSshd, key_pair
 
 from vfiotest.podman.service import SocketForward
 from vfiotest.sshhost import SshHost
@@ -104,39 +104,21 @@ def _run(chan: paramiko.Channel, command: str) -> None:
     chan.close()
 
 
-class ExecSshd:
-    """An SSH server on 127.0.0.1 that takes `client_key`; `channels`: "open" (exec with sh),
-    "refuse" (every channel refused), "stall" (channel opens answered after 3 s, refused)."""
+class ExecSshd(InProcessSshd):
+    """An SSH server that takes `client_key`; `channels`: "open" (exec with sh), "refuse" (every
+    channel refused), "stall" (channel opens answered after 3 s, refused)."""
 
     def __init__(self, host_key: paramiko.PKey, client_key: paramiko.PKey) -> None:
-        self.host_key, self.client_key, self.channels = host_key, client_key, "open"
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.transports: list[paramiko.Transport] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.client_key, self.channels = client_key, "open"
+        super().__init__(host_key)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            t = paramiko.Transport(conn)
-            t.add_server_key(self.host_key)
-            t.start_server(server=_Server(self))
-            self.transports.append(t)
-
-    def close(self) -> None:
-        self.sock.close()
-        for t in self.transports:
-            t.close()
+    def interface(self) -> paramiko.ServerInterface:
+        return _Server(self)
 
 
 @pytest.fixture(scope="module")
 def keys():
-    return paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
+    return key_pair()
 
 
 @pytest.fixture

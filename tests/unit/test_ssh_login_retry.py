@@ -11,6 +11,7 @@ import time
 
 import paramiko
 import pytest
+from inprocess_sshd import InProcessSshd, key_pair
 
 from vfiotest.errors import TargetError
 from vfiotest.sshhost import SshTransport
@@ -28,35 +29,22 @@ class _Server(paramiko.ServerInterface):
         return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
 
 
-class StallingSshd:
-    """Accepts on 127.0.0.1; the first `stall` connections get no banner (held open, then
-    closed), the rest a real SSH server that takes `client_key`."""
+class StallingSshd(InProcessSshd):
+    """The first `stall` connections get no banner (held open, then closed), the rest a real SSH
+    server that takes `client_key`."""
 
     def __init__(self, host_key: paramiko.PKey, client_key: paramiko.PKey, stall: int) -> None:
-        self.host_key, self.client_key, self.stall = host_key, client_key, stall
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.transports: list[paramiko.Transport] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.client_key, self.stall = client_key, stall
+        super().__init__(host_key)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.accepted <= self.stall:
-                threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-                continue
-            t = paramiko.Transport(conn)
-            t.add_server_key(self.host_key)
-            t.start_server(server=_Server(self.client_key))
-            self.transports.append(t)
+    def interface(self) -> paramiko.ServerInterface:
+        return _Server(self.client_key)
+
+    def handle(self, conn: socket.socket) -> None:
+        if self.accepted <= self.stall:
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+        else:
+            super().handle(conn)
 
     def _hold(self, conn: socket.socket) -> None:
         conn.settimeout(10)
@@ -67,16 +55,10 @@ class StallingSshd:
             pass
         conn.close()
 
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        for t in self.transports:
-            t.close()
-
 
 @pytest.fixture(scope="module")
 def keys():
-    return paramiko.RSAKey.generate(2048), paramiko.RSAKey.generate(2048)
+    return key_pair()
 
 
 def _transport(tmp_path, keys, port: int, login_retry: float, pinned=None) -> SshTransport:
