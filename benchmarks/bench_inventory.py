@@ -2,7 +2,7 @@
 """Inventory of a simulated host with 256 VFs: time per read, and round trips over the host layer.
 
 Targets (issue 2): under 50 ms, 1 round trip. Prints numbers; asserts nothing.
-    python3 benchmarks/bench_inventory.py [--vfs 256] [--repeat 20]
+    .venv/bin/python benchmarks/bench_inventory.py [--vfs 256] [--repeat 20]
 """
 
 import argparse

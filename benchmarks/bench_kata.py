@@ -2,7 +2,7 @@
 """Kata guest numbers: initrd size and build time (cold: forced rebuild; warm: cache hit),
 and the nested guest's boot-to-hook time in the emulated runner with an igb VF passed through.
 
-    python3 benchmarks/bench_kata.py [--no-nested]
+    .venv/bin/python benchmarks/bench_kata.py [--no-nested]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
 The VF is leased and its group bound to vfio-pci for the measurement, then restored.

@@ -11,7 +11,7 @@
   memory      the runner's QEMU RSS here, and the Kata VM's QEMU RSS in the runner while a
               container holds a VF
 
-    python3 benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB]
+    .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
 What it changes on the target (VFs, binding, registration, podman settings) is undone.

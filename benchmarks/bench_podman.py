@@ -7,7 +7,7 @@
   no-device        the same container without a device (the container cost alone)
   fixture overhead lease + bind group + restore + release per test (the vfio_group layer's cost)
 
-    python3 benchmarks/bench_podman.py [--runs 3] [--runtime runc] [--target virtual]
+    .venv/bin/python benchmarks/bench_podman.py [--runs 3] [--runtime runc] [--target virtual]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Benchmark of the emulated runner: boot-to-SSH-ready time with a warm asset cache,
 and QEMU's resident memory. Targets (issue 3): under 45 s, under 1.5 GiB RSS.
 
-    python3 benchmarks/bench_runner.py [--rounds N] [--json]
+    .venv/bin/python benchmarks/bench_runner.py [--rounds N] [--json]
 
 Each round boots a fresh runner in a temporary state directory (a runner kept up
 with `vfiotest runner up` is not touched), waits until a command runs over SSH,

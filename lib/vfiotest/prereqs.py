@@ -224,7 +224,11 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile, kat
                         facts["podman"] or ("not looked for on a simulated host" if facts.get("simulated") else "not installed"),
                         fix="apt-get install podman runc (or dnf install podman)"))
     kata_rt = facts["kata_runtime"]
-    checks.append(Check("Kata runtime present", INFO if not kata_rt else OK, kata_rt or "not installed (the emulated runner stands in with runc and a nested QEMU guest)"))
+    no_kata = ("not installed on the target; a Kata 1.x bundle is used (VFIOTEST_KATA_BUNDLE, else ../shared/kata "
+               "beside the checkout): `vfiotest kata detect` says which" if kata == 1 else
+               "not installed on the target, and no Kata 1.x bundle (VFIOTEST_KATA_BUNDLE, ../shared/kata): the Kata "
+               "layers run the stand-in lane (kata-vfio over runc, a nested QEMU guest); `vfiotest kata detect` says more")
+    checks.append(Check("Kata runtime present", INFO if not kata_rt else OK, kata_rt or no_kata))
     pfs = [d for d in inventory.devices.values()
            if d.is_pf and d.vendor_device in profile.pf_ids and d.address not in inventory.protected]
     checks.append(Check("supported SR-IOV PF found", OK if pfs else MISSING,

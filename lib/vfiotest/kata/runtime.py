@@ -5,7 +5,7 @@
   configuration is never edited.
 - Kata 2.x / 3.x: `kata-runtime` has no OCI CLI any more (shim v2 only), so
   podman cannot drive it: registration refuses with that reason.
-- No Kata (the emulated runner): the wrapper runs `runc "$@"` and the guest is
+- No Kata (no bundle, none installed): the wrapper runs `runc "$@"` and the guest is
   stood in by a nested VM (vfiotest.kata.nested). `RuntimeInfo.standin` says so.
 
 The drop-in is `/etc/containers/containers.conf.d/60-vfiotest-kata-vfio.conf`
