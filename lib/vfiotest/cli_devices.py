@@ -127,7 +127,7 @@ def cmd_bind(args):
     return 0
 
 
-def _restore_address(host, profile, address):
+def _restore_address(host, address):
     """Undo what journals (the CLI's and orphans) recorded for `address`; returns what was done."""
     done = []
     journals = [j for j in orphaned_journals(host, include_kept=True)]
@@ -159,7 +159,7 @@ def cmd_unbind(args):
 def _unbind(host, profile, address):
     inv = read_inventory(host)
     dev = inv.device(address)
-    done = _restore_address(host, profile, address)
+    done = _restore_address(host, address)
     if not done:
         if dev.driver != VFIO_DRIVER and not dev.driver_override:
             done.append(f"{address} is on {dev.driver or 'no driver'} and no journal records a change: nothing to do")
@@ -178,14 +178,14 @@ def cmd_restore(args):
     host, close, profile = _opened(args)
     try:
         if address:
-            done = _restore_address(host, profile, address)
+            done = _restore_address(host, address)
             print("\n".join(done) or f"no journal records a change to {address}: nothing to do")
         else:
             from .session import restore_orphaned_sessions
 
             sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
             for sid, n in sessions:
-                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings, boot loader files)")
+                print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings and services, containers and Kata VMs, boot loader files)")
             done = restore_orphans(host, include_kept=True)
             for owner, n in done:
                 print(f"journal {owner}: {n} change(s) undone")
@@ -254,9 +254,12 @@ def register(sub):
                        description="Bind a device to vfio-pci with driver_override + unbind + drivers_probe\n"
                                    "(new_id on kernels without driver_override), then check the driver link and\n"
                                    "that /dev/vfio/<group> is a char device. Refused (nothing changes) for a\n"
-                                   "device outside the profile's allowlist, one the host needs, or one whose\n"
-                                   "group holds other devices (use --group). The original driver is journaled\n"
-                                   "on the target first: `vfiotest unbind ADDR` puts it back.")
+                                   "device outside the profile's allowlist, one the host needs, an SR-IOV PF\n"
+                                   "with VFs enabled, or one whose group holds other devices (use --group):\n"
+                                   "exit 3. A device whose group (or PF) a test or session holds: exit 7, naming\n"
+                                   "the holder. The original driver is journaled on the target first:\n"
+                                   "`vfiotest unbind ADDR` puts it back. On the emulated runner, start it first\n"
+                                   "(`vfiotest runner up`): a runner booted for this command would stop with it.")
     add_target_argument(p)
     p.add_argument("address", metavar="ADDR", help=ADDRESS_HELP)
     p.add_argument("--group", action="store_true", help="bind every device of ADDR's IOMMU group (bridges are left alone)")
@@ -265,17 +268,20 @@ def register(sub):
     p = sub.add_parser("unbind", help="put a device back on the driver it had before `bind`", formatter_class=fmt,
                        description="Put ADDR back as the journal recorded it (original driver, or none, and its\n"
                                    "driver_override cleared). Without a journal entry, a device on vfio-pci is\n"
-                                   "released and probed for its native driver (same safety checks as bind).")
+                                   "released and probed for its native driver (same safety checks as bind).\n"
+                                   "A device whose group (or PF) a test or session holds is left alone: exit 7.")
     add_target_argument(p)
     p.add_argument("address", metavar="ADDR", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_unbind)
 
     p = sub.add_parser("restore", help="undo what crashed or finished runs left (orphaned journals)", formatter_class=fmt,
                        description="Replay every journal on the target whose process is gone (after a crash or\n"
-                                   "kill -9), newest change first: drivers, driver_override, new_id, VF counts.\n"
-                                   "Before that, undo what crashed test sessions on this target recorded on this\n"
-                                   "machine (the kata-vfio registration, podman's drop-in, the boot loader files\n"
-                                   "--allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
+                                   "kill -9), newest change first: drivers, driver_override, new_id, VF counts,\n"
+                                   "and what a killed `vfiotest probe` made (podman's drop-in, its API service,\n"
+                                   "its container). Before that, undo what crashed test sessions on this target\n"
+                                   "recorded on this machine (the kata-vfio registration, podman's drop-in, their\n"
+                                   "podman API services, their containers with their Kata VMs, the boot loader\n"
+                                   "files --allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
                                    "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
     add_target_argument(p)

@@ -1,5 +1,5 @@
 """A simulated host for unit tests: a fake /sys, /dev/vfio and /proc under a
-temp directory, and `write_text()` that behaves like the kernel (facts.md §3).
+temp directory, and `write_text()` that behaves like the kernel (../shared/notes/facts.md §3).
 
 The tree uses real symlinks laid out like sysfs, so the real INVENTORY_SCRIPT
 reads it unchanged. All state lives on disk (links, attribute files and

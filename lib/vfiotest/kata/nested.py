@@ -2,7 +2,7 @@
 
 Kata cannot be installed on the emulated runner, so the guest side is stood
 in by the image `vfiotest.kata.initrd` builds, booted by QEMU/KVM *inside* the
-runner (facts.md §4, "the guest side, nested"): q35 with its own vIOMMU
+runner (../shared/notes/facts.md §4, "the guest side, nested"): q35 with its own vIOMMU
 (`intel-iommu`, the guest side of Kata's `enable_iommu = true`), guest
 `intel_iommu=on`, and the VF passed through with `-device vfio-pci,host=<VF>`
 (the VF bound to vfio-pci in the runner first, as Kata requires on its host).

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 OWNER_LABEL = "vfiotest.owner"
 VFIO_CONTAINER_DEV = "/dev/vfio/vfio"
-# podman-py's run() returns None with the k8s-file driver (facts.md §4); json-file works.
+# podman-py's run() returns None with the k8s-file driver (../shared/notes/facts.md §4); json-file works.
 LOG_CONFIG = {"Type": "json-file", "Config": {}}
 
 

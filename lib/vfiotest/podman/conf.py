@@ -1,6 +1,6 @@
 """The podman base settings these machines need, as a containers.conf drop-in on the target.
 
-Measured (facts.md §4): without `default_ulimits` runc's setrlimit fails with EPERM,
+Measured (../shared/notes/facts.md §4): without `default_ulimits` runc's setrlimit fails with EPERM,
 crun fails on the hybrid cgroup layout (runtime runc), and the systemd cgroup
 manager and journald events need systemd. The drop-in is written to
 /etc/containers/containers.conf.d/ (read by podman >= 4.x after the main

@@ -1,6 +1,6 @@
 """One podman API service per OCI runtime on the target, and the way to reach its socket.
 
-podman 4.x ignores the runtime asked for over the API (facts.md §4), so each
+podman 4.x ignores the runtime asked for over the API (../shared/notes/facts.md §4), so each
 runtime gets its own `podman --runtime NAME system service --time=0 unix://SOCK`,
 started detached on the target (pid file, log file) and stopped by pid.
 
