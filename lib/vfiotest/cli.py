@@ -22,11 +22,19 @@ puts the host back after a crash. The test suites run with `pytest` (see README)
 """
 
 
-def add_target_argument(p: argparse.ArgumentParser) -> None:
+PROFILE_HELP = ("device allowlist profile: seed or emulated (default: emulated for virtual, seed otherwise; "
+                "env VFIOTEST_PROFILE)")
+
+
+#: for the commands that take --profile (so scripts can pass it to every command) and do not use it
+PROFILE_UNUSED = "accepted and not used by this command"
+
+
+def add_target_argument(p: argparse.ArgumentParser, profile_help: str = PROFILE_HELP) -> None:
+    """--target, and --profile with `profile_help` (what the command uses it for)."""
     p.add_argument("--target", default=None, metavar="TARGET",
                    help="virtual (default; env VFIOTEST_TARGET), local, or ssh://user@host[:port]")
-    p.add_argument("--profile", default=None, metavar="NAME",
-                   help="device allowlist profile: seed or emulated (default: emulated for virtual, seed otherwise; env VFIOTEST_PROFILE)")
+    p.add_argument("--profile", default=None, metavar="NAME", help=profile_help)
 
 
 def build_parser() -> argparse.ArgumentParser:

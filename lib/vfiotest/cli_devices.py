@@ -7,7 +7,7 @@ import sys
 
 from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
-from .cli import add_target_argument
+from .cli import PROFILE_UNUSED, add_target_argument
 from .errors import TargetError
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool
@@ -284,7 +284,7 @@ def register(sub):
                                    "files --allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
                                    "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
-    add_target_argument(p)
+    add_target_argument(p, PROFILE_UNUSED)
     p.add_argument("address", metavar="ADDR", nargs="?", help=ADDRESS_HELP + " (default: everything)")
     p.set_defaults(func=cmd_restore)
 

@@ -22,6 +22,10 @@ def _open(args):
     return open_host(args.target, progress=_say)
 
 
+HOOK_PROFILE_HELP = ("the IDs the guest hook binds without an annotation: seed or emulated (default emulated, "
+                     "whatever the target; VFIOTEST_PROFILE is not read)")
+
+
 def _profile_ids(name):
     from ..profiles import get_profile
 
@@ -203,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ks = kp.add_subparsers(dest="kata_command", metavar="STEP")
     kp.set_defaults(func=lambda a: (kp.print_help(), 2)[1])
 
-    from ..cli import add_target_argument
+    from ..cli import PROFILE_UNUSED, add_target_argument
 
     p = ks.add_parser("build-initrd", help="build the guest initrd (dracut, Debian's 6.1 kernel), cached by inputs",
                       formatter_class=fmt,
@@ -255,7 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "beside the checkout (../shared/kata). A bundle is verified against its\n"
                                   "SHA256SUMS and unpacked into the asset cache (copied to an ssh:// target).\n"
                                   "Exit 1 when the target has only Kata 2.x/3.x (no OCI CLI) and there is no bundle.")
-    add_target_argument(p)
+    add_target_argument(p, PROFILE_UNUSED)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_detect)
 
@@ -264,13 +268,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                       description="Kata 1.x: a wrapper passing --kata-config with the derived configuration.\n"
                                   "No Kata: a wrapper over runc (the guest is the nested stand-in). Kata 2.x/3.x:\n"
                                   "refused, they have no OCI CLI for podman. Verified with podman.")
-    add_target_argument(p)
+    add_target_argument(p, HOOK_PROFILE_HELP)
     p.add_argument("--image", help="also create (not start) a container with it and check inspect's OCIRuntime")
     p.set_defaults(func=cmd_register)
 
     p = ks.add_parser("unregister", help="remove the kata-vfio drop-in, wrapper and derived configuration.toml "
                                          "(only files vfiotest wrote)")
-    add_target_argument(p)
+    add_target_argument(p, PROFILE_UNUSED)
     p.set_defaults(func=cmd_unregister)
 
     p = ks.add_parser("nested", help="boot the guest image in a second-level VM on the target with VFs passed through",
@@ -278,7 +282,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       description="The guest stand-in of the emulated runner: QEMU/KVM inside the runner, its own\n"
                                   "vIOMMU, -device vfio-pci,host=VF; the agent stand-in runs the prestart hooks\n"
                                   "and the report (hook log, /dev/vfio) is read from the console.")
-    add_target_argument(p)
+    add_target_argument(p, HOOK_PROFILE_HELP)
     p.add_argument("--vf", action="append", default=[], metavar="ADDR", help="VF on vfio-pci on the target (repeatable)")
     p.add_argument("--annotation", default=None, help=f"{VFIO_ANNOTATION} value (commas, no spaces)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for the nested guest to run and power off (default %(default)s)")

@@ -12,12 +12,12 @@ def _say(text):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_target_argument
+    from ..cli import PROFILE_UNUSED, add_target_argument
 
     img = subparsers.add_parser("image", help="the podman test image (mmdebstrap rootfs + VFIO probe)")
     isub = img.add_subparsers(dest="image_command", metavar="ACTION")
     b = isub.add_parser("build", help="build the rootfs tarball (cached by its inputs) and import it on the target")
-    add_target_argument(b)
+    add_target_argument(b, PROFILE_UNUSED)
     b.add_argument("--rebuild", action="store_true", help="build and import again even if cached")
     b.add_argument("--no-import", action="store_true", help="only build the tarball on this machine")
     b.set_defaults(func=cmd_image_build)
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("probe", help="run the VFIO probe in a container on the target for a group already on "
                                              "vfio-pci (on a Kata runtime with the seed's recipe: -v /dev:/dev, "
                                              "--device /dev/vfio/N, the vendor:device annotation)")
-    add_target_argument(p)
+    add_target_argument(p, PROFILE_UNUSED)
     p.add_argument("--group", required=True, help="IOMMU group number on the target (/dev/vfio/N)")
     p.add_argument("--device", help="PCI address in the group (default: the probe finds it in sysfs)")
     p.add_argument("--runtime", default="kata-vfio", help="OCI runtime (default kata-vfio; must be registered)")
