@@ -25,11 +25,11 @@ undo functions); vfiotest.journal registers and replays them.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Iterable
 from typing import Any
 
 from .errors import BindError, DeviceNotFound, HarnessError, NotAllowed, UnbindError
+from .host import wait_for
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
 
 VFIO_DRIVER = "vfio-pci"
@@ -91,13 +91,15 @@ def _unbind(host: Any, address: str, driver: str) -> None:
 
 def wait_driver(host: Any, address: str, driver: str | None, timeout: float = SETTLE_TIMEOUT) -> str | None:
     """Poll the driver link of `address` until it is `driver` (None: no driver). Returns the last seen."""
-    deadline = time.monotonic() + timeout
-    while True:
+    seen: list[str | None] = [None]
+
+    def on_it() -> bool:
         link = host.readlink(f"{SYS_PCI}/devices/{address}/driver")
-        current = link.rsplit("/", 1)[-1] if link else None
-        if current == driver or time.monotonic() >= deadline:
-            return current
-        time.sleep(0.05)
+        seen[0] = link.rsplit("/", 1)[-1] if link else None
+        return seen[0] == driver
+
+    wait_for(on_it, timeout, 0.05, fail=False)
+    return seen[0]
 
 
 def bind_to_vfio(host: Any, address: str, recorder: Any = None, verify_node: bool = True,
@@ -192,20 +194,20 @@ def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
 
 
 def _verify_node(host: Any, address: PciAddress, group: str | None, settle: float) -> None:
-    deadline = time.monotonic() + settle
-    while True:
+    kind: list[str | None] = [None]
+
+    def is_char() -> bool:
         inv = read_inventory(host, addresses=[address])
         dev = inv.devices.get(address)
-        kind = inv.vfio.get(dev.iommu_group) if dev is not None and dev.iommu_group else None
-        if kind == "char":
-            return
-        if time.monotonic() >= deadline:
-            raise BindError(f"/dev/vfio/{group} is {'not a char device' if kind else 'missing'} after binding "
-                            f"{address} to {VFIO_DRIVER}",
-                            hint="every device of the IOMMU group must be on vfio-pci (bind the group); "
-                                 "check that the IOMMU is on (`vfiotest doctor`)",
-                            address=address, group=group, path=f"/dev/vfio/{group}", reason="vfio-node")
-        time.sleep(0.05)
+        kind[0] = inv.vfio.get(dev.iommu_group) if dev is not None and dev.iommu_group else None
+        return kind[0] == "char"
+
+    if not wait_for(is_char, settle, 0.05, fail=False):
+        raise BindError(f"/dev/vfio/{group} is {'not a char device' if kind[0] else 'missing'} after binding "
+                        f"{address} to {VFIO_DRIVER}",
+                        hint="every device of the IOMMU group must be on vfio-pci (bind the group); "
+                             "check that the IOMMU is on (`vfiotest doctor`)",
+                        address=address, group=group, path=f"/dev/vfio/{group}", reason="vfio-node")
 
 
 def bind_group_to_vfio(host: Any, address: str, recorder: Any = None,

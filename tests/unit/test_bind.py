@@ -316,3 +316,27 @@ def test_a_pf_with_vfs_enabled_is_refused_and_keeps_its_vfs(sim, dm):
     assert dm.bind_group(pf) == [pf]
     dm.restore_group(pf)
     assert read_inventory(sim).devices[pf].driver == "igb"
+
+
+def test_a_group_node_that_never_appears_fails_the_bind_and_puts_it_back(sim, monkeypatch):
+    """vfio-pci bound the device but /dev/vfio/<group> never shows (no IOMMU): BindError naming the
+    node after the settle time, and the device back on its driver."""
+    import time
+
+    import vfiotest.bind as bind
+
+    real = bind.read_inventory
+
+    def without_nodes(host, *a, **kw):
+        inv = real(host, *a, **kw)
+        inv.vfio.clear()
+        return inv
+
+    monkeypatch.setattr(bind, "read_inventory", without_nodes)
+    t0 = time.monotonic()
+    with pytest.raises(BindError) as e:
+        bind_to_vfio(sim, VF, settle=0.5)
+    assert e.value.reason == "verify" and "/dev/vfio/" in str(e.value) and "is missing after binding" in str(e.value)
+    assert "put back on igbvf" in str(e.value)
+    assert 0.5 <= time.monotonic() - t0 < 10
+    assert real(sim).devices[VF].driver == "igbvf"
