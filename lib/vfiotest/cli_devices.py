@@ -36,7 +36,8 @@ def _opened(args, lasting=False):
     return host, close, profile
 
 
-def _cli_journal(host):
+def cli_journal(host):
+    """The CLI's journal on `host` (kept: sessions leave it alone; `vfiotest restore` replays it)."""
     return Journal.open(host, CLI_OWNER, keep=True, wait=30)
 
 
@@ -113,7 +114,7 @@ def cmd_bind(args):
     try:
         # what is refused (exit 3) is refused whoever holds the device; then its leases (exit 7)
         DeviceManager(host, profile).check_bind(read_inventory(host), address, whole_group=args.group)
-        with _leased(host, address), _cli_journal(host) as journal:
+        with _leased(host, address), cli_journal(host) as journal:
             dm = DeviceManager(host, profile, journal)
             bound = dm.bind_group(address) if args.group else [dm.bind_device(address)]
             inv = dm.inventory()
@@ -277,11 +278,12 @@ def register(sub):
     p = sub.add_parser("restore", help="undo what crashed or finished runs left (orphaned journals)", formatter_class=fmt,
                        description="Replay every journal on the target whose process is gone (after a crash or\n"
                                    "kill -9), newest change first: drivers, driver_override, new_id, VF counts,\n"
-                                   "and what a killed `vfiotest probe` made (podman's drop-in, its API service,\n"
-                                   "its container). Before that, undo what crashed test sessions on this target\n"
-                                   "recorded on this machine (the kata-vfio registration, podman's drop-in, their\n"
-                                   "podman API services, their containers with their Kata VMs, the boot loader\n"
-                                   "files --allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
+                                   "what a killed `vfiotest probe` made (podman's drop-in, its API service, its\n"
+                                   "container), and the CLI's journal: `vfiotest bind`'s binds and what\n"
+                                   "`vfiotest kata register` replaced. Before that, undo what crashed test\n"
+                                   "sessions on this target recorded on this machine (the kata-vfio registration,\n"
+                                   "podman's drop-in, their podman API services, their containers with their\n"
+                                   "Kata VMs, the boot loader files --allow-reboot edited; $VFIOTEST_STATE_DIR).\n"
                                    "Journals and sessions still running are left alone. With ADDR, only that device.\n"
                                    "A corrupt journal or one from another host is refused with the way out.")
     add_target_argument(p, PROFILE_UNUSED)

@@ -129,6 +129,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from ..cli_devices import cli_journal
     from ..targets import shares_controller_fs
     from . import bundle, provision
 
@@ -138,12 +139,17 @@ def cmd_register(args: argparse.Namespace) -> int:
         choice = bundle.choose_kata(host, progress=_say, shares_controller_fs=shares)
         if choice.refused:
             raise runtime.ProvisionError(choice.reason, hint="give a Kata 1.x bundle: VFIOTEST_KATA_BUNDLE")
+        reg = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice))
+        # what the registration replaces is recorded in the CLI's journal before anything is
+        # written: `vfiotest kata unregister` (or `vfiotest restore`) puts it back, after a crash too
+        reg.snapshot()
+        with cli_journal(host) as journal:
+            journal.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG if choice.supported else None))
         if choice.supported:
             built = provision.guest_image(choice, _profile_ids(args.profile), host=host,
                                           shares_controller_fs=shares, progress=_say)
             written = provision.write_config(host, choice, built)
             _say(f"configuration {written.path} derived from {written.source}")
-        reg = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice))
         info = reg.register()
         said = reg.verify(image=args.image)
         print(info.describe())
@@ -154,8 +160,22 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
+    from ..cli_devices import cli_journal
+    from ..journal import undo_entries
+
     host, close = _open(args)
     try:
+        # a registration `vfiotest kata register` journaled: put back what it replaced
+        with cli_journal(host) as journal:
+            entries = [e for e in journal.entries() if e.get("kind") == "registration"]
+            if entries:
+                undo_entries(host, journal, entries)
+                print("put back what `vfiotest kata register` replaced: "
+                      + ", ".join(f"{p} ({'restored' if old is not None else 'removed'})"
+                                  for e in entries for p, old in e["previous"].items())
+                      + ("" if not any(e.get("config") for e in entries) else f"; removed {kata_config.KATA_VFIO_CONFIG}"))
+                return 0
+        # else (registered by a session that crashed, or by hand with our files): files that carry our marker
         removed = []
         for path, marker in ((runtime.DROPIN_PATH, runtime.MARKER), (runtime.WRAPPER_PATH, runtime.MARKER),
                              (kata_config.KATA_VFIO_CONFIG, kata_config.MARKER)):
@@ -267,13 +287,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                       formatter_class=fmt,
                       description="Kata 1.x: a wrapper passing --kata-config with the derived configuration.\n"
                                   "No Kata: a wrapper over runc (the guest is the nested stand-in). Kata 2.x/3.x:\n"
-                                  "refused, they have no OCI CLI for podman. Verified with podman.")
+                                  "refused, they have no OCI CLI for podman. Verified with podman. What the files\n"
+                                  "replace is recorded in the CLI's journal first: `vfiotest kata unregister` (or,\n"
+                                  "after a crash, `vfiotest restore`) puts it back.")
     add_target_argument(p, HOOK_PROFILE_HELP)
     p.add_argument("--image", help="also create (not start) a container with it and check inspect's OCIRuntime")
     p.set_defaults(func=cmd_register)
 
-    p = ks.add_parser("unregister", help="remove the kata-vfio drop-in, wrapper and derived configuration.toml "
-                                         "(only files vfiotest wrote)")
+    p = ks.add_parser("unregister", help="put back what `kata register` replaced (its journal), else remove the "
+                                         "kata-vfio drop-in, wrapper and derived configuration.toml vfiotest wrote")
     add_target_argument(p, PROFILE_UNUSED)
     p.set_defaults(func=cmd_unregister)
 

@@ -206,9 +206,7 @@ class RuntimeRegistration:
         for path, text, mode in ((self.wrapper, wrapper_text, 0o755), (self.dropin, dropin_text, 0o644)):
             old = self._read(path)
             if old != text:
-                self.host.run(["mkdir", "-p", os.path.dirname(path)], check=True, timeout=15,
-                              what=f"creating {os.path.dirname(path)}")
-                self.host.write_atomic(path, text, mode=mode)
+                self.host.write_atomic(path, text, mode=mode)      # makes its directory (0755) if needed
         self.applied = True
         return info
 
