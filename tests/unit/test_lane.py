@@ -60,27 +60,23 @@ def test_another_podman_runtime_is_not_a_kata_lane(tmp_path):
     assert lanes["test_with_container"] == "host" and lanes["test_marked"] == "kata"
 
 
-def test_the_tests_in_a_kata_lane_carry_the_nested_marker(tmp_path):
+def _chosen(tmp_path, marker):
+    """The test names of USER_TESTS that `-m marker` selects."""
     (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
     full = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
     full.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
     p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                        "-m", "nested", "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")],
+                        "-m", marker, "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")],
                        cwd=str(tmp_path), env=full, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    chosen = sorted(line.split("::")[-1] for line in p.stdout.splitlines() if "::" in line)
-    assert chosen == ["test_marked", "test_with_client", "test_with_container"], p.stdout
+    return sorted(line.split("::")[-1] for line in p.stdout.splitlines() if "::" in line)
+
+
+def test_the_tests_in_a_kata_lane_carry_the_nested_marker(tmp_path):
+    assert _chosen(tmp_path, "nested") == ["test_marked", "test_with_client", "test_with_container"]
 
 
 def test_the_tests_in_a_kata_lane_boot_the_runner_so_they_are_vm(tmp_path):
     """`-m "not vm"` must not boot the emulated runner: a test whose lane is Kata reaches it at run
     time (podman_client -> kata_runtime), so it is `vm` too, like one that asks for target_host."""
-    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
-    full.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
-    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                        "-m", "not vm", "--rootdir", str(tmp_path), str(tmp_path / "test_user.py")],
-                       cwd=str(tmp_path), env=full, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    chosen = sorted(line.split("::")[-1] for line in p.stdout.splitlines() if "::" in line)
-    assert chosen == ["test_plain"], p.stdout
+    assert _chosen(tmp_path, "not vm") == ["test_plain"]
