@@ -90,13 +90,12 @@ def cmd_devices(args):
 
 # -- bind / unbind / restore ---------------------------------------------------------------------
 @contextlib.contextmanager
-def _leased(host, address):
-    """For the command's length, the lease of `address`'s IOMMU group and, for a PF or a VF, the
+def _leased(host, dev):
+    """For the command's length, the lease of `dev`'s IOMMU group and, for a PF or a VF, the
     PF's (the one its VF count is changed under): a device that a test or session holds is
     refused (LeaseBusy, exit 7, naming the holder), and none can lease it half-way through."""
     from .sriov import pf_lease_name
 
-    dev = read_inventory(host).device(address)     # no such device: exit 4 first
     pool = LeasePool(host)
     names = [dev.iommu_group] if dev.iommu_group else []
     pf = dev.physfn if dev.is_vf else (dev.address if dev.is_pf else None)
@@ -104,7 +103,7 @@ def _leased(host, address):
         names.append(pf_lease_name(pf))
     with contextlib.ExitStack() as stack:
         for name in names:
-            stack.enter_context(pool.acquire(name, test_id=f"vfiotest (CLI) on {address}"))
+            stack.enter_context(pool.acquire(name, test_id=f"vfiotest (CLI) on {dev.address}"))
         yield
 
 
@@ -113,8 +112,8 @@ def cmd_bind(args):
     host, close, profile = _opened(args, lasting=True)
     try:
         # what is refused (exit 3) is refused whoever holds the device; then its leases (exit 7)
-        DeviceManager(host, profile).check_bind(read_inventory(host), address, whole_group=args.group)
-        with _leased(host, address), cli_journal(host) as journal:
+        dev = DeviceManager(host, profile).check_bind(read_inventory(host), address, whole_group=args.group)
+        with _leased(host, dev), cli_journal(host) as journal:
             dm = DeviceManager(host, profile, journal)
             bound = dm.bind_group(address) if args.group else [dm.bind_device(address)]
             inv = dm.inventory()
@@ -148,8 +147,9 @@ def cmd_unbind(args):
     address = PciAddress(args.address)
     host, close, profile = _opened(args)
     try:
-        with _leased(host, address):
-            done, after = _unbind(host, profile, address)
+        inv = read_inventory(host)                 # no such device: exit 4 first
+        with _leased(host, inv.device(address)):
+            done, after = _unbind(host, profile, inv, address)
     finally:
         close()
     print("\n".join(done))
@@ -157,8 +157,7 @@ def cmd_unbind(args):
     return 0
 
 
-def _unbind(host, profile, address):
-    inv = read_inventory(host)
+def _unbind(host, profile, inv, address):
     dev = inv.device(address)
     done = _restore_address(host, address)
     if not done:
