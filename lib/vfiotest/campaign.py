@@ -379,7 +379,8 @@ def rows_bad_inputs(c: Campaign, table: Table, s0: dict) -> None:
         from .lease import LeasePool
 
         vf = read_inventory(host).vfs_of(pf.address)[0]
-        lease = LeasePool(host).acquire(str(vf.iommu_group), test_id="campaign: a test holding this VF")
+        lease = LeasePool(host).acquire(str(vf.iommu_group), test_id="campaign: a test holding this VF",
+                                    devices=[vf.address])
         try:
             t = time.monotonic()
             before = c.snapshot()
@@ -457,7 +458,10 @@ def row_two_sessions(c: Campaign, table: Table, s0: dict) -> None:
               ok, time.monotonic() - t)
     for line in problems + d:
         note(line)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        note(f"the sessions' lease logs and JUnit files are kept in {tmp}")
 
 
 def row_rebind_n(c: Campaign, table: Table, s0: dict, n: int) -> None:

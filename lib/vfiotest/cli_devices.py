@@ -43,6 +43,8 @@ def cli_journal(host):
 
 # -- devices ---------------------------------------------------------------------------------
 def cmd_devices(args):
+    from .sriov import pf_lease_name
+
     host, close, profile = _opened(args)
     try:
         inv = read_inventory(host)
@@ -56,8 +58,14 @@ def cmd_devices(args):
             notes.append("protected: " + inv.protected[a])
         elif profile.allows(d.vendor_device):
             notes.append("allowed")
-        if d.iommu_group in leases:
-            notes.append(f"leased by pid {leases[d.iommu_group].get('pid', '?')}")
+        lease = leases.get(d.iommu_group or "")
+        # a lease taken for devices that are no longer in this group (its number was freed and
+        # given to this one) is not on this device
+        if lease is not None and (lease.get("devices") is None or any(
+                inv.devices[x].iommu_group == d.iommu_group for x in lease["devices"] if x in inv.devices)):
+            notes.append(f"leased by pid {lease.get('pid', '?')}")
+        if pf_lease_name(a) in leases:
+            notes.append(f"VF count held by pid {leases[pf_lease_name(a)].get('pid', '?')}")
         if d.physfn:
             notes.append(f"VF of {d.physfn}")
         rows.append({"address": a, "id": d.vendor_device, "class": d.pci_class, "driver": d.driver,
@@ -97,13 +105,13 @@ def _leased(host, dev):
     from .sriov import pf_lease_name
 
     pool = LeasePool(host)
-    names = [dev.iommu_group] if dev.iommu_group else []
+    names: list[tuple[str, list[str] | None]] = [(dev.iommu_group, [dev.address])] if dev.iommu_group else []
     pf = dev.physfn if dev.is_vf else (dev.address if dev.is_pf else None)
     if pf:
-        names.append(pf_lease_name(pf))
+        names.append((pf_lease_name(pf), None))
     with contextlib.ExitStack() as stack:
-        for name in names:
-            stack.enter_context(pool.acquire(name, test_id=f"vfiotest (CLI) on {dev.address}"))
+        for name, devices in names:
+            stack.enter_context(pool.acquire(name, test_id=f"vfiotest (CLI) on {dev.address}", devices=devices))
         yield
 
 

@@ -5,6 +5,10 @@ flock held by an SSH channel otherwise), so it works across xdist workers and
 across concurrent sessions, and it dies with the process that holds it. Next to
 the lock an owner record (pid, worker, session, test) says who holds it; `held()`
 lists the groups whose lock is really held (records left by dead holders are dropped).
+A lease is on a group NUMBER, and the kernel hands a freed number to the next group it
+makes (VFs destroyed and made again, on any PF): a caller that names the `devices` it
+leases the group for has them in the record, and `covers()` tells whether a lease still
+means a given device.
 The worker and session names are the caller's to give (LeasePool(worker=, session=)):
 this module reads no environment.
 """
@@ -23,12 +27,39 @@ from .errors import LeaseBusy
 LEASE_ROOT = constants.LEASE_DIR
 
 
-def who_am_i(test_id: str | None = None, worker: str | None = None, session: str | None = None) -> dict[str, Any]:
+def who_am_i(test_id: str | None = None, worker: str | None = None, session: str | None = None,
+             devices: list[str] | None = None) -> dict[str, Any]:
     """The owner record of this process: pid, controller host, and the `worker` (e.g. an
-    xdist worker id), `session` and `test_id` the caller names (None when not given)."""
-    return {"pid": os.getpid(), "controller": socket.gethostname(),
-            "worker": worker or None, "session": session or None,
-            "test": test_id, "since": round(time.time(), 3)}
+    xdist worker id), `session` and `test_id` the caller names (None when not given); with
+    `devices`, the PCI addresses the group was leased for."""
+    rec = {"pid": os.getpid(), "controller": socket.gethostname(),
+           "worker": worker or None, "session": session or None,
+           "test": test_id, "since": round(time.time(), 3)}
+    if devices is not None:
+        rec["devices"] = sorted(str(d) for d in devices)
+    return rec
+
+
+def covers(group: str | int, owner: dict[str, Any], device: str, device_group: str | int | None) -> bool:
+    """Whether a lease on `group` with owner record `owner` holds `device`, now in IOMMU group
+    `device_group`: the numbers match and, when the record names the devices the lease was
+    taken for, `device` is one of them (else the number was freed and given to another group
+    since: that lease is not on this device)."""
+    if device_group is None or str(group) != str(device_group):
+        return False
+    named = owner.get("devices")
+    return named is None or str(device) in named
+
+
+class OthersLeases:
+    """A LeasePool's held() without the leases in `mine` (names): what a holder of those sees
+    as other users' leases, e.g. set_numvfs(leases=...) by a test that holds a PF's VFs."""
+
+    def __init__(self, pool: LeasePool, mine: list[str] | set[str]) -> None:
+        self.pool, self.mine = pool, {str(m) for m in mine}
+
+    def held(self) -> dict[str, dict[str, Any]]:
+        return {g: o for g, o in self.pool.held().items() if g not in self.mine}
 
 
 class Lease:
@@ -90,24 +121,26 @@ class LeasePool:
     def record_path(self, group: str | int) -> str:
         return f"{self.root}/{group}.json"
 
-    def try_acquire(self, group: str | int, test_id: str | None = None, retry: float = 0.3) -> Lease | None:
+    def try_acquire(self, group: str | int, test_id: str | None = None, retry: float = 0.3,
+                    devices: list[str] | None = None) -> Lease | None:
         """A Lease on `group`, or None when another process holds it (never waits longer than
-        `retry` seconds, which covers someone merely probing the lock in `held()`)."""
+        `retry` seconds, which covers someone merely probing the lock in `held()`). `devices`:
+        the addresses the group is leased for, kept in the owner record (see covers())."""
         group = str(group)
         deadline = time.monotonic() + retry
         while True:
             lock = self.host.hold_lock(self.lock_path(group), blocking=False)
             if lock is not None:
-                owner = who_am_i(test_id, self.worker, self.session)
+                owner = who_am_i(test_id, self.worker, self.session, devices)
                 self.host.write_atomic(self.record_path(group), json.dumps(owner), mode=0o644)
                 return Lease(self, group, owner, lock)
             if self.owner(group) is not None or time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
 
-    def acquire(self, group: str | int, test_id: str | None = None) -> Lease:
+    def acquire(self, group: str | int, test_id: str | None = None, devices: list[str] | None = None) -> Lease:
         """A Lease on `group`; LeaseBusy names the holder when another process has it."""
-        lease = self.try_acquire(group, test_id)
+        lease = self.try_acquire(group, test_id, devices=devices)
         if lease is None:
             owner = self.owner(group) or {}
             raise LeaseBusy(
@@ -142,6 +175,14 @@ class LeasePool:
         except (OSError, ValueError):
             return None
 
+    def is_held(self, group: str | int) -> bool:
+        """Whether another process holds the lease on `group` right now (a probe of its lock)."""
+        probe = self.host.hold_lock(self.lock_path(str(group)), blocking=False)
+        if probe is None:
+            return True
+        probe.release()
+        return False
+
     def held(self) -> dict[str, dict[str, Any]]:
         """{group: owner record} for every group whose lease is held right now."""
         out: dict[str, dict[str, Any]] = {}
@@ -159,4 +200,4 @@ class LeasePool:
         return out
 
 
-__all__ = ["Lease", "LeasePool", "LEASE_ROOT", "who_am_i"]
+__all__ = ["Lease", "LeasePool", "LEASE_ROOT", "OthersLeases", "covers", "who_am_i"]

@@ -239,7 +239,12 @@ class Session:
             held = {}
         for group, owner in held.items():
             if owner.get("session") and owner.get("session") != self.id:
-                devices.update(inv.groups.get(group, []))
+                members = inv.groups.get(group, [])
+                named = owner.get("devices")
+                # a lease names the devices it was taken for: when none of them is in the group
+                # of that number any more (the number was given to a new group), it holds none
+                if named is None or any(a in members for a in named):
+                    devices.update(members)
         return {"counts": sorted(counts), "devices": sorted(devices)}
 
     def _baseline_doc(self) -> dict:

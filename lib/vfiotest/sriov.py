@@ -16,7 +16,7 @@ from typing import Any
 
 from . import constants
 from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
-from .lease import LeasePool
+from .lease import Lease, LeasePool, covers
 from .pci import Inventory, PciAddress, read_inventory
 
 SYS_DEV = "/sys/bus/pci/devices"
@@ -34,20 +34,43 @@ def pf_lease_name(pf: str) -> str:
 
 
 def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = None) -> list[str]:
-    """Reasons the VFs of `pf` cannot be removed: bound to vfio-pci, or leased."""
+    """Reasons the VFs of `pf` cannot be removed: bound to vfio-pci, or leased (a lease on the
+    VF's group number that was taken for other devices, before the number was freed and given
+    to this VF's group, does not count: lease.covers)."""
     reasons = []
     vfs = inv.vfs_of(pf)
     for vf in vfs:
         if vf.driver == "vfio-pci":
             reasons.append(f"VF {vf.address} is bound to vfio-pci")
-    groups = {vf.iommu_group: vf.address for vf in vfs if vf.iommu_group}
-    if groups:
+    if any(vf.iommu_group for vf in vfs):
         pool = leases if leases is not None else LeasePool(host)
         for g, owner in pool.held().items():
-            if g in groups:
-                reasons.append(f"VF {groups[g]} (IOMMU group {g}) is leased by pid {owner.get('pid', '?')}"
-                               f"{' for ' + owner['test'] if owner.get('test') else ''}")
+            for vf in vfs:
+                if covers(g, owner, vf.address, vf.iommu_group):
+                    reasons.append(f"VF {vf.address} (IOMMU group {g}) is leased by pid {owner.get('pid', '?')}"
+                                   f"{' for ' + owner['test'] if owner.get('test') else ''}")
     return reasons
+
+
+def hold_vfs(host: Any, pool: LeasePool, pf: str, test_id: str | None = None) -> list[Lease] | None:
+    """The lease of `pf` (pf_lease_name) and of each of its VFs' IOMMU groups, each naming its
+    VF, for a caller that changes the PF's VF count on purpose; None (and nothing held) when
+    another process holds any of them. The groups are read once the PF lease is held: under
+    it, no one else changes the count, so the numbers stay those VFs' until the caller does."""
+    own = pool.try_acquire(pf_lease_name(pf), test_id=test_id)
+    if own is None:
+        return None
+    leases = [own]
+    for vf in read_inventory(host).vfs_of(pf):
+        if not vf.iommu_group:
+            continue
+        lease = pool.try_acquire(vf.iommu_group, test_id=test_id, devices=[vf.address])
+        if lease is None:
+            for held in leases:
+                held.release()
+            return None
+        leases.append(lease)
+    return leases
 
 
 def timed_write(host: Any, path: str, data: str, timeout: float) -> None:
@@ -184,4 +207,4 @@ def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIME
 # The journal entry kind this module owns; vfiotest.journal registers it (journal.KIND_MODULES).
 JOURNAL_KINDS: list[dict[str, Any]] = [{"kind": "numvfs", "required": ("address", "numvfs"), "undo": restore_numvfs}]
 
-__all__ = ["COUNT_LOCK", "pf_lease_name", "set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]
+__all__ = ["COUNT_LOCK", "hold_vfs", "pf_lease_name", "set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]

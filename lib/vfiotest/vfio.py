@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import BindError, DeviceNotFound, HarnessError, LeaseBusy
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
+from .sriov import pf_lease_name
 
 LEASE_WAIT = 120.0     # seconds to wait for a free VF group while other tests hold them all
 POLL = 0.5
@@ -75,8 +76,13 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
     deadline = time.monotonic() + wait
     while True:
         for dev, pf in cands:
-            lease = pool.try_acquire(dev.iommu_group, test_id=owner, retry=0)
+            lease = pool.try_acquire(dev.iommu_group, test_id=owner, retry=0, devices=[dev.address])
             if lease is None:
+                continue
+            # the PF's lease is held while its VF count changes (sriov layer, whole-PF tests):
+            # its VFs, old or new, are not to be leased meanwhile
+            if pool.is_held(pf_lease_name(pf.address)):
+                lease.release()
                 continue
             # read the group now that it is ours: the inventory above may predate another
             # holder's restore of it, or VFs re-created meanwhile

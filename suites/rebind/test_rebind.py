@@ -20,8 +20,9 @@ from vfiotest.errors import (
     VFCreateError,
 )
 from vfiotest.journal import JOURNAL_ROOT, restore_orphans
+from vfiotest.lease import OthersLeases
 from vfiotest.pci import read_inventory
-from vfiotest.sriov import pf_lease_name, set_numvfs
+from vfiotest.sriov import hold_vfs, pf_lease_name, set_numvfs
 
 pytestmark = [pytest.mark.mutating, pytest.mark.vm]   # vm: the default target is the emulated runner
 
@@ -101,43 +102,24 @@ def test_two_vfs_with_the_same_id_bind_independently(request, target_host, vf_le
     assert driver_of(target_host, second.address) == second.original_driver
 
 
-class _OthersLeases:
-    """The lease pool as set_numvfs sees it, without the leases this test holds on purpose."""
-
-    def __init__(self, pool, mine):
-        self.pool, self.mine = pool, set(mine)
-
-    def held(self):
-        return {g: o for g, o in self.pool.held().items() if g not in self.mine}
-
-
 @pytest.fixture
 def whole_pf(request, target_host, sriov_pfs, lease_pool):
     """A PF all of whose VF groups this test holds, and the PF's own lease (which the sriov layer
-    of every session and the PF tests below take too), so it may change the VF count. Waits (up
-    to 5 min) for other tests, of this session or another, to let go of one."""
+    of every session and the PF tests below take too), so it may change the VF count
+    (sriov.hold_vfs). Waits (up to 5 min) for other tests, of this session or another, to let
+    go of one."""
     deadline = time.monotonic() + 300
     while True:
         for pf in sorted(sriov_pfs, key=lambda p: -len(p.vfs)):
-            leases = []
-            own = lease_pool.try_acquire(pf_lease_name(pf.address), test_id=request.node.nodeid)
-            if own is None:
+            leases = hold_vfs(target_host, lease_pool, pf.address, test_id=request.node.nodeid)
+            if leases is None:
                 continue
-            leases.append(own)
-            inv = read_inventory(target_host)
-            groups = [inv.devices[v].iommu_group for v in pf.vfs if v in inv.devices]
-            for g in groups:
-                lease = lease_pool.try_acquire(g, test_id=request.node.nodeid)
-                if lease is None:
-                    break
-                leases.append(lease)
-            if len(leases) == len(groups) + 1:
-                yield pf, _OthersLeases(lease_pool, groups + [pf_lease_name(pf.address)])
+            try:
+                yield pf, OthersLeases(lease_pool, [lease.group for lease in leases])
+            finally:
                 for lease in leases:
                     lease.release()
-                return
-            for lease in leases:
-                lease.release()
+            return
         if time.monotonic() > deadline:
             pytest.skip("no PF whose VFs were all free within 5 min")
         time.sleep(1)

@@ -198,3 +198,26 @@ def test_bind_on_an_emulated_runner_that_is_not_up_is_refused(tmp_path):
     assert res.returncode == 5, res.stderr
     assert "the emulated runner is not up" in res.stderr and "vfiotest runner up" in res.stderr, res.stderr
     assert not (tmp_path / "state" / "runner").exists() or not os.listdir(tmp_path / "state" / "runner")
+
+
+def test_devices_shows_who_holds_a_vf_and_a_pf_count_not_a_reused_group_number(sim):
+    """`vfiotest devices` says which devices are leased: a lease that names its VF shows on it;
+    a lease on a group number that now belongs to another device's group does not; the PF's
+    lease shows as its VF count being held."""
+    from vfiotest.lease import LeasePool
+    from vfiotest.sriov import pf_lease_name
+
+    def notes(res):
+        return {d["address"]: d["notes"] for d in json.loads(res.stdout)["devices"]}
+
+    inv = read_inventory(sim)
+    a, b = "0000:10:10.0", "0000:10:10.1"
+    pool = LeasePool(sim)
+    with pool.acquire(inv.devices[a].iommu_group, test_id="t::a", devices=[a]), \
+            pool.acquire(inv.devices[b].iommu_group, test_id="t::stale", devices=["0000:99:00.0"]), \
+            pool.acquire(pf_lease_name("0000:10:00.0"), test_id="t::pf"):
+        got = notes(vfiotest(sim, "devices", "--json"))
+    me = f"pid {os.getpid()}"
+    assert f"leased by {me}" in got[a]
+    assert not any("leased" in n for n in got[b]), got[b]
+    assert f"VF count held by {me}" in got["0000:10:00.0"]

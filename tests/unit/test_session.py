@@ -298,3 +298,21 @@ def test_rebaseline_makes_the_host_now_the_baseline(sim, sess):
     v = sess.finish(say=lambda s: None)
     assert v.ok and v.diff == [], v
     assert read_inventory(host).devices[PF].sriov.numvfs == 0 != before
+
+
+def test_what_another_session_leases_is_its_own_unless_the_group_number_moved_on(sim, sess):
+    """The guard leaves out devices another live session leases; a lease on a group number that
+    was taken for devices no longer in that group (the number was freed and given to a new
+    group) holds nothing, so this session's guard still checks that group's devices."""
+    from vfiotest.lease import LeasePool
+
+    host = sess.open_host()
+    inv = read_inventory(host)
+    group = inv.devices[VF].iommu_group
+    pool = LeasePool(host, session="another")
+    with pool.acquire(group, test_id="t::theirs", devices=[VF]):
+        assert VF in sess.others_claims(host, inv)["devices"]
+    with pool.acquire(group, test_id="t::stale", devices=["0000:99:00.1"]):
+        assert VF not in sess.others_claims(host, inv)["devices"]
+    with pool.acquire(group, test_id="t::unnamed"):
+        assert VF in sess.others_claims(host, inv)["devices"]

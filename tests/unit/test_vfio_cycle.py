@@ -41,3 +41,19 @@ def test_no_such_vf_is_a_clear_error(sim):
     with pytest.raises(DeviceNotFound, match="no VF 1234:5678"):
         with vfio.leased_vf(sim, LeasePool(sim), pfs_of(sim), vendor_device="1234:5678"):
             pass
+
+
+def test_no_vf_is_leased_while_its_pf_lease_is_held(sim):
+    """Whoever changes the PF's VF count holds the PF's lease; the VFs it makes anew have groups
+    it does not hold, and no other test may lease them meanwhile."""
+    from vfiotest.errors import LeaseBusy
+    from vfiotest.sriov import pf_lease_name
+
+    pool = LeasePool(sim)
+    with LeasePool(sim).acquire(pf_lease_name(PF), test_id="t::count"):
+        with pytest.raises(LeaseBusy):
+            with vfio.leased_vf(sim, pool, pfs_of(sim), owner="t::vf", wait=0.5):
+                pass
+        assert list(pool.held()) == [pf_lease_name(PF)]
+    with vfio.leased_vf(sim, pool, pfs_of(sim), owner="t::vf") as vf:
+        assert pool.held()[vf.group]["devices"] == [vf.address]
