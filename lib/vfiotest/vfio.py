@@ -68,13 +68,19 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
     """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
     DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
-    cands = candidates(read_inventory(host, addresses=[v for pf in pfs for v in pf.vfs]), pfs, vendor_device)
+    def read() -> list[tuple[PciDevice, Any]]:
+        return candidates(read_inventory(host, addresses=[v for pf in pfs for v in pf.vfs]), pfs, vendor_device)
+
+    cands = read()
     if not cands:
         raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
                              f"({', '.join(p.address for p in pfs) or 'none'})",
-                             hint="create VFs first (the sriov layer, or `vfiotest vfs`), or ask for another ID")
+                             hint="create VFs first (the pytest plugin's sriov layer makes --numvfs of them on each PF), "
+                                  "or ask for another vendor:device")
     deadline = time.monotonic() + wait
+    counting: set[str] = set()
     while True:
+        counting.clear()
         for dev, pf in cands:
             lease = pool.try_acquire(dev.iommu_group, test_id=owner, retry=0, devices=[dev.address])
             if lease is None:
@@ -83,6 +89,7 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
             # its VFs, old or new, are not to be leased meanwhile
             if pool.is_held(pf_lease_name(pf.address)):
                 lease.release()
+                counting.add(pf.address)
                 continue
             # read the group now that it is ours: the inventory above may predate another
             # holder's restore of it, or VFs re-created meanwhile
@@ -94,9 +101,12 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
             return VfioGroup(dev.address, str(dev.iommu_group), dev.vendor_device, pf.address, original_driver=now.driver,
                              members=[], before=group), lease
         if time.monotonic() > deadline:
-            raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s",
+            raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s"
+                            + (f" (the VF count of {', '.join(sorted(counting))} held too)" if counting else ""),
                             hint="`vfiotest devices` shows who holds them; run fewer workers or wait")
         time.sleep(POLL)
+        # read them again: a test holding a PF meanwhile may have made its VFs anew, in new groups
+        cands = read()
 
 
 @contextlib.contextmanager

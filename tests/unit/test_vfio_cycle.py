@@ -57,3 +57,44 @@ def test_no_vf_is_leased_while_its_pf_lease_is_held(sim):
         assert list(pool.held()) == [pf_lease_name(PF)]
     with vfio.leased_vf(sim, pool, pfs_of(sim), owner="t::vf") as vf:
         assert pool.held()[vf.group]["devices"] == [vf.address]
+
+
+def test_a_waiting_lease_follows_vfs_made_anew_in_other_groups(tmp_path):
+    """A test waits for a VF while another holds the PF's VF groups and makes the VFs anew (a
+    whole-PF test): the new VFs have other group numbers (the kernel gave the old ones to
+    another PF's new VFs, which someone leases). The waiting test leases a new VF, instead of
+    trying the old numbers until it gives up."""
+    from vfiotest.lease import OthersLeases
+    from vfiotest.sriov import set_numvfs
+
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=[{"preset": "igb", "numvfs": 2},
+                                                         {"preset": "nvme", "numvfs": 2}])
+    inv = read_inventory(sim)
+    b = next(d.address for d in inv.devices.values() if d.is_pf and d.address != PF)
+    old = [v.iommu_group for v in inv.vfs_of(PF)]
+    holder = LeasePool(sim)
+    held = [holder.acquire(g, test_id="t::other") for g in old]
+
+    class FirstTryMovesTheVfs(LeasePool):
+        moved = False
+
+        def try_acquire(self, group, **kw):
+            if not self.moved:
+                self.moved = True
+                set_numvfs(sim, b, 0)
+                set_numvfs(sim, PF, 0, leases=OthersLeases(holder, old))
+                set_numvfs(sim, b, 2)        # b's new VFs get the numbers PF's VFs had
+                set_numvfs(sim, PF, 2)
+            return super().try_acquire(group, **kw)
+
+    pool = FirstTryMovesTheVfs(sim)
+    vf, lease = vfio.lease_vf(sim, pool, pfs_of(sim), owner="t::waiting", wait=5)
+    try:
+        now = read_inventory(sim)
+        assert {v.iommu_group for v in now.vfs_of(b)} == set(old), "the model did not move the numbers"
+        assert vf.group not in old and now.devices[vf.address].iommu_group == vf.group
+        assert now.devices[vf.address].physfn == PF
+    finally:
+        lease.release()
+        for h in held:
+            h.release()
