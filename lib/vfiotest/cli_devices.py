@@ -10,7 +10,7 @@ from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import PROFILE_UNUSED, add_target_argument
 from .errors import TargetError
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
-from .lease import LeasePool
+from .lease import LeasePool, still_on
 from .pci import PciAddress, read_inventory
 from .profiles import get_profile
 from .targets import default_profile, open_host, target_spec
@@ -59,10 +59,7 @@ def cmd_devices(args):
         elif profile.allows(d.vendor_device):
             notes.append("allowed")
         lease = leases.get(d.iommu_group or "")
-        # a lease taken for devices that are no longer in this group (its number was freed and
-        # given to this one) is not on this device
-        if lease is not None and (lease.get("devices") is None or any(
-                inv.devices[x].iommu_group == d.iommu_group for x in lease["devices"] if x in inv.devices)):
+        if lease is not None and still_on(lease, inv.groups.get(d.iommu_group or "", [])):
             notes.append(f"leased by pid {lease.get('pid', '?')}")
         if pf_lease_name(a) in leases:
             notes.append(f"VF count held by pid {leases[pf_lease_name(a)].get('pid', '?')}")

@@ -40,15 +40,18 @@ def who_am_i(test_id: str | None = None, worker: str | None = None, session: str
     return rec
 
 
+def still_on(owner: dict[str, Any], members: list[str]) -> bool:
+    """Whether a lease with owner record `owner` holds the group of that number whose devices
+    are now `members`: a record that names the devices the lease was taken for holds it only
+    if one of them is still a member (else the number was freed and given to a new group)."""
+    named = owner.get("devices")
+    return named is None or any(str(m) in named for m in members)
+
+
 def covers(group: str | int, owner: dict[str, Any], device: str, device_group: str | int | None) -> bool:
     """Whether a lease on `group` with owner record `owner` holds `device`, now in IOMMU group
-    `device_group`: the numbers match and, when the record names the devices the lease was
-    taken for, `device` is one of them (else the number was freed and given to another group
-    since: that lease is not on this device)."""
-    if device_group is None or str(group) != str(device_group):
-        return False
-    named = owner.get("devices")
-    return named is None or str(device) in named
+    `device_group`: the numbers match and the lease is still on it (still_on)."""
+    return device_group is not None and str(group) == str(device_group) and still_on(owner, [device])
 
 
 class OthersLeases:
@@ -200,4 +203,4 @@ class LeasePool:
         return out
 
 
-__all__ = ["Lease", "LeasePool", "LEASE_ROOT", "OthersLeases", "covers", "who_am_i"]
+__all__ = ["Lease", "LeasePool", "LEASE_ROOT", "OthersLeases", "covers", "still_on", "who_am_i"]

@@ -223,7 +223,7 @@ class Session:
         developer's `vfiotest bind`): {"counts": PFs whose VF count a live journal records,
         "devices": devices a live journal rebinds or another session leases}."""
         from .journal import live_journals
-        from .lease import LeasePool
+        from .lease import LeasePool, still_on
 
         counts: set[str] = set()
         devices: set[str] = set()
@@ -240,10 +240,7 @@ class Session:
         for group, owner in held.items():
             if owner.get("session") and owner.get("session") != self.id:
                 members = inv.groups.get(group, [])
-                named = owner.get("devices")
-                # a lease names the devices it was taken for: when none of them is in the group
-                # of that number any more (the number was given to a new group), it holds none
-                if named is None or any(a in members for a in named):
+                if still_on(owner, members):
                     devices.update(members)
         return {"counts": sorted(counts), "devices": sorted(devices)}
 
