@@ -13,6 +13,7 @@ from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool, still_on
 from .pci import PciAddress, read_inventory
 from .profiles import get_profile
+from .sriov import pf_lease_name
 from .targets import default_profile, open_host, target_spec
 
 CLI_OWNER = "cli"  # the journal of manual binds: kept until `vfiotest unbind`/`restore`
@@ -43,8 +44,6 @@ def cli_journal(host):
 
 # -- devices ---------------------------------------------------------------------------------
 def cmd_devices(args):
-    from .sriov import pf_lease_name
-
     host, close, profile = _opened(args)
     try:
         inv = read_inventory(host)
@@ -61,8 +60,9 @@ def cmd_devices(args):
         lease = leases.get(d.iommu_group or "")
         if lease is not None and still_on(lease, inv.groups.get(d.iommu_group or "", [])):
             notes.append(f"leased by pid {lease.get('pid', '?')}")
-        if pf_lease_name(a) in leases:
-            notes.append(f"VF count held by pid {leases[pf_lease_name(a)].get('pid', '?')}")
+        count = leases.get(pf_lease_name(a))
+        if count is not None:
+            notes.append(f"VF count held by pid {count.get('pid', '?')}")
         if d.physfn:
             notes.append(f"VF of {d.physfn}")
         rows.append({"address": a, "id": d.vendor_device, "class": d.pci_class, "driver": d.driver,
@@ -99,8 +99,6 @@ def _leased(host, dev):
     """For the command's length, the lease of `dev`'s IOMMU group and, for a PF or a VF, the
     PF's (the one its VF count is changed under): a device that a test or session holds is
     refused (LeaseBusy, exit 7, naming the holder), and none can lease it half-way through."""
-    from .sriov import pf_lease_name
-
     pool = LeasePool(host)
     names: list[tuple[str, list[str] | None]] = [(dev.iommu_group, [dev.address])] if dev.iommu_group else []
     pf = dev.physfn if dev.is_vf else (dev.address if dev.is_pf else None)

@@ -7,8 +7,8 @@ the lock an owner record (pid, worker, session, test) says who holds it; `held()
 lists the groups whose lock is really held (records left by dead holders are dropped).
 A lease is on a group NUMBER, and the kernel hands a freed number to the next group it
 makes (VFs destroyed and made again, on any PF): a caller that names the `devices` it
-leases the group for has them in the record, and `covers()` tells whether a lease still
-means a given device.
+leases the group for has them in the record; `still_on()` tells whether a lease still
+holds the group of its number, `covers()` whether it holds a given device.
 The worker and session names are the caller's to give (LeasePool(worker=, session=)):
 this module reads no environment.
 """
@@ -179,7 +179,8 @@ class LeasePool:
             return None
 
     def is_held(self, group: str | int) -> bool:
-        """Whether another process holds the lease on `group` right now (a probe of its lock)."""
+        """Whether the lease on `group` is held right now, by anyone (this process too: the probe
+        is a lock of its own)."""
         probe = self.host.hold_lock(self.lock_path(str(group)), blocking=False)
         if probe is None:
             return True
