@@ -6,11 +6,22 @@ callers match on those instead of on the message text:
 
     except JournalError as e:
         if e.reason == JournalError.HELD: ...
+
+Each error class also says what kind of failure it is (`category`): the product under test
+(the kernel, the drivers, Kata, podman, the guest hook: PRODUCT), the environment the run needs
+(a target that cannot be reached, a device another session holds: ENVIRONMENT), or the harness
+itself (HARNESS, the default). The pytest plugin fails a layer with that category in its
+verdict (fixtures/layers.py layer_failed) and the reports class failures by it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+PRODUCT = "product"            # the subject failed: kernel, driver, Kata, podman, the guest hook
+ENVIRONMENT = "environment"    # what the run needs is missing, unreachable, busy or misconfigured
+HARNESS = "harness"            # the harness itself
+CATEGORIES = (PRODUCT, ENVIRONMENT, HARNESS)
 
 
 class HarnessError(Exception):
@@ -19,15 +30,21 @@ class HarnessError(Exception):
     Fields (keyword arguments, all default None): address (PCI address), driver,
     group (IOMMU group), path (file on the target), cause (the underlying error),
     errno (the kernel's, when an OSError was behind it), reason (a subclass's own
-    short code, see its constants)."""
+    short code, see its constants); `category` overrides the class's for one error."""
 
     #: the CLI's exit status for this error (EXIT_CODES lists them all)
     exit_code = 1
+    #: what kind of failure this is: PRODUCT, ENVIRONMENT or HARNESS (see the module doc)
+    category = HARNESS
 
     def __init__(self, message: str, hint: str = "", *, address: str | None = None, driver: str | None = None,
                  group: str | None = None, path: str | None = None, cause: BaseException | str | None = None,
-                 errno: int | None = None, reason: str | None = None) -> None:
+                 errno: int | None = None, reason: str | None = None, category: str | None = None) -> None:
         super().__init__(message)
+        if category is not None:
+            if category not in CATEGORIES:
+                raise ValueError(f"unknown error category {category!r}: one of {CATEGORIES}")
+            self.category = category
         self.message = message
         self.hint = hint
         self.address = address
@@ -50,17 +67,23 @@ class HarnessError(Exception):
 class AddressError(HarnessError):
     """A PCI address that does not parse."""
 
+    category = ENVIRONMENT
+
     exit_code = 2
 
 
 class DeviceNotFound(HarnessError):
     """An address that names no device on the target."""
 
+    category = ENVIRONMENT
+
     exit_code = 4
 
 
 class NotAllowed(HarnessError):
     """A device outside the profile's allowlist, or one the host needs (root disk, SSH NIC)."""
+
+    category = ENVIRONMENT
 
     exit_code = 3
 
@@ -73,17 +96,23 @@ class NotAllowed(HarnessError):
 class BindError(HarnessError):
     """Binding a device to a driver failed; the device was restored where possible."""
 
+    category = PRODUCT
+
     exit_code = 8
 
 
 class UnbindError(HarnessError):
     """Unbinding a device failed."""
 
+    category = PRODUCT
+
     exit_code = 8
 
 
 class VFCreateError(HarnessError):
     """Creating or removing SR-IOV virtual functions failed."""
+
+    category = PRODUCT
 
     exit_code = 8
 
@@ -121,6 +150,8 @@ class JournalError(HarnessError):
 class LeaseBusy(HarnessError):
     """A device (IOMMU group) is held by another process."""
 
+    category = ENVIRONMENT
+
     exit_code = 7
 
     def __init__(self, message: str, hint: str = "", *, owner: dict[str, Any] | None = None, **fields: Any) -> None:
@@ -132,6 +163,8 @@ class LeaseBusy(HarnessError):
 class TargetError(HarnessError):
     """The target host cannot be reached, or a command on it failed."""
 
+    category = ENVIRONMENT
+
     exit_code = 5
 
 
@@ -141,6 +174,8 @@ class CommandTimeout(TargetError):
 
 class ProvisionError(HarnessError):
     """A provisioning layer (runner, image, runtime) could not be built."""
+
+    category = ENVIRONMENT
 
     exit_code = 9
 

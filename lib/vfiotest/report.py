@@ -30,13 +30,25 @@ from typing import Any, Iterable, Optional
 
 from .errors import HarnessError
 
-# What a failure was: an environment problem (the run could not test the product) or the
-# product's (an assertion failed). The pytest plugin writes these as categories.json; the
-# summary classes failures with them. First match wins. The patterns work as Java (whole
-# message) and JavaScript regular expressions (Allure 2 and Allure 3).
+# What a failure was: an environment problem (the run could not test the product), the
+# product's (an assertion failed, or a layer failed on the subject) or the harness's. A layer
+# that failed says its category, from the error's type (fixtures/layers.py failure_text:
+# "... layer failed (product failure): ..."); those rules come first. The pytest plugin writes
+# these as categories.json; the summary classes failures with them. First match wins. The
+# patterns work as Java (whole message) and JavaScript regular expressions (Allure 2 and 3).
 ENVIRONMENT_WORDS = ("layer unavailable", "did not boot", "unreachable", "timed out", "Timeout", "timeout")
+_TAGGED = r"[\s\S]*layer failed \({} failure\)[\s\S]*"
 CATEGORIES: list[dict[str, Any]] = [
-    {"name": "Environment: a layer could not be provisioned",
+    {"name": "Product: a layer failed on the subject (kernel, driver, Kata, podman, guest hook)",
+     "matchedStatuses": ["failed", "broken"],
+     "messageRegex": _TAGGED.format("product")},
+    {"name": "Environment: what the run needs failed (target, busy devices, set-up)",
+     "matchedStatuses": ["failed", "broken"],
+     "messageRegex": _TAGGED.format("environment")},
+    {"name": "Harness: a layer failed in the harness",
+     "matchedStatuses": ["failed", "broken"],
+     "messageRegex": _TAGGED.format("harness")},
+    {"name": "Environment: a layer is unavailable here",
      "matchedStatuses": ["skipped", "failed", "broken"],
      "messageRegex": r"[\s\S]*layer unavailable[\s\S]*"},
     {"name": "Environment: target or guest unreachable, did not boot, or timed out",

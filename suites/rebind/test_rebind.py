@@ -13,12 +13,14 @@ import time
 import pytest
 
 from vfiotest.errors import (
+    ENVIRONMENT,
     AddressError,
     DeviceNotFound,
     JournalError,
     NotAllowed,
     VFCreateError,
 )
+from vfiotest.fixtures.layers import failure_text
 from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.lease import OthersLeases
 from vfiotest.pci import read_inventory
@@ -121,7 +123,9 @@ def whole_pf(request, target_host, sriov_pfs, lease_pool):
                     lease.release()
             return
         if time.monotonic() > deadline:
-            pytest.skip("no PF whose VFs were all free within 5 min")
+            # the PFs are there, only busy: that is a failure of the environment, not "cannot exist here"
+            pytest.fail(failure_text("sriov", "no PF whose VFs were all free within 5 min", ENVIRONMENT),
+                        pytrace=False)
         time.sleep(1)
 
 

@@ -72,7 +72,8 @@ def test_environment_categories_and_executor_are_written(session):
     assert env["device.pf"] == "0000:10:00.0=8086:10c9" and env["device.vf_ids"] == "8086:10ca", env
     assert env["profile"] == "emulated" and env["run.command"].startswith("python -m pytest -p no:cacheprovider ") and "target.cmdline" in env
     cats = json.loads((alluredir / "categories.json").read_text())
-    assert [c["name"].split(":")[0] for c in cats] == ["Environment", "Environment", "Product", "Harness"]
+    assert [c["name"].split(":")[0] for c in cats] == ["Product", "Environment", "Harness", "Environment",
+                                                       "Environment", "Product", "Harness"]
     executor = json.loads((alluredir / "executor.json").read_text())
     assert executor["type"] == "local" and executor["buildName"].startswith("vfiotest ")
 
@@ -84,6 +85,24 @@ def test_categories_separate_environment_problems_from_product_failures():
     assert category_of("failed", "AssertionError: driver is igbvf, expected vfio-pci").startswith("Product")
     assert category_of("broken", "KeyError: 'x'").startswith("Harness")
     assert category_of("skipped", "not on this lane") is None
+
+
+def test_a_failed_layer_is_classed_by_its_error_type_not_its_words():
+    from vfiotest.errors import BindError, LeaseBusy, TargetError
+    from vfiotest.fixtures.layers import failure_text
+    from vfiotest.podman.client import ContainerError
+
+    # a Kata start the guest hook refused: a product failure, although its words say "timed out"
+    refused = ContainerError("container c1 did not start on runtime kata-vfio: vfio-hook timed out")
+    assert category_of("error", failure_text("guest", refused)).startswith("Product"), failure_text("guest", refused)
+    assert category_of("failed", failure_text("vfio", BindError("0000:01:10.0 not bound"))).startswith("Product")
+    assert category_of("failed", failure_text("vfio", LeaseBusy("group 9 held"))).startswith("Environment")
+    assert category_of("error", failure_text("host", TargetError("no answer"))).startswith("Environment")
+    assert category_of("error", failure_text("podman", KeyError("x"))).startswith("Harness")
+    assert category_of("error", failure_text("sriov", "busy for 300 s", "environment")).startswith("Environment")
+    # a missing image is the environment's, whatever its class says
+    assert category_of("error", failure_text("podman", ContainerError("image 'x' is not on r", category="environment"))
+                       ).startswith("Environment")
 
 
 def test_executor_from_github_and_gitlab_variables():

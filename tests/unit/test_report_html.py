@@ -94,7 +94,7 @@ def test_the_html_report_shows_suites_results_steps_and_attachments(tmp_path):
     assert "group node note" in attachments, attachments[:3000]
     assert "inventory before" in attachments and ": changes" in attachments, attachments[:3000]
     categories = rendered_text(browser, index, "#categories", expect="Product:")
-    assert "Environment: a layer could not be provisioned" in categories, categories[:3000]
+    assert "Environment: a layer is unavailable here" in categories, categories[:3000]
     assert "Product: an assertion about the device, guest or container failed" in categories, categories[:3000]
     # the qualification summary is in the report too
     assert "summary.md" in rendered_text(browser, index, "#globalAttachments", expect="summary.md")

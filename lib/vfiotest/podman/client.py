@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..constants import VFIO_ANNOTATION
-from ..errors import HarnessError
+from ..errors import ENVIRONMENT, PRODUCT, HarnessError
 from .service import PodmanService, service_entry, undo_service, wait_for_ping
 
 if TYPE_CHECKING:
@@ -37,7 +37,10 @@ LOG_CONFIG = {"Type": "json-file", "Config": {}}
 
 
 class ContainerError(HarnessError):
-    """A container could not be created, started or waited for."""
+    """A container could not be created, started or waited for: the runtime (Kata, its guest hook)
+    or podman refused it, a product failure unless the error says otherwise (a missing image)."""
+
+    category = PRODUCT
 
 
 @dataclass
@@ -183,7 +186,8 @@ class RuntimeClient:
             c = self.client.containers.create(image, command=list(command), **kw)
         except ImageNotFound as e:
             raise ContainerError(f"image {image!r} is not on {self.service.host.name}: {e}",
-                                 hint="build and import it: `vfiotest image build` (or pass --image with an image that exists there)") from e
+                                 hint="build and import it: `vfiotest image build` (or pass --image with an image that exists there)",
+                                 category=ENVIRONMENT) from e
         except APIError as e:
             self._forget_by_name(name)
             raise ContainerError(f"podman could not create container {name} ({self.runtime}): {e.explanation or e}",
