@@ -8,7 +8,7 @@ import sys
 from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import PROFILE_UNUSED, add_target_argument
-from .errors import TargetError
+from .errors import HarnessError, TargetError
 from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool, still_on
 from .pci import PciAddress, read_inventory
@@ -186,7 +186,11 @@ def cmd_restore(args):
         else:
             from .session import restore_orphaned_sessions
 
-            sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
+            failed = None
+            try:
+                sessions = restore_orphaned_sessions(host, constants.state_dir("sessions"), target_spec(args.target))
+            except HarnessError as e:   # the rest was undone; the PCI journals below are replayed all the same
+                sessions, failed = [], e
             for sid, n in sessions:
                 print(f"crashed session {sid}: {n} recorded change(s) undone (registrations, podman settings and services, containers and Kata VMs, boot loader files)")
             done = restore_orphans(host, include_kept=True)
@@ -195,6 +199,8 @@ def cmd_restore(args):
             from .lease import LeasePool
 
             LeasePool(host).held()      # drops the records of leases whose holder died
+            if failed is not None:
+                raise failed
             if not done and not sessions:
                 print("no orphaned journal or crashed session: nothing to restore")
     finally:

@@ -55,6 +55,9 @@ class Verdict:
     still_different: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     error: Optional[str] = None
+    #: the undo records left for the next session or `vfiotest restore` (not undone: the target
+    #: could not be reached, or their undo failed); the session directory stays with them
+    kept: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -93,13 +96,17 @@ class Session:
         os.write(fd, json.dumps({"pid": os.getpid(), "target": self.spec}).encode())
         self._alive_fd = fd
 
-    def _let_go(self) -> None:
+    def _let_go(self, keep_records: bool = False) -> None:
+        """Release the liveness lock. With `keep_records` the lock file stays (it names the
+        target), so that the session reads as crashed: the next session on that target, or
+        `vfiotest restore`, undoes the records it kept."""
         if self._alive_fd is None:
             return
-        try:
-            os.remove(self.alive_path)
-        except FileNotFoundError:
-            pass
+        if not keep_records:
+            try:
+                os.remove(self.alive_path)
+            except FileNotFoundError:
+                pass
         os.close(self._alive_fd)
         self._alive_fd = None
         try:
@@ -189,6 +196,10 @@ class Session:
             try:
                 for sid, n in restore_orphaned_sessions(host, os.path.dirname(self.dir), self.spec, exclude=self.id):
                     progress(f"undid what crashed session {sid} recorded ({n} entries)")
+            except HarnessError as e:
+                # its records stay for `vfiotest restore`; the PCI journals are replayed all the same
+                progress(f"warning: could not undo everything a crashed session recorded: {e}")
+            try:
                 restored = restore_orphans(host)
             except JournalError:
                 raise
@@ -276,7 +287,8 @@ class Session:
         with self.lock("records"):       # workers record too: one sequence number each
             d = self.path(RECORDS)
             os.makedirs(d, exist_ok=True)
-            seq = len([n for n in os.listdir(d) if n.endswith(".json")])
+            # one more than the last: finish() removes each record it undid, so a count could repeat a number
+            seq = max((int(n.split("-", 1)[0]) for n in os.listdir(d) if n.endswith(".json")), default=-1) + 1
             tmp = os.path.join(d, f".{seq:03d}-{entry['kind']}.json.tmp")
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 json.dump(entry, f)
@@ -299,7 +311,12 @@ class Session:
         """Controlling process, once every worker is done: replay the undo records and the
         session journal, compare the host with the baseline (restoring from the journals when
         it differs), remove the session directory, release the runner. A session that never
-        started (NEW) does nothing."""
+        started (NEW) does nothing.
+
+        An undo record is removed once it is undone. When the target cannot be reached, or an
+        undo fails, the records not undone are kept (Verdict.kept), with the session directory and
+        its lock file naming the target: the session then reads as crashed, and the next session
+        on that target or `vfiotest restore` undoes them (restore_orphaned_sessions)."""
         v = Verdict()
         if not self.started:
             self._let_go()
@@ -318,10 +335,21 @@ class Session:
             if host is not None:
                 try:
                     self._finish_on(host, base, records, v, say)
+                except HarnessError as e:     # the target went away half-way: what is left is kept
+                    v.error = f"finishing on the target stopped: {e}"
+                    say(f"session: {v.error}")
                 finally:
                     host.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self._let_go()
+        v.kept = [name for name, _ in self._records()]
+        if v.kept:
+            say(f"session: kept {len(v.kept)} undo record(s) in {os.path.join(self.dir, RECORDS)} "
+                f"({', '.join(v.kept)}): not undone on {self.spec}; the next session on that target, or "
+                f"`vfiotest restore --target {self.spec}`, undoes them")
+            if v.error is None:
+                v.error = f"{len(v.kept)} undo record(s) kept"
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._let_go(keep_records=bool(v.kept))
         if self.is_virtual:
             from .runner import Runner
 
@@ -360,13 +388,16 @@ class Session:
         from .journal import restore_orphans, undo_entry
 
         for name, entry in reversed(records):
+            where = os.path.join(self.dir, RECORDS, name)
             try:
-                undo_entry(host, entry, where=os.path.join(self.dir, RECORDS, name))
-                say(f"undid the session's {entry['kind']}"
-                    + (f" of {entry.get('runtime') or entry.get('path')}" if entry.get('runtime') or entry.get('path') else ""))
+                undo_entry(host, entry, where=where)
             except HarnessError as e:
                 v.error = f"could not undo {entry['kind']} ({name}): {e}"
                 say(f"session: {v.error}")
+                continue
+            os.remove(where)
+            say(f"undid the session's {entry['kind']}"
+                + (f" of {entry.get('runtime') or entry.get('path')}" if entry.get('runtime') or entry.get('path') else ""))
         from .sriov import COUNT_LOCK, COUNT_LOCK_TIMEOUT
 
         count_lock = host.hold_lock(COUNT_LOCK, blocking=True, timeout=COUNT_LOCK_TIMEOUT)
@@ -501,21 +532,36 @@ def orphaned_sessions(root: str, spec: Optional[str] = None, exclude: Optional[s
 def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
                               exclude: Optional[str] = None) -> list[tuple[str, int]]:
     """Undo, newest first, what each crashed session on `spec` recorded (its registrations, its
-    podman drop-in) and drop its directory: [(session id, entries undone)]. Its PCI changes are in
-    its journal on the target, which `journal.restore_orphans` replays."""
+    podman drop-in), removing each record once undone, and drop a session's directory when none
+    is left: [(session id, entries undone)]. Every session and record is tried; a record whose
+    undo fails stays, and a HarnessError at the end names them (after the rest was done). Its
+    PCI changes are in its journal on the target, which `journal.restore_orphans` replays."""
     from .journal import undo_entry
 
     done = []
+    failed: list[str] = []
     for s in orphaned_sessions(root, spec, exclude):
         records = s._records()
+        n = 0
         for name, entry in reversed(records):
-            undo_entry(host, entry, where=os.path.join(s.dir, RECORDS, name))
-        shutil.rmtree(s.dir, ignore_errors=True)
-        try:
-            os.remove(s.alive_path)
-        except FileNotFoundError:
-            pass
-        done.append((s.id, len(records)))
+            where = os.path.join(s.dir, RECORDS, name)
+            try:
+                undo_entry(host, entry, where=where)
+            except HarnessError as e:
+                failed.append(f"session {s.id} {name}: {e.message}")
+                continue
+            os.remove(where)
+            n += 1
+        if n == len(records):
+            shutil.rmtree(s.dir, ignore_errors=True)
+            try:
+                os.remove(s.alive_path)
+            except FileNotFoundError:
+                pass
+        done.append((s.id, n))
+    if failed:
+        raise HarnessError(f"could not undo {len(failed)} record(s) of crashed sessions: {'; '.join(failed)}",
+                           hint="fix the cause shown, then run `vfiotest restore` again (the records are kept)")
     return done
 
 

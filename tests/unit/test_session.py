@@ -316,3 +316,97 @@ def test_what_another_session_leases_is_its_own_unless_the_group_number_moved_on
         assert VF not in sess.others_claims(host, inv)["devices"]
     with pool.acquire(group, test_id="t::unnamed"):
         assert VF in sess.others_claims(host, inv)["devices"]
+
+
+def _restore_cli(state_dir, spec):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
+    env.update(VFIOTEST_STATE_DIR=str(state_dir))
+    return subprocess.run([sys.executable, "-m", "vfiotest", "restore", "--target", spec, "--profile", "emulated"],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_session_that_cannot_reach_its_target_at_finish_keeps_its_records_for_restore(sim, tmp_path):
+    """The target is cut before finish(): the drop-in the session wrote cannot be removed, so its
+    record stays (and says so); `vfiotest restore` on that target removes the drop-in later."""
+    state = tmp_path / "state"
+    spec = f"sim:{sim.sysroot}"
+    sess = Session("cut", spec, str(state / "sessions" / "cut"))
+    sess.hold()
+    host = sess.open_host()
+    sess.baseline(host)
+    path = "/etc/containers/containers.conf.d/zz-kata-vfio.conf"
+    sess.record(file_entry(host, path))
+    host.write_atomic(path, "[engine.runtimes]\nkata-vfio = ['/x']\n", mode=0o644)
+    os.rename(sim.sysroot, sim.sysroot + ".cut")          # the target is unreachable now
+    lines = []
+    v = sess.finish(say=lines.append)
+    os.rename(sim.sysroot + ".cut", sim.sysroot)          # and back
+    assert not v.ok and "cannot reach the target" in (v.error or ""), v
+    assert v.kept == ["000-file.json"], v
+    assert any("kept 1 undo record(s)" in line and "vfiotest restore" in line for line in lines), lines
+    assert host.exists(path), "nothing could have removed it"
+    assert (state / "sessions" / "cut" / "undo" / "000-file.json").exists()
+    assert [s.id for s in orphaned_sessions(str(state / "sessions"), spec)] == ["cut"], "it must read as crashed"
+    res = _restore_cli(state, spec)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "crashed session cut: 1 recorded change(s) undone" in res.stdout, res.stdout
+    assert not host.exists(path), "restore did not remove the drop-in"
+    assert not (state / "sessions" / "cut").exists()
+
+
+def test_an_undo_that_fails_keeps_its_record_and_the_others_are_undone(sim, sess, undo_log):
+    journal.register_kind("test-broken-undo", ("n",), _raise_harness)
+    try:
+        sess.hold()
+        sess.baseline(sess.open_host())
+        sess.record({"kind": "test-undo", "n": 1})
+        sess.record({"kind": "test-broken-undo", "n": 2})
+        sess.record({"kind": "test-undo", "n": 3})
+        v = sess.finish(say=lambda s: None)
+        assert undo_log == [3, 1], "every record that can be undone is"
+        assert v.kept == ["001-test-broken-undo.json"] and not v.ok, v
+        assert "could not undo test-broken-undo" in (v.error or "")
+        assert os.path.isdir(sess.dir) and os.path.exists(sess.alive_path)
+    finally:
+        journal._KINDS.pop("test-broken-undo", None)
+
+
+def _raise_harness(host, entry):
+    raise HarnessError(f"the undo of record {entry['n']} failed on purpose")
+
+
+def test_a_crashed_sessions_failed_undo_does_not_stop_the_pci_replay(sim, tmp_path, undo_log):
+    """The next session finds a crashed one whose record cannot be undone and whose journal
+    changed a VF count: the count is put back all the same, the record is kept, and the next
+    baseline is taken over the host as found."""
+    journal.register_kind("test-broken-undo", ("n",), _raise_harness)
+    try:
+        root = tmp_path / "sessions"
+        spec = f"sim:{sim.sysroot}"
+        crashed = Session("dead", spec, str(root / "dead"))
+        crashed.hold()
+        host = crashed.open_host()
+        before = crashed.baseline(host).devices[PF].sriov.numvfs
+        crashed.record({"kind": "test-broken-undo", "n": 1})
+        crashed.record({"kind": "test-undo", "n": 2})
+        j = Journal.open(host, owner=crashed.journal_owner, session=crashed.journal_meta)
+        set_numvfs(host, PF, before + 2, journal=j)
+        j.close()
+        os.close(crashed._alive_fd)                       # the crash
+        crashed._alive_fd = None
+        nxt = Session("next", spec, str(root / "next"))
+        nxt.hold()
+        lines = []
+        base = nxt.baseline(nxt.open_host(), progress=lines.append)
+        assert read_inventory(host).devices[PF].sriov.numvfs == before, lines
+        assert base is not None and base.devices[PF].sriov.numvfs == before
+        assert undo_log == [2]
+        assert any("could not undo" in line and "dead" in line for line in lines), lines
+        assert (root / "dead" / "undo" / "000-test-broken-undo.json").exists(), "the failed record is kept"
+        assert not (root / "dead" / "undo" / "001-test-undo.json").exists(), "an undone record is dropped"
+        nxt.finish(say=lambda s: None)
+    finally:
+        journal._KINDS.pop("test-broken-undo", None)

@@ -8,14 +8,18 @@ of vfiotest.podman.client.vfio_recipe (the seed's recipe on Kata, the host's nod
 
 `breaks` breaks the subject on purpose, to show that tests fail for the right reason:
 `withhold-device` (no --device), `no-dev-mount` (no `-v /dev:/dev` on Kata), `no-ipc-lock`
-(CAP_IPC_LOCK dropped, memlock 64 KiB). The pytest plugin passes VFIOTEST_BREAK's words.
+(CAP_IPC_LOCK dropped, memlock 64 KiB), `hook-fails` (the guest hook is asked, through the
+annotation, for a device no guest has: it exits non-zero and the Kata agent refuses the
+start). The pytest plugin passes VFIOTEST_BREAK's words.
 """
 
 from __future__ import annotations
 
+from ..constants import VFIO_ANNOTATION
 from .client import vfio_recipe
 
 SMALL_MEMLOCK = 64 * 1024
+UNMATCHED_ID = "ffff:fffe"   # hook-fails: a vendor:device no guest device has (the hook exits 5)
 
 
 class ContainerFactory:
@@ -38,6 +42,8 @@ class ContainerFactory:
                              dev_mount=not self._broken("no-dev-mount"), device=not self._broken("withhold-device"))
         devices, cap_add, cap_drop = recipe.pop("devices") + list(devices), list(cap_add), list(cap_drop)
         annotations = {**recipe.pop("annotations"), **(annotations or {})}
+        if self._broken("hook-fails") and VFIO_ANNOTATION in annotations:
+            annotations[VFIO_ANNOTATION] = UNMATCHED_ID
         extra = recipe
         if ipc_lock is True and not self._broken("no-ipc-lock"):
             cap_add.append("CAP_IPC_LOCK")
