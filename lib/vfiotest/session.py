@@ -35,11 +35,13 @@ import filelock
 from . import targets
 from .errors import HarnessError, JournalError
 from .pci import Inventory, read_inventory, read_inventory_json
+from .sriov import COUNT_LOCK, COUNT_LOCK_TIMEOUT, SessionVfs, shared_counts
 
 NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
 
 BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
 BOOTED = "runner-booted-by-this-session"
+REBOOTED = "kernel-args-rebooted"         # a process of the session added kernel arguments and rebooted
 ALIVE = ".alive"                          # <sessions>/<id>.alive: flocked by the controlling process
 RECORDS = "undo"                          # <dir>/undo/<seq>-<kind>.json
 
@@ -71,6 +73,7 @@ class Session:
     def __init__(self, session_id: str, spec: str, directory: str):
         self.id, self.spec, self.dir = session_id, spec, directory
         self._runner: Any = None
+        self._vf_counts: Optional[SessionVfs] = None
         self._alive_fd: Optional[int] = None
 
     # -- liveness ----------------------------------------------------------------------------
@@ -306,6 +309,41 @@ class Session:
                 out.append((n, json.load(f)))
         return out
 
+    # -- what the session changes once, for all its processes -------------------------------
+    def vf_counts(self, host: Any, profile: Any, leases: Any) -> SessionVfs:
+        """This process's handle on the session's VF counts (vfiotest.sriov.SessionVfs): the
+        first process makes them, journaled in the session journal; finish() puts them back."""
+        if self._vf_counts is None:
+            self._vf_counts = SessionVfs(self, host, profile, leases)
+        return self._vf_counts
+
+    def add_kernel_args(self, host: Any, args: list[str], progress: Callable[[str], None] = lambda s: None) -> bool:
+        """Add the kernel arguments `args` to the target's boot configuration (each file recorded
+        in this session first: finish() puts them back) and reboot it, once per session: True
+        when this process did it, False when another process of the session already had (the
+        host is reconnected either way). The baseline is taken again over the new boot."""
+        from . import kernelargs
+
+        with self.lock("kernel-args"):
+            marker = self.path(REBOOTED)
+            if os.path.exists(marker):
+                host.close()      # another process rebooted it: reconnect on the next call
+                return False
+            emulated = self.is_virtual
+            done = kernelargs.apply(host, args, recorder=self, emulated=emulated, progress=progress)
+            progress(f"{done}; rebooting {host.name} (--allow-reboot); the session's end puts the boot "
+                     "configuration back")
+            if emulated:
+                self.runner(progress).reboot(progress=progress)
+                host.close()     # the old connection died with the old boot: reconnect on the next call
+            else:
+                kernelargs.reboot_and_wait(host, progress=progress)
+            with open(marker, "w") as f:
+                f.write(" ".join(args) + "\n")
+            # the PCI baseline was taken before the reboot: what the session leaves is compared with the new boot
+            self.rebaseline(host)
+            return True
+
     # -- FINISHED ----------------------------------------------------------------------------
     def finish(self, keep_runner: bool = False, say: Callable[[str], None] = print) -> Verdict:
         """Controlling process, once every worker is done: replay the undo records and the
@@ -398,8 +436,6 @@ class Session:
             os.remove(where)
             say(f"undid the session's {entry['kind']}"
                 + (f" of {entry.get('runtime') or entry.get('path')}" if entry.get('runtime') or entry.get('path') else ""))
-        from .sriov import COUNT_LOCK, COUNT_LOCK_TIMEOUT
-
         count_lock = host.hold_lock(COUNT_LOCK, blocking=True, timeout=COUNT_LOCK_TIMEOUT)
         if count_lock is None:
             v.error = (f"{COUNT_LOCK} on {host.name} stayed held for {COUNT_LOCK_TIMEOUT:.0f} s; "
@@ -438,20 +474,6 @@ class Session:
                    else f"still different: {v.still_different}; run `vfiotest restore`"))
         else:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
-
-
-def shared_counts(host: Any, own: str) -> dict[str, tuple[str, dict]]:
-    """{PF: (owner, its numvfs entry)} for the VF counts that live journals on `host` other than
-    `own` record: sessions sharing the runner that made VFs. A session using those VFs records
-    the same entry in its own journal (the original count), and the last one to end puts it back."""
-    from .journal import live_journals
-
-    out: dict[str, tuple[str, dict]] = {}
-    for owner, entries in sorted(live_journals(host, exclude=(own,)).items()):
-        for e in entries:
-            if e.get("kind") == "numvfs" and e.get("address"):
-                out.setdefault(e["address"], (owner, dict(e)))
-    return out
 
 
 def split_others(diff: list[str], base: Inventory, now: Inventory,
@@ -566,4 +588,4 @@ def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
 
 
 __all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "orphaned_sessions",
-           "restore_orphaned_sessions", "shared_counts"]
+           "restore_orphaned_sessions", "shared_counts"]   # shared_counts: vfiotest.sriov's, re-exported

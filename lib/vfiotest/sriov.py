@@ -11,11 +11,13 @@ refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 from __future__ import annotations
 
 import errno
+import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from . import constants
-from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
+from .errors import ENVIRONMENT, CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
 from .lease import Lease, LeasePool, covers
 from .pci import Inventory, PciAddress, read_inventory
 
@@ -208,3 +210,91 @@ def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIME
 JOURNAL_KINDS: list[dict[str, Any]] = [{"kind": "numvfs", "required": ("address", "numvfs"), "undo": restore_numvfs}]
 
 __all__ = ["COUNT_LOCK", "hold_vfs", "pf_lease_name", "set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]
+
+
+def shared_counts(host: Any, own: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{PF: (owner, its numvfs entry)} for the VF counts that live journals on `host` other than
+    `own` record: sessions sharing the runner that made VFs. A session using those VFs records
+    the same entry in its own journal (the original count), and the last one to end puts it back."""
+    from .journal import live_journals
+
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for owner, entries in sorted(live_journals(host, exclude=(own,)).items()):
+        for e in entries:
+            if e.get("kind") == "numvfs" and e.get("address"):
+                out.setdefault(e["address"], (owner, dict(e)))
+    return out
+
+
+@dataclass
+class SriovPf:
+    """A PF with the VFs a session gave it."""
+
+    address: PciAddress
+    vendor_device: str
+    driver: str | None
+    vfs: list[PciAddress]
+    #: the PF's network interfaces and their operstate when the VFs were made
+    operstate: dict[str, str]
+
+
+class SessionVfs:
+    """The VF counts of one test session: its PFs given `numvfs` VFs once per session (by its
+    first process; the others read what it made), each original count journaled in the
+    session journal before it changes. That journal stays open, and live, until close(); the
+    session's finish() puts the counts back after every process is done (vfiotest.session).
+    A session owns one (Session.vf_counts); the sriov layer asks it for the PFs."""
+
+    CREATED = "sriov-created"     # in the session directory: the first process made the VFs
+
+    def __init__(self, session: Any, host: Any, profile: Any, leases: LeasePool) -> None:
+        self.session, self.host, self.profile, self.leases = session, host, profile, leases
+        self._journal: Any = None
+
+    def provide(self, pfs: list[Any], numvfs: int, progress: Callable[[str], None] = lambda s: None) -> list[SriovPf]:
+        """`pfs` (pci Devices) with min(numvfs, sriov_totalvfs) VFs each. HarnessError (typed:
+        VFCreateError, LeaseBusy...) when a count cannot be had; the journal records what was done."""
+        from .journal import Journal
+
+        out = []
+        with self.session.lock("sriov"):
+            first = not os.path.exists(self.session.path(self.CREATED))
+            if first and self._journal is None:
+                # the session journal stays live (journal.session_alive) until the session ends,
+                # so no other session takes it for an orphan
+                self._journal = Journal.open(self.host, owner=self.session.journal_owner, wait=60,
+                                             session=self.session.journal_meta)
+            journal = self._journal if first else None
+            count_lock = self.host.hold_lock(COUNT_LOCK, blocking=True, timeout=COUNT_LOCK_TIMEOUT)
+            if count_lock is None:
+                raise VFCreateError(f"another process on {self.host.name} held {COUNT_LOCK} for "
+                                    f"{COUNT_LOCK_TIMEOUT:.0f} s (a session creating or putting back VFs)",
+                                    hint="`vfiotest devices` shows who holds the PFs; wait for that session, "
+                                         "or `vfiotest restore` if it crashed", category=ENVIRONMENT)
+            try:
+                shared = shared_counts(self.host, self.session.journal_owner) if journal else {}
+                for pf in pfs:
+                    n = min(numvfs, pf.sriov.totalvfs) if pf.sriov else numvfs
+                    if journal is not None:
+                        progress(f"{pf.address} ({pf.vendor_device}): {n} VFs")
+                        if pf.address in shared:
+                            # another live session made these VFs: its original count is ours to put
+                            # back too, should that session end first (Session.finish leaves it to us)
+                            journal.record(shared[pf.address][1])
+                    # a test changing this PF's VF count on purpose (rebind's whole_pf) holds this lease
+                    with self.leases.wait_acquire(pf_lease_name(pf.address), test_id="sriov layer"):
+                        vfs = set_numvfs(self.host, pf.address, n, journal=journal, profile=self.profile,
+                                         leases=self.leases)
+                    out.append(SriovPf(pf.address, pf.vendor_device, pf.driver, list(vfs),
+                                       {i: self.host.read_text(f"/sys/class/net/{i}/operstate").strip()
+                                        for i in pf.net}))
+            finally:
+                count_lock.release()
+            open(self.session.path(self.CREATED), "w").close()
+        return out
+
+    def close(self) -> None:
+        """Let go of the session journal; its entries stay for the session's finish()."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
