@@ -211,7 +211,12 @@ class RuntimeClient:
         try:
             c.start()
         except APIError as e:
-            raise ContainerError(f"container {c.name} did not start on runtime {self.runtime}: {e.explanation or e}",
+            why = str(e.explanation or e)
+            # the API's message is often just "POST operation failed": the service log has the runtime's words
+            tail = self.service.log_tail(8)
+            if tail:
+                why += "\n--- podman service log (tail)\n" + tail
+            raise ContainerError(f"container {c.name} did not start on runtime {self.runtime}: {why}",
                                  hint="the runtime's error is above; run the same with `podman --runtime ... run` on the target") from e
         c.reload()
         return c
