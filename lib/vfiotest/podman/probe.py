@@ -16,6 +16,10 @@ output:
   map-dma          VFIO_IOMMU_MAP_DMA of an anonymous, page-aligned buffer
                    (pins memory: needs CAP_IPC_LOCK or enough RLIMIT_MEMLOCK)
   unmap-dma        VFIO_IOMMU_UNMAP_DMA, all bytes back
+  dma-stress       (with --dma-stress SIZE) SIZE mapped one page per VFIO_IOMMU_MAP_DMA
+                   (at most 65535 mappings, vfio_iommu_type1's default dma_entry_limit),
+                   then unmapped in one call, --dma-rounds times: the pinned memory and
+                   the IOMMU's mapping count under load
   get-device-fd    VFIO_GROUP_GET_DEVICE_FD
   device-info      VFIO_DEVICE_GET_INFO (flags, regions, irqs, reset)
   region-info      VFIO_DEVICE_GET_REGION_INFO for every region
@@ -122,6 +126,40 @@ def encode_irq_info(index):
     return bytearray(IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
 
 
+DMA_ENTRY_LIMIT = 65535   # vfio_iommu_type1's default dma_entry_limit (mappings per container)
+
+
+def dma_stress(cfd, size, rounds=1, page=PAGE_SIZE, iova=1 << 32):
+    """Map `size` bytes one page per VFIO_IOMMU_MAP_DMA (at most DMA_ENTRY_LIMIT mappings), then
+    unmap the whole range in one call; `rounds` times. Returns what was done. ProbeFailed
+    ("dma-stress") names the round and the page; what was mapped is unmapped first."""
+    import time
+
+    if rounds < 1:
+        raise ValueError(f"--dma-rounds {rounds} must be at least 1")
+    maps = min(size // page, DMA_ENTRY_LIMIT)
+    buf, vaddr = aligned_buffer(maps * page, page)
+    t0 = time.monotonic()
+    for rnd in range(rounds):
+        i = 0
+        try:
+            for i in range(maps):
+                _ioctl("dma-stress", cfd, VFIO_IOMMU_MAP_DMA, encode_dma_map(vaddr + i * page, iova + i * page, page))
+        except ProbeFailed as e:
+            if i:
+                fcntl.ioctl(cfd, VFIO_IOMMU_UNMAP_DMA, encode_dma_unmap(iova, i * page))
+            raise ProbeFailed("dma-stress", f"dma-stress: round {rnd + 1}, mapping {i + 1} of {maps}: {e.message}",
+                              e.errno) from None
+        um = encode_dma_unmap(iova, maps * page)
+        _ioctl("dma-stress", cfd, VFIO_IOMMU_UNMAP_DMA, um)
+        if DMA_UNMAP.unpack(um)[3] != maps * page:
+            raise ProbeFailed("dma-stress", f"dma-stress: round {rnd + 1}: {DMA_UNMAP.unpack(um)[3]} bytes unmapped, "
+                                            f"{maps * page} were mapped")
+    del buf
+    return {"bytes": maps * page, "page": page, "maps": maps, "rounds": rounds,
+            "seconds": round(time.monotonic() - t0, 2)}
+
+
 def aligned_buffer(size, page=PAGE_SIZE):
     """A zero-filled, page-aligned buffer of `size` bytes and its address.
 
@@ -177,8 +215,9 @@ def find_device(group, sysfs="/sys"):
 
 
 def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=0x10000000, sysfs="/sys", report=None,
-          before_close=None):
-    """Run every step; returns the report dict. Raises ProbeFailed naming the step.
+          before_close=None, stress_size=0, stress_rounds=1):
+    """Run every step (dma-stress only with `stress_size`); returns the report dict. Raises
+    ProbeFailed naming the step.
     `report` (a dict) is filled as steps pass, so a failure still shows what came before.
     `before_close(report)` runs after the last step with the group and device still open."""
     r = report if report is not None else {}
@@ -235,6 +274,10 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
             raise ProbeFailed("unmap-dma", f"unmap-dma: {unmapped} bytes unmapped, {dma_size} were mapped")
         del buf
         steps.append("unmap-dma")
+
+        if stress_size:
+            r["dma_stress"] = dma_stress(cfd, stress_size, stress_rounds)
+            steps.append("dma-stress")
 
         device = device or find_device(group, sysfs)
         r["device"] = device
@@ -355,6 +398,9 @@ def main(argv=None):
     p.add_argument("--device", help="PCI address to open (default: first device of the group in /sys)")
     p.add_argument("--dma-size", type=lambda s: int(s, 0), default=1 << 20, help="bytes to map (page multiple; default 1 MiB)")
     p.add_argument("--iova", type=lambda s: int(s, 0), default=0x10000000, help="IO virtual address to map at")
+    p.add_argument("--dma-stress", type=lambda s: int(s, 0), default=0, metavar="BYTES",
+                   help="also map BYTES one page per mapping (at most 65535), then unmap them (default: off)")
+    p.add_argument("--dma-rounds", type=int, default=1, metavar="N", help="rounds of --dma-stress (default 1)")
     p.add_argument("--hold", type=float, default=0, metavar="SECONDS",
                    help="after the steps, print the report and keep the group open this long (to test exclusivity)")
     p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
@@ -373,7 +419,7 @@ def main(argv=None):
 
     try:
         probe(a.vfio_dir, a.group, a.device, a.dma_size, a.iova, a.sysfs, report=report,
-              before_close=hold if a.hold > 0 else None)
+              before_close=hold if a.hold > 0 else None, stress_size=a.dma_stress, stress_rounds=a.dma_rounds)
     except ProbeFailed as e:
         report.update(ok=False, step=e.step, error=e.message, errno=e.errno,
                       errname=errno_mod.errorcode.get(e.errno) if e.errno else None)
