@@ -7,16 +7,14 @@ import sys
 
 from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
-from .cli import PROFILE_UNUSED, add_target_argument
+from .cli import PROFILE_UNUSED, add_target_argument, cli_journal
 from .errors import TargetError
-from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
+from .journal import orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool, still_on
 from .pci import PciAddress, read_inventory
 from .profiles import get_profile
 from .sriov import pf_lease_name
 from .targets import default_profile, open_host, target_spec
-
-CLI_OWNER = "cli"  # the journal of manual binds: kept until `vfiotest unbind`/`restore`
 
 
 def _opened(args, lasting=False):
@@ -35,11 +33,6 @@ def _opened(args, lasting=False):
                 hint="start it first with `vfiotest runner up` (and `vfiotest runner down` when done)")
     host, close = open_host(spec, progress=lambda m: print(m, file=sys.stderr))
     return host, close, profile
-
-
-def cli_journal(host):
-    """The CLI's journal on `host` (kept: sessions leave it alone; `vfiotest restore` replays it)."""
-    return Journal.open(host, CLI_OWNER, keep=True, wait=30)
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -303,4 +296,4 @@ def register(sub):
     p.set_defaults(func=cmd_doctor)
 
 
-__all__ = ["register", "doctor_checks", "CLI_OWNER"]
+__all__ = ["register", "doctor_checks"]

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
             real(self)
             os._exit(137)          # kill -9 after the files are written: no finally
         runtime.RuntimeRegistration.register = killed
-    from vfiotest.cli import main
+    from vfiotest.command import main
     sys.exit(main(["kata", command, "--target", spec]))
 """)
 
