@@ -4,7 +4,7 @@ Two layers: a `Transport` runs a command on the target with a timeout (and carri
 the file operations and locks there): `LocalTransport` here, `SshTransport` in
 vfiotest.sshhost. `Host` is the one file-operations layer over a transport that every
 host shares: `LocalHost`, `SshHost` (vfiotest.sshhost) and `SimulatedHost`
-(vfiotest.simsysfs). `LocalHost` is standard-library only (it runs inside the Kata
+(vfiotest.testing.simsysfs). `LocalHost` is standard-library only (it runs inside the Kata
 guest, in the hook). Every path handed to a Host is the path on the target
 ("/sys/bus/pci/..."); `sysroot` is prepended by hosts whose sysfs lives elsewhere.
 """

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from vfiotest.kata.runtime import DROPIN_PATH, MARKER, WRAPPER_PATH
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 CHILD = textwrap.dedent("""
     import os, sys

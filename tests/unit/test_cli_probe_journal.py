@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from vfiotest.podman.conf import DROPIN_PATH
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 KILLED = textwrap.dedent("""
     import os, sys

@@ -11,8 +11,8 @@ from vfiotest.errors import HarnessError, JournalError
 from vfiotest.journal import Journal
 from vfiotest.pci import read_inventory
 from vfiotest.session import BASELINED, NEW, REACHED, Session, orphaned_sessions
-from vfiotest.simsysfs import SimulatedHost
 from vfiotest.sriov import set_numvfs
+from vfiotest.testing.simsysfs import SimulatedHost
 from vfiotest.undo_files import file_entry
 
 VF = "0000:10:10.0"

@@ -29,8 +29,8 @@ import tempfile
 import time
 import uuid
 
-from .errors import CommandTimeout, TargetError
-from .host import DEFAULT_TIMEOUT, CommandResult, LocalHost
+from ..errors import CommandTimeout, TargetError
+from ..host import DEFAULT_TIMEOUT, CommandResult, LocalHost
 
 VFIO = "vfio-pci"
 
@@ -85,7 +85,7 @@ class SimulatedHost(LocalHost):
         sysroot = os.path.abspath(sysroot)
         if sysroot in ("/", "") or not os.path.isfile(sysroot + SIM_DIR + "/state.json"):
             raise TargetError(f"{sysroot} is not a simulated sysroot (no {SIM_DIR}/state.json)",
-                              hint="build one with vfiotest.simsysfs.SimulatedHost.build(dir) (sim: targets are for tests)")
+                              hint="build one with vfiotest.testing.simsysfs.SimulatedHost.build(dir) (sim: targets are for tests)")
         super().__init__(name or f"sim:{sysroot}")
         self.sysroot = sysroot
         #: commands run through _exec (the round trips a real target would see)
