@@ -31,6 +31,7 @@ from .. import constants
 from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
 from ..host import wait_for
+from ..pci import read_inventory
 from ..sshhost import SshHost, wait_for_ssh_banner
 from . import assets, bootcfg, qemu
 
@@ -613,19 +614,12 @@ class Runner:
                 say(f"runner: waiting for SSH ({now - t0:.0f} s) console: {last}")
                 next_note = now + 10
 
-    def _read_pfs(self):
-        """The SR-IOV PFs the VM sees, by kind (one SSH round trip)."""
-        script = ("import os,json\nb='/sys/bus/pci/devices'\nout={}\n"
-                  "for a in sorted(os.listdir(b)):\n"
-                  "    d=os.path.join(b,a)\n"
-                  "    if not os.path.exists(d+'/sriov_totalvfs'): continue\n"
-                  "    v=open(d+'/vendor').read().strip()[2:]; i=open(d+'/device').read().strip()[2:]\n"
-                  "    out[a]=v+':'+i\n"
-                  "print(json.dumps(out))")
+    def _read_pfs(self) -> dict[str, str]:
+        """The SR-IOV PFs the VM sees, by kind (the one PCI reader, one SSH round trip)."""
         for attempt in range(3):
             h = self.host(register=False)
             try:
-                found = h.python(script, timeout=90, check=True, what="listing the runner's SR-IOV PFs").json()
+                inventory = read_inventory(h, timeout=90)
                 break
             except (TargetError, paramiko.SSHException, EOFError, OSError):
                 if attempt == 2:
@@ -633,11 +627,11 @@ class Runner:
                 time.sleep(1)
             finally:
                 h.close()
-        pfs = {}
+        pfs: dict[str, str] = {}
         for kind, (vendor, device) in qemu.PF_IDS.items():
-            for addr, vd in found.items():
-                if vd == f"{vendor}:{device}":
-                    pfs[kind] = addr
+            for addr, dev in sorted(inventory.devices.items()):
+                if dev.is_pf and dev.vendor_device == f"{vendor}:{device}":
+                    pfs[kind] = str(addr)
                     break
         return pfs
 
