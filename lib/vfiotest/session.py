@@ -1,8 +1,9 @@
 """One test session on one target, and everything that outlives a single test.
 
-A Session goes through labgrid-style states, each a step that is done once per session
-(by whichever process of it gets there first; xdist workers share the session through
-its directory, under file locks):
+A Session goes through labgrid-style states (`SessionState`), each a step that is done once
+per session (by whichever process of it gets there first; xdist workers share the session
+through its directory, under file locks). A state only moves forward, along TRANSITIONS; a
+step asked out of order raises SessionStateError:
 
     NEW        nothing touched; a session that stops here (`pytest --collect-only`) leaves nothing
     REACHED    the target answers: the emulated runner booted or reused (`runner()`), the host open
@@ -28,15 +29,40 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Optional
 
 import filelock
 
 from . import targets
-from .errors import HarnessError, JournalError
+from .errors import HarnessError, JournalError, SessionStateError
 from .pci import Inventory, read_inventory, read_inventory_json
 
-NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
+
+class SessionState(Enum):
+    """Where a session is. NEW, REACHED and BASELINED are read from the session directory (so
+    every process of the session sees the same); FINISHED is the controlling process's, set by
+    `finish()`."""
+
+    NEW = "new"
+    REACHED = "reached"
+    BASELINED = "baselined"
+    FINISHED = "finished"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+NEW, REACHED, BASELINED, FINISHED = SessionState.NEW, SessionState.REACHED, SessionState.BASELINED, SessionState.FINISHED
+
+#: the states each state may move to. REACHED again: another process opens the host; BASELINED
+#: again: `rebaseline()` after a reboot. Any state may finish; nothing follows FINISHED.
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    NEW: frozenset({REACHED, FINISHED}),
+    REACHED: frozenset({REACHED, BASELINED, FINISHED}),
+    BASELINED: frozenset({BASELINED, FINISHED}),
+    FINISHED: frozenset(),
+}
 
 BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
 BOOTED = "runner-booted-by-this-session"
@@ -69,6 +95,7 @@ class Session:
         self.id, self.spec, self.dir = session_id, spec, directory
         self._runner: Any = None
         self._alive_fd: Optional[int] = None
+        self._finished = False
 
     # -- liveness ----------------------------------------------------------------------------
     @property
@@ -124,12 +151,30 @@ class Session:
         return os.path.isdir(self.dir)
 
     @property
-    def state(self) -> str:
+    def state(self) -> SessionState:
+        if self._finished:
+            return FINISHED
         if not self.started:
             return NEW
         if os.path.exists(os.path.join(self.dir, BASELINE)):
             return BASELINED
         return REACHED
+
+    def transition(self, to: SessionState) -> None:
+        """Move to `to` if TRANSITIONS allows it from the state now, else SessionStateError
+        (nothing changed). Entering REACHED makes the session directory; FINISHED is kept by
+        this process; BASELINED is the baseline file its step writes."""
+        now = self.state
+        if to not in TRANSITIONS[now]:
+            raise SessionStateError(
+                f"session {self.id}: cannot go from {now} to {to} (allowed from {now}: "
+                f"{', '.join(sorted(str(s) for s in TRANSITIONS[now])) or 'nothing, it is over'})",
+                hint="a harness bug: the session's steps were asked out of order; report it with the traceback",
+                reason=f"{now} -> {to}")
+        if to is REACHED:
+            os.makedirs(self.dir, exist_ok=True)
+        elif to is FINISHED:
+            self._finished = True
 
     @property
     def journal_owner(self) -> str:
@@ -171,6 +216,8 @@ class Session:
     def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Any:
         """A connected Host for the target (the runner booted first when virtual). The one way
         the session reaches its target: `finish()` uses it too, never booting then."""
+        if self.state is not BASELINED:     # a process opening the host of a baselined session stays there
+            self.transition(REACHED)
         self.runner(progress)
         host, _close = targets.open_host(self.spec, boot=False)
         return host
@@ -204,10 +251,12 @@ class Session:
         """The inventory now becomes the baseline: after a reboot this session made
         (--allow-reboot), what it leaves is compared with the new boot, not the old one.
         Nothing is restored first (that was done when the session began)."""
+        self.transition(BASELINED)   # before the lock: a finished session's directory is not made again
         with self.lock("baseline"):
             return self._write_baseline(host)
 
     def _write_baseline(self, host: Any) -> Inventory:
+        self.transition(BASELINED)   # checked before: the file written below is the state
         raw = read_inventory_json(host)
         inv = Inventory.from_json(raw)
         # what other live sessions hold right now is theirs, not this session's baseline to keep
@@ -269,10 +318,13 @@ class Session:
         it). Undone by `finish()`, newest first."""
         from .journal import kind_of
 
+
         kind = kind_of(entry, where=f"session {self.id}")   # refuse what nobody can undo, before it is done
         missing = kind.missing(entry)
         if missing:
             raise HarnessError(f"session record of kind {entry['kind']!r} lacks {', '.join(missing)}")
+        if self.state is not BASELINED:    # a record means the target was reached; none after finish()
+            self.transition(REACHED)
         with self.lock("records"):       # workers record too: one sequence number each
             d = self.path(RECORDS)
             os.makedirs(d, exist_ok=True)
@@ -300,6 +352,7 @@ class Session:
         session journal, compare the host with the baseline (restoring from the journals when
         it differs), remove the session directory, release the runner. A session that never
         started (NEW) does nothing."""
+        self.transition(FINISHED)
         v = Verdict()
         if not self.started:
             self._let_go()
@@ -519,5 +572,5 @@ def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
     return done
 
 
-__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "orphaned_sessions",
-           "restore_orphaned_sessions", "shared_counts"]
+__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "SessionState", "TRANSITIONS", "Verdict",
+           "orphaned_sessions", "restore_orphaned_sessions", "shared_counts"]

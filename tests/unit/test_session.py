@@ -316,3 +316,29 @@ def test_what_another_session_leases_is_its_own_unless_the_group_number_moved_on
         assert VF not in sess.others_claims(host, inv)["devices"]
     with pool.acquire(group, test_id="t::unnamed"):
         assert VF in sess.others_claims(host, inv)["devices"]
+
+
+def test_states_move_forward_only(sim, sess, undo_log):
+    from vfiotest.errors import SessionStateError
+    from vfiotest.session import FINISHED, TRANSITIONS, SessionState
+
+    assert set(TRANSITIONS) == set(SessionState) and TRANSITIONS[FINISHED] == frozenset()
+    with pytest.raises(SessionStateError) as e:
+        sess.transition(BASELINED)           # a baseline before the target was reached
+    assert e.value.reason == "new -> baselined" and sess.state == NEW
+    host = sess.open_host()
+    assert sess.state == REACHED
+    sess.baseline(host)
+    assert sess.state == BASELINED
+    sess.open_host()                         # another process opening the host: still baselined
+    assert sess.state == BASELINED
+    with pytest.raises(SessionStateError):
+        sess.transition(REACHED)             # never back
+    assert sess.finish(say=lambda s: None).ok
+    assert sess.state == FINISHED
+    for step in (lambda: sess.open_host(), lambda: sess.rebaseline(host),
+                 lambda: sess.record({"kind": "test-undo", "n": 1}),
+                 lambda: sess.finish(say=lambda s: None)):
+        with pytest.raises(SessionStateError, match="finished"):
+            step()
+    assert not os.path.exists(sess.dir), "a step refused after finish() leaves nothing behind"
