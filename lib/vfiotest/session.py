@@ -36,6 +36,7 @@ import filelock
 
 from . import targets
 from .errors import HarnessError, JournalError, SessionStateError
+from .host import Host
 from .pci import Inventory, read_inventory, read_inventory_json
 
 
@@ -213,7 +214,7 @@ class Session:
             self._runner = r
         return self._runner
 
-    def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+    def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Host:
         """A connected Host for the target (the runner booted first when virtual). The one way
         the session reaches its target: `finish()` uses it too, never booting then."""
         if self.state is not BASELINED:     # a process opening the host of a baselined session stays there
@@ -247,7 +248,7 @@ class Session:
                 progress(f"restored what an earlier crashed session left on {host.name}: {restored}")
             return self._write_baseline(host)
 
-    def rebaseline(self, host: Any) -> Inventory:
+    def rebaseline(self, host: Host) -> Inventory:
         """The inventory now becomes the baseline: after a reboot this session made
         (--allow-reboot), what it leaves is compared with the new boot, not the old one.
         Nothing is restored first (that was done when the session began)."""
@@ -255,7 +256,7 @@ class Session:
         with self.lock("baseline"):
             return self._write_baseline(host)
 
-    def _write_baseline(self, host: Any) -> Inventory:
+    def _write_baseline(self, host: Host) -> Inventory:
         self.transition(BASELINED)   # checked before: the file written below is the state
         raw = read_inventory_json(host)
         inv = Inventory.from_json(raw)
@@ -267,7 +268,7 @@ class Session:
         os.replace(path + ".new", path)        # a reader sees the old baseline or the new one, whole
         return inv
 
-    def others_claims(self, host: Any, inv: Inventory) -> dict[str, list[str]]:
+    def others_claims(self, host: Host, inv: Inventory) -> dict[str, list[str]]:
         """What other live processes on the target hold now (sessions sharing the runner, a
         developer's `vfiotest bind`): {"counts": PFs whose VF count a live journal records,
         "devices": devices a live journal rebinds or another session leases}."""
@@ -388,7 +389,7 @@ class Session:
             r.release()
         return v
 
-    def _put_back_counts(self, host: Any, say: Callable[[str], None]) -> int:
+    def _put_back_counts(self, host: Host, say: Callable[[str], None]) -> int:
         """Undo the session journal (VF counts), the count lock held. A PF whose count another
         live session also journals (it uses these VFs: fixtures/sriov.py recorded the same
         original there) is left to that session, the last one to end puts it back."""
@@ -462,7 +463,7 @@ class Session:
             say(f"host state guard: {host.name} left as found ({len(now.devices)} PCI devices compared)")
 
 
-def shared_counts(host: Any, own: str) -> dict[str, tuple[str, dict]]:
+def shared_counts(host: Host, own: str) -> dict[str, tuple[str, dict]]:
     """{PF: (owner, its numvfs entry)} for the VF counts that live journals on `host` other than
     `own` record: sessions sharing the runner that made VFs. A session using those VFs records
     the same entry in its own journal (the original count), and the last one to end puts it back."""

@@ -26,9 +26,9 @@ from .host import (
     DEFAULT_TIMEOUT,
     FILE_OP_SCRIPT,
     CommandResult,
-    Host,
     Input,
     Transport,
+    TransportHost,
     file_op_reply,
     wait_for,
 )
@@ -317,7 +317,7 @@ class SshTransport(Transport):
         return None
 
 
-class SshHost(Host):
+class SshHost(TransportHost):
     """A host reached over SSH (an SshTransport); the file operations are Host's."""
 
     transport: SshTransport

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .errors import BindError, DeviceNotFound, HarnessError, LeaseBusy
+from .host import Host
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
 from .sriov import pf_lease_name
 
@@ -64,7 +65,7 @@ def candidates(inv: Inventory, pfs: Sequence[Any], vendor_device: Optional[str] 
     return out
 
 
-def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def lease_vf(host: Host, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
     """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
     DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
@@ -110,7 +111,7 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
 
 
 @contextlib.contextmanager
-def leased_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def leased_vf(host: Host, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
               vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
               on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
     """A VF leased (not bound) for the `with` block; `on_release(vf, start, end)` after it is given back."""
@@ -125,7 +126,7 @@ def leased_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = N
 
 
 @contextlib.contextmanager
-def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
+def bound(manager: Any, vf: VfioGroup, host: Host | None = None) -> Iterator[VfioGroup]:
     """`vf`'s whole IOMMU group on vfio-pci for the `with` block, put back after (also when the
     bind itself fails half-way: then BindError names the VF). With `host`, `vf.after` is the
     group's inventory once it is restored."""
@@ -143,7 +144,7 @@ def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
 
 
 @contextlib.contextmanager
-def vfio_vf(host: Any, pool: Any, manager: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def vfio_vf(host: Host, pool: Any, manager: Any, pfs: Sequence[Any], owner: Optional[str] = None,
             vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
             on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
     """Lease a VF, bind its group to vfio-pci, and on the way out restore it, read the group
