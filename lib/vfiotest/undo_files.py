@@ -13,7 +13,7 @@ any change. Owner and group are not recorded (files are written as the target us
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import HarnessError, JournalError
 from .host import Host
@@ -67,13 +67,22 @@ def file_entry(host: Host, path: str, timeout: float = 30) -> dict[str, Any]:
     return entry
 
 
-def record_file(host: Host, recorder: Any, path: str) -> dict[str, Any]:
-    """Record `path` as it is now into `recorder` (before changing it). Returns the kept entry:
-    when the file is already recorded, the first (original) state is kept."""
-    return recorder.record(file_entry(host, path))
+class Records(Protocol):
+    """What keeps an undo entry before a change: a journal (vfiotest.journal.Recorder, which
+    returns the entry it keeps) or a session (vfiotest.session.Session.record, which returns None)."""
+
+    def record(self, entry: dict[str, Any]) -> dict[str, Any] | None: ...
 
 
-def write_file(host: Host, recorder: Any, path: str, text: str, mode: int = 0o644) -> dict[str, Any]:
+def record_file(host: Host, recorder: Records, path: str) -> dict[str, Any]:
+    """Record `path` as it is now into `recorder` (before changing it). Returns the kept entry
+    (a journal keeps the first, original state of a file recorded twice), else the one recorded."""
+    entry = file_entry(host, path)
+    kept = recorder.record(entry)
+    return kept if kept is not None else entry
+
+
+def write_file(host: Host, recorder: Records, path: str, text: str, mode: int = 0o644) -> dict[str, Any]:
     """Record `path`, then replace it atomically with `text` (permission bits `mode`)."""
     entry = record_file(host, recorder, path)
     host.write_atomic(path, text, mode=mode)
