@@ -33,9 +33,9 @@ from ..errors import ProvisionError, TargetError
 from ..host import wait_for
 
 if TYPE_CHECKING:
-    from ..host import Host
     import paramiko
 
+    from ..host import Host
     from ..sshhost import SshHost
 
 log = logging.getLogger(__name__)
