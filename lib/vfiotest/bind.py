@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BindError, DeviceNotFound, HarnessError, NotAllowed, UnbindError
 from .host import Host, wait_for
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
+
+if TYPE_CHECKING:   # the guest image ships bind.py without the journal and profiles
+    from .journal import Recorder
+    from .profiles import Profile
 
 VFIO_DRIVER = "vfio-pci"
 SYS_PCI = "/sys/bus/pci"
@@ -54,11 +58,11 @@ def _found(inv: Inventory, address: PciAddress, host: Host) -> PciDevice:
     return dev
 
 
-def _record(recorder: Any, entry: Entry) -> Entry:
+def _record(recorder: Recorder | None, entry: Entry) -> Entry:
     return recorder.record(entry) if recorder is not None else entry
 
 
-def _done(recorder: Any, entry: Entry) -> None:
+def _done(recorder: Recorder | None, entry: Entry) -> None:
     if recorder is not None:
         recorder.done(entry)
 
@@ -102,7 +106,7 @@ def wait_driver(host: Host, address: str, driver: str | None, timeout: float = S
     return seen[0]
 
 
-def bind_to_vfio(host: Host, address: str, recorder: Any = None, verify_node: bool = True,
+def bind_to_vfio(host: Host, address: str, recorder: Recorder | None = None, verify_node: bool = True,
                  settle: float = SETTLE_TIMEOUT) -> Entry | None:
     """Bind one device to vfio-pci. Returns the recorded entry, or None when it already was
     (idempotent: a device already on vfio-pci is left as it is and not recorded).
@@ -111,7 +115,7 @@ def bind_to_vfio(host: Host, address: str, recorder: Any = None, verify_node: bo
     return _bind_device(host, read_device(host, address), recorder, verify_node, settle)
 
 
-def _bind_device(host: Host, dev: PciDevice, recorder: Any, verify_node: bool, settle: float) -> Entry | None:
+def _bind_device(host: Host, dev: PciDevice, recorder: Recorder | None, verify_node: bool, settle: float) -> Entry | None:
     """bind_to_vfio for a device whose state was read just before."""
     address = dev.address
     if dev.driver == VFIO_DRIVER:
@@ -152,7 +156,7 @@ def _bind_device(host: Host, dev: PciDevice, recorder: Any, verify_node: bool, s
     return entry
 
 
-def _rollback(host: Host, address: str, entry: Entry, recorder: Any) -> str:
+def _rollback(host: Host, address: str, entry: Entry, recorder: Recorder | None) -> str:
     try:
         restore_driver(host, address, entry["driver"], entry["driver_override"])
     except (OSError, HarnessError) as e:
@@ -161,7 +165,7 @@ def _rollback(host: Host, address: str, entry: Entry, recorder: Any) -> str:
     return f"it was put back on {entry['driver'] or 'no driver'}"
 
 
-def _bind_with_new_id(host: Host, dev: PciDevice, recorder: Any) -> None:
+def _bind_with_new_id(host: Host, dev: PciDevice, recorder: Recorder | None) -> None:
     """Old kernels without driver_override: new_id binds EVERY unbound device with the ID,
     so the bystanders are recorded first and released afterwards."""
     address, vd = dev.address, dev.vendor_device
@@ -210,7 +214,7 @@ def _verify_node(host: Host, address: PciAddress, group: str | None, settle: flo
                         address=address, group=group, path=f"/dev/vfio/{group}", reason="vfio-node")
 
 
-def bind_group_to_vfio(host: Host, address: str, recorder: Any = None,
+def bind_group_to_vfio(host: Host, address: str, recorder: Recorder | None = None,
                        settle: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Bind every device of the IOMMU group of `address` to vfio-pci (bridges are left alone).
     Returns the addresses of the group's endpoints. All or nothing: on failure the ones bound
@@ -300,7 +304,7 @@ def restore_entry(host: Host, entry: Entry) -> None:
     undo_entry(host, entry)
 
 
-def restore_entries(host: Host, recorder: Any, entries: list[Entry] | None = None) -> None:
+def restore_entries(host: Host, recorder: Recorder, entries: list[Entry] | None = None) -> None:
     """Undo `entries` (default: all of the recorder's), newest first: vfiotest.journal.undo_entries."""
     from .journal import undo_entries
 
@@ -313,7 +317,7 @@ class DeviceManager:
 
     journal: a vfiotest.journal.Journal (durable) or None (kept in memory)."""
 
-    def __init__(self, host: Host, profile: Any = "emulated", journal: Any = None) -> None:
+    def __init__(self, host: Host, profile: Profile | str = "emulated", journal: Recorder | None = None) -> None:
         from .profiles import get_profile
 
         self.host = host
@@ -322,7 +326,7 @@ class DeviceManager:
             from .journal import MemoryJournal
 
             journal = MemoryJournal()
-        self.journal = journal
+        self.journal: Recorder = journal
 
     def inventory(self) -> Inventory:
         return read_inventory(self.host)
