@@ -30,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import filelock
 
@@ -38,6 +38,9 @@ from . import targets
 from .errors import HarnessError, JournalError, SessionStateError
 from .host import Host
 from .pci import Inventory, read_inventory, read_inventory_json
+
+if TYPE_CHECKING:
+    from .runner import Runner
 
 
 class SessionState(Enum):
@@ -94,7 +97,7 @@ class Session:
 
     def __init__(self, session_id: str, spec: str, directory: str):
         self.id, self.spec, self.dir = session_id, spec, directory
-        self._runner: Any = None
+        self._runner: Runner | None = None
         self._alive_fd: Optional[int] = None
         self._finished = False
 
@@ -195,7 +198,7 @@ class Session:
     def is_virtual(self) -> bool:
         return self.spec == "virtual"
 
-    def runner(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+    def runner(self, progress: Callable[[str], None] = lambda s: None) -> Runner | None:
         """The emulated runner (virtual targets): used if it is up, else booted for the session."""
         if not self.is_virtual:
             return None
