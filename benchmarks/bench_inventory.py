@@ -12,7 +12,7 @@ import tempfile
 import time
 
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 
 def main():

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BindError, DeviceNotFound, HarnessError, NotAllowed, UnbindError
-from .host import wait_for
+from .host import Host, wait_for
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
+
+if TYPE_CHECKING:   # the guest image ships bind.py without the journal and profiles
+    from .journal import Recorder
+    from .profiles import Profile
 
 VFIO_DRIVER = "vfio-pci"
 SYS_PCI = "/sys/bus/pci"
@@ -40,13 +44,13 @@ Entry = dict[str, Any]
 
 
 # -- reading device state: the one reader is pci.read_inventory --------------------------
-def read_device(host: Any, address: str, timeout: float = 30) -> PciDevice:
+def read_device(host: Host, address: str, timeout: float = 30) -> PciDevice:
     """The PciDevice at `address` on `host` (one round trip); DeviceNotFound when there is none."""
     address = PciAddress(address)
     return _found(read_inventory(host, timeout, addresses=[address]), address, host)
 
 
-def _found(inv: Inventory, address: PciAddress, host: Any) -> PciDevice:
+def _found(inv: Inventory, address: PciAddress, host: Host) -> PciDevice:
     dev = inv.devices.get(address)
     if dev is None:
         raise DeviceNotFound(f"no PCI device {address} on {host.name}",
@@ -54,17 +58,17 @@ def _found(inv: Inventory, address: PciAddress, host: Any) -> PciDevice:
     return dev
 
 
-def _record(recorder: Any, entry: Entry) -> Entry:
+def _record(recorder: Recorder | None, entry: Entry) -> Entry:
     return recorder.record(entry) if recorder is not None else entry
 
 
-def _done(recorder: Any, entry: Entry) -> None:
+def _done(recorder: Recorder | None, entry: Entry) -> None:
     if recorder is not None:
         recorder.done(entry)
 
 
 # -- the core --------------------------------------------------------------------------
-def ensure_vfio_driver(host: Any, timeout: float = 60) -> bool:
+def ensure_vfio_driver(host: Host, timeout: float = 60) -> bool:
     """Load vfio-pci when /sys/bus/pci/drivers/vfio-pci is missing (True when it loaded it);
     BindError when it cannot be."""
     if host.exists(f"{SYS_PCI}/drivers/{VFIO_DRIVER}"):
@@ -80,7 +84,7 @@ def ensure_vfio_driver(host: Any, timeout: float = 60) -> bool:
         driver=VFIO_DRIVER, cause=out, reason="modprobe")
 
 
-def _unbind(host: Any, address: str, driver: str) -> None:
+def _unbind(host: Host, address: str, driver: str) -> None:
     try:
         host.write_text(f"{SYS_PCI}/drivers/{driver}/unbind", address)
     except OSError as e:
@@ -89,7 +93,7 @@ def _unbind(host: Any, address: str, driver: str) -> None:
             raise
 
 
-def wait_driver(host: Any, address: str, driver: str | None, timeout: float = SETTLE_TIMEOUT) -> str | None:
+def wait_driver(host: Host, address: str, driver: str | None, timeout: float = SETTLE_TIMEOUT) -> str | None:
     """Poll the driver link of `address` until it is `driver` (None: no driver). Returns the last seen."""
     seen: list[str | None] = [None]
 
@@ -102,7 +106,7 @@ def wait_driver(host: Any, address: str, driver: str | None, timeout: float = SE
     return seen[0]
 
 
-def bind_to_vfio(host: Any, address: str, recorder: Any = None, verify_node: bool = True,
+def bind_to_vfio(host: Host, address: str, recorder: Recorder | None = None, verify_node: bool = True,
                  settle: float = SETTLE_TIMEOUT) -> Entry | None:
     """Bind one device to vfio-pci. Returns the recorded entry, or None when it already was
     (idempotent: a device already on vfio-pci is left as it is and not recorded).
@@ -111,7 +115,7 @@ def bind_to_vfio(host: Any, address: str, recorder: Any = None, verify_node: boo
     return _bind_device(host, read_device(host, address), recorder, verify_node, settle)
 
 
-def _bind_device(host: Any, dev: PciDevice, recorder: Any, verify_node: bool, settle: float) -> Entry | None:
+def _bind_device(host: Host, dev: PciDevice, recorder: Recorder | None, verify_node: bool, settle: float) -> Entry | None:
     """bind_to_vfio for a device whose state was read just before."""
     address = dev.address
     if dev.driver == VFIO_DRIVER:
@@ -152,7 +156,7 @@ def _bind_device(host: Any, dev: PciDevice, recorder: Any, verify_node: bool, se
     return entry
 
 
-def _rollback(host: Any, address: str, entry: Entry, recorder: Any) -> str:
+def _rollback(host: Host, address: str, entry: Entry, recorder: Recorder | None) -> str:
     try:
         restore_driver(host, address, entry["driver"], entry["driver_override"])
     except (OSError, HarnessError) as e:
@@ -161,7 +165,7 @@ def _rollback(host: Any, address: str, entry: Entry, recorder: Any) -> str:
     return f"it was put back on {entry['driver'] or 'no driver'}"
 
 
-def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
+def _bind_with_new_id(host: Host, dev: PciDevice, recorder: Recorder | None) -> None:
     """Old kernels without driver_override: new_id binds EVERY unbound device with the ID,
     so the bystanders are recorded first and released afterwards."""
     address, vd = dev.address, dev.vendor_device
@@ -193,7 +197,7 @@ def _bind_with_new_id(host: Any, dev: PciDevice, recorder: Any) -> None:
         _done(recorder, by_entry)
 
 
-def _verify_node(host: Any, address: PciAddress, group: str | None, settle: float) -> None:
+def _verify_node(host: Host, address: PciAddress, group: str | None, settle: float) -> None:
     kind: list[str | None] = [None]
 
     def is_char() -> bool:
@@ -210,7 +214,7 @@ def _verify_node(host: Any, address: PciAddress, group: str | None, settle: floa
                         address=address, group=group, path=f"/dev/vfio/{group}", reason="vfio-node")
 
 
-def bind_group_to_vfio(host: Any, address: str, recorder: Any = None,
+def bind_group_to_vfio(host: Host, address: str, recorder: Recorder | None = None,
                        settle: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Bind every device of the IOMMU group of `address` to vfio-pci (bridges are left alone).
     Returns the addresses of the group's endpoints. All or nothing: on failure the ones bound
@@ -238,7 +242,7 @@ def bind_group_to_vfio(host: Any, address: str, recorder: Any = None,
     return endpoints
 
 
-def restore_driver(host: Any, address: str, driver: str | None, override: str | None = None,
+def restore_driver(host: Host, address: str, driver: str | None, override: str | None = None,
                    settle: float = SETTLE_TIMEOUT) -> None:
     """Put `address` back on `driver` (None: no driver) with `override` as its driver_override
     (None clears it, by writing a newline). A device that no longer exists is left alone."""
@@ -270,12 +274,12 @@ def restore_driver(host: Any, address: str, driver: str | None, override: str | 
                               address=address, driver=driver, cause=f"on {got or 'no driver'}")
 
 
-def undo_driver(host: Any, entry: Entry) -> None:
+def undo_driver(host: Host, entry: Entry) -> None:
     """Undo a "driver" entry: the device back on its recorded driver and driver_override."""
     restore_driver(host, entry["address"], entry["driver"], entry.get("driver_override"))
 
 
-def undo_new_id(host: Any, entry: Entry) -> None:
+def undo_new_id(host: Host, entry: Entry) -> None:
     """Undo a "new_id" entry: remove the ID from the driver's dynamic IDs (gone already is fine)."""
     words = " ".join(entry["id"].split(":"))
     try:
@@ -293,14 +297,14 @@ JOURNAL_KINDS: list[dict[str, Any]] = [
 ]
 
 
-def restore_entry(host: Any, entry: Entry) -> None:
+def restore_entry(host: Host, entry: Entry) -> None:
     """Undo one journal entry (any kind): vfiotest.journal.undo_entry."""
     from .journal import undo_entry
 
     undo_entry(host, entry)
 
 
-def restore_entries(host: Any, recorder: Any, entries: list[Entry] | None = None) -> None:
+def restore_entries(host: Host, recorder: Recorder, entries: list[Entry] | None = None) -> None:
     """Undo `entries` (default: all of the recorder's), newest first: vfiotest.journal.undo_entries."""
     from .journal import undo_entries
 
@@ -313,7 +317,7 @@ class DeviceManager:
 
     journal: a vfiotest.journal.Journal (durable) or None (kept in memory)."""
 
-    def __init__(self, host: Any, profile: Any = "emulated", journal: Any = None) -> None:
+    def __init__(self, host: Host, profile: Profile | str = "emulated", journal: Recorder | None = None) -> None:
         from .profiles import get_profile
 
         self.host = host
@@ -322,7 +326,7 @@ class DeviceManager:
             from .journal import MemoryJournal
 
             journal = MemoryJournal()
-        self.journal = journal
+        self.journal: Recorder = journal
 
     def inventory(self) -> Inventory:
         return read_inventory(self.host)

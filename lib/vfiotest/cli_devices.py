@@ -1,25 +1,29 @@
 """`vfiotest devices | bind | unbind | restore | doctor`: the device layer from the command line."""
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from . import constants, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
-from .cli import PROFILE_UNUSED, add_target_argument
+from .cli import PROFILE_UNUSED, add_target_argument, cli_journal
 from .errors import HarnessError, TargetError
-from .journal import Journal, orphaned_journals, restore_orphans, undo_entries
+from .host import Host
+from .journal import orphaned_journals, restore_orphans, undo_entries
 from .lease import LeasePool, still_on
-from .pci import PciAddress, read_inventory
-from .profiles import get_profile
+from .pci import Inventory, PciAddress, PciDevice, read_inventory
+from .prereqs import Check
+from .profiles import Profile, get_profile
 from .sriov import pf_lease_name
-from .targets import default_profile, open_host, target_spec
-
-CLI_OWNER = "cli"  # the journal of manual binds: kept until `vfiotest unbind`/`restore`
+from .targets import Close, default_profile, open_host, target_spec
 
 
-def _opened(args, lasting=False):
+def _opened(args: argparse.Namespace, lasting: bool = False) -> tuple[Host, Close, Profile]:
     """(host, close, profile) for --target/--profile; the profile is checked before connecting.
     lasting: the command makes a change meant to outlive it (bind); on the emulated runner that
     needs a runner already up (one booted for the command would be stopped at its end)."""
@@ -37,20 +41,15 @@ def _opened(args, lasting=False):
     return host, close, profile
 
 
-def cli_journal(host):
-    """The CLI's journal on `host` (kept: sessions leave it alone; `vfiotest restore` replays it)."""
-    return Journal.open(host, CLI_OWNER, keep=True, wait=30)
-
-
 # -- devices ---------------------------------------------------------------------------------
-def cmd_devices(args):
+def cmd_devices(args: argparse.Namespace) -> int:
     host, close, profile = _opened(args)
     try:
         inv = read_inventory(host)
         leases = LeasePool(host).held()
     finally:
         close()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for a, d in sorted(inv.devices.items()):
         notes = []
         if a in inv.protected:
@@ -77,7 +76,7 @@ def cmd_devices(args):
         print(json.dumps({"profile": profile.name, "identity": inv.identity, "devices": rows}, indent=1))
         return 0
     head = ("ADDRESS", "ID", "CLASS", "DRIVER", "OVERRIDE", "GROUP", "/DEV/VFIO", "SR-IOV", "NET", "NOTES")
-    table = [head]
+    table: list[tuple[Any, ...]] = [head]
     for r in rows:
         table.append((r["address"], r["id"], r["class"], r["driver"] or "-", r["driver_override"] or "-",
                       f"{r['iommu_group']}" + (f" ({r['group_size']})" if (r["group_size"] or 0) > 1 else "")
@@ -95,7 +94,7 @@ def cmd_devices(args):
 
 # -- bind / unbind / restore ---------------------------------------------------------------------
 @contextlib.contextmanager
-def _leased(host, dev):
+def _leased(host: Host, dev: PciDevice) -> Iterator[None]:
     """For the command's length, the lease of `dev`'s IOMMU group and, for a PF or a VF, the
     PF's (the one its VF count is changed under): a device that a test or session holds is
     refused (LeaseBusy, exit 7, naming the holder), and none can lease it half-way through."""
@@ -110,7 +109,7 @@ def _leased(host, dev):
         yield
 
 
-def cmd_bind(args):
+def cmd_bind(args: argparse.Namespace) -> int:
     address = PciAddress(args.address)  # a malformed address fails before anything is opened
     host, close, profile = _opened(args, lasting=True)
     try:
@@ -130,9 +129,9 @@ def cmd_bind(args):
     return 0
 
 
-def _restore_address(host, address):
+def _restore_address(host: Host, address: str) -> list[str]:
     """Undo what journals (the CLI's and orphans) recorded for `address`; returns what was done."""
-    done = []
+    done: list[str] = []
     journals = [j for j in orphaned_journals(host, include_kept=True)]
     try:
         for j in journals:
@@ -146,7 +145,7 @@ def _restore_address(host, address):
     return done
 
 
-def cmd_unbind(args):
+def cmd_unbind(args: argparse.Namespace) -> int:
     address = PciAddress(args.address)
     host, close, profile = _opened(args)
     try:
@@ -160,7 +159,7 @@ def cmd_unbind(args):
     return 0
 
 
-def _unbind(host, profile, inv, address):
+def _unbind(host: Host, profile: Profile, inv: Inventory, address: str) -> tuple[list[str], PciDevice]:
     dev = inv.device(address)
     done = _restore_address(host, address)
     if not done:
@@ -176,13 +175,13 @@ def _unbind(host, profile, inv, address):
     return done, read_inventory(host).device(address)
 
 
-def cmd_restore(args):
+def cmd_restore(args: argparse.Namespace) -> int:
     address = PciAddress(args.address) if args.address else None
     host, close, profile = _opened(args)
     try:
         if address:
-            done = _restore_address(host, address)
-            print("\n".join(done) or f"no journal records a change to {address}: nothing to do")
+            undone = _restore_address(host, address)
+            print("\n".join(undone) or f"no journal records a change to {address}: nothing to do")
         else:
             from .session import restore_orphaned_sessions
 
@@ -209,7 +208,7 @@ def cmd_restore(args):
 
 
 # -- doctor ----------------------------------------------------------------------------------------
-def doctor_checks(host, profile):
+def doctor_checks(host: Host, profile: Profile) -> list[Check]:
     """The prerequisite Checks (vfiotest.prereqs): the same ones the host_prereqs suite asserts
     (with the Kata version a session would drive: a bundle or Kata 1.x wants cgroup v1)."""
     from .kata.bundle import bundle_source
@@ -219,7 +218,7 @@ def doctor_checks(host, profile):
     return prereqs.check_all(facts, read_inventory(host), profile, kata)
 
 
-def cmd_doctor(args):
+def cmd_doctor(args: argparse.Namespace) -> int:
     host, close, profile = _opened(args)
     try:
         checks = doctor_checks(host, profile)
@@ -235,12 +234,13 @@ def cmd_doctor(args):
         if args_needed:
             from .kernelargs import fix_command
 
-            kw = {}
             if target_spec(args.target) == "virtual":
                 from .runner import Runner
 
-                kw = {"emulated": True, "grub_path": Runner.default().grub_path}
-            print(f"kernel arguments to add: {' '.join(args_needed)}: {fix_command(args_needed, **kw)}")
+                fix = fix_command(args_needed, emulated=True, grub_path=Runner.default().grub_path)
+            else:
+                fix = fix_command(args_needed)
+            print(f"kernel arguments to add: {' '.join(args_needed)}: {fix}")
     return 1 if any(c.status == prereqs.MISSING for c in checks) else 0
 
 
@@ -248,7 +248,7 @@ def cmd_doctor(args):
 ADDRESS_HELP = "PCI address, DDDD:BB:DD.F or BB:DD.F (domain 0000), e.g. 0000:01:10.0"
 
 
-def register(sub):
+def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("devices", help="list the target's PCI devices (table or --json)", formatter_class=fmt,
                        description="List every PCI device of the target in one round trip: vendor:device, class,\n"
@@ -309,4 +309,4 @@ def register(sub):
     p.set_defaults(func=cmd_doctor)
 
 
-__all__ = ["register", "doctor_checks", "CLI_OWNER"]
+__all__ = ["register", "doctor_checks"]

@@ -172,6 +172,12 @@ class CommandTimeout(TargetError):
     """A command on the target did not finish in time."""
 
 
+class SessionStateError(HarnessError):
+    """A session step asked out of order (vfiotest.session.TRANSITIONS): e.g. a baseline or an
+    undo record after the session finished. A harness bug, not the target's: `reason` is the
+    transition, "<from> -> <to>"."""
+
+
 class ProvisionError(HarnessError):
     """A provisioning layer (runner, image, runtime) could not be built."""
 

@@ -1,10 +1,11 @@
 """One object over a target machine: run a command, read and write files, with timeouts.
 
-Two layers: a `Transport` runs a command on the target with a timeout (and carries
-the file operations and locks there): `LocalTransport` here, `SshTransport` in
-vfiotest.sshhost. `Host` is the one file-operations layer over a transport that every
-host shares: `LocalHost`, `SshHost` (vfiotest.sshhost) and `SimulatedHost`
-(vfiotest.simsysfs). `LocalHost` is standard-library only (it runs inside the Kata
+`Host` is what the rest of the library asks of a target (a Protocol: the type in every
+signature that takes a host). Two layers implement it: a `Transport` runs a command on the
+target with a timeout (and carries the file operations and locks there): `LocalTransport`
+here, `SshTransport` in vfiotest.sshhost; `TransportHost` is the one file-operations layer
+over a transport that every host shares: `LocalHost`, `SshHost` (vfiotest.sshhost) and
+`SimulatedHost` (vfiotest.testing.simsysfs). `LocalHost` is standard-library only (it runs inside the Kata
 guest, in the hook). Every path handed to a Host is the path on the target
 ("/sys/bus/pci/..."); `sysroot` is prepended by hosts whose sysfs lives elsewhere.
 """
@@ -235,8 +236,44 @@ class LocalTransport(Transport):
 
 
 # -- hosts: the file operations, shared, over a transport -------------------------------
-class Host:
-    """One target: commands and file operations over `self.transport`.
+class Host(Protocol):
+    """A target: what callers use of one (every host of this module and vfiotest.sshhost has it)."""
+
+    #: prefix for sysfs and /dev paths ("" but on simulated hosts)
+    sysroot: str
+    #: True when the target is the machine this process runs on
+    is_local: bool
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, cmd: Command, *, timeout: float = DEFAULT_TIMEOUT, input: Input = None, check: bool = False,
+            what: str | None = None) -> CommandResult: ...
+
+    def python(self, script: str, args: Iterable[object] = (), *, timeout: float = DEFAULT_TIMEOUT,
+               input: Input = None, check: bool = False, what: str | None = None) -> CommandResult: ...
+
+    def read_text(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> str: ...
+
+    def write_text(self, path: str, data: str, timeout: float = DEFAULT_TIMEOUT) -> None: ...
+
+    def write_atomic(self, path: str, data: str, mode: int = 0o600, timeout: float = DEFAULT_TIMEOUT) -> None: ...
+
+    def readlink(self, path: str) -> str | None: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def listdir(self, path: str) -> list[str] | None: ...
+
+    def remove(self, path: str) -> None: ...
+
+    def hold_lock(self, path: str, blocking: bool = False, timeout: float = 10.0) -> Lock | None: ...
+
+    def close(self) -> None: ...
+
+
+class TransportHost:
+    """One target: commands and file operations over `self.transport` (a `Host`).
 
     The file operations (read_text ... remove) are the same for every host: each is one
     `transport.file_op` on `sysroot + path`. Subclasses set `self.transport`; they may
@@ -324,7 +361,7 @@ class Host:
         return f"<{type(self).__name__} {self.name}>"
 
 
-class LocalHost(Host):
+class LocalHost(TransportHost):
     """The machine this process runs on."""
 
     is_local = True

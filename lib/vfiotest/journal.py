@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from . import constants
 from .errors import HarnessError, JournalError, UnbindError
+from .host import Host
 
 JOURNAL_ROOT = constants.JOURNAL_DIR
 VERSION = 1
@@ -141,7 +142,7 @@ def entry_key(entry: Entry) -> tuple:
     return kind_of(entry).key_of(entry)
 
 
-def undo_entry(host: Any, entry: Entry, where: str = "(in memory)") -> None:
+def undo_entry(host: Host, entry: Entry, where: str = "(in memory)") -> None:
     """Undo one journal entry with the undo of its kind."""
     kind_of(entry, where).undo(host, entry)
 
@@ -150,7 +151,7 @@ def _where(recorder: Any) -> str:
     return getattr(recorder, "path", None) or "(in memory)"
 
 
-def undo_entries(host: Any, recorder: Recorder, entries: list[Entry] | None = None) -> None:
+def undo_entries(host: Host, recorder: Recorder, entries: list[Entry] | None = None) -> None:
     """Undo `entries` (default: all of the recorder's) in reverse order; each undone one is
     marked done. An unknown kind raises JournalError before anything is undone; other errors
     are collected: UnbindError lists what could not be put back."""
@@ -193,7 +194,7 @@ class MemoryJournal:
     def entries(self) -> list[Entry]:
         return [dict(e) for e in self._entries]
 
-    def restore_all(self, host: Any) -> None:
+    def restore_all(self, host: Host) -> None:
         undo_entries(host, self)
 
 
@@ -203,7 +204,7 @@ def default_owner(worker: str | None = None) -> str:
     return f"{socket.gethostname()}-{os.getpid()}" + (f"-{worker}" if worker else "")
 
 
-def host_identity(host: Any) -> dict[str, str | None]:
+def host_identity(host: Host) -> dict[str, str | None]:
     """{"machine_id", "hostname", "boot_id"} of the target, as its files say."""
     def rd(p: str) -> str | None:
         try:
@@ -255,7 +256,7 @@ class Journal:
     keep=True marks a journal that sessions must not replay on their own (the CLI's manual
     binds); `vfiotest restore` replays it."""
 
-    def __init__(self, host: Any, owner: str, root: str, lock: Any, doc: dict[str, Any], keep: bool = False) -> None:
+    def __init__(self, host: Host, owner: str, root: str, lock: Any, doc: dict[str, Any], keep: bool = False) -> None:
         self.host, self.owner, self.root, self._lock = host, owner, root.rstrip("/"), lock
         self.doc = doc
         self.doc["keep"] = bool(keep or doc.get("keep"))
@@ -265,7 +266,7 @@ class Journal:
         return f"{self.root}/{self.owner}.json"
 
     @classmethod
-    def open(cls, host: Any, owner: str | None = None, root: str = JOURNAL_ROOT, keep: bool = False,
+    def open(cls, host: Host, owner: str | None = None, root: str = JOURNAL_ROOT, keep: bool = False,
              wait: float = 0.0, session: dict[str, str] | None = None) -> Journal:
         """Take the journal `owner` (default: `default_owner()`, this process) on `host`, loading
         what it already holds. JournalError when another live process holds it (reason HELD),
@@ -367,7 +368,7 @@ class Journal:
         return f"<Journal {self.path} {len(self.doc['entries'])} entries>"
 
 
-def load_journal(host: Any, path: str, identity: dict[str, str | None] | None = None) -> dict[str, Any] | None:
+def load_journal(host: Host, path: str, identity: dict[str, str | None] | None = None) -> dict[str, Any] | None:
     """The document at `path` on `host` (None when there is none), checked to be ours."""
     try:
         text = host.read_text(path)
@@ -390,7 +391,7 @@ def load_journal(host: Any, path: str, identity: dict[str, str | None] | None = 
     return doc
 
 
-def live_journals(host: Any, root: str = JOURNAL_ROOT, exclude: Iterable[str] = ()) -> dict[str, list[Entry]]:
+def live_journals(host: Host, root: str = JOURNAL_ROOT, exclude: Iterable[str] = ()) -> dict[str, list[Entry]]:
     """{owner: entries} of the journals on `host` whose process is alive (their lock is held),
     read without taking them; `exclude` names owners to leave out. Unreadable ones are skipped."""
     root = root.rstrip("/")
@@ -447,7 +448,7 @@ def session_alive(doc: dict[str, Any]) -> bool:
     return local_lock_held(s["alive"])
 
 
-def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = True) -> list[Journal]:
+def orphaned_journals(host: Host, root: str = JOURNAL_ROOT, include_kept: bool = True) -> list[Journal]:
     """Journals on `host` whose process is gone, each opened (its lock now held by us).
     Corrupt or foreign ones raise JournalError after the lock is released."""
     root = root.rstrip("/")
@@ -474,7 +475,7 @@ def orphaned_journals(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = 
     return found
 
 
-def _sweep_lock_files(host: Any, root: str) -> None:
+def _sweep_lock_files(host: Host, root: str) -> None:
     """Remove the lock files of journals that never got an entry (their process died between
     taking the lock and its first change): nobody holds them and no journal goes with them.
     The CLI's shared lock file stays (Journal.close)."""
@@ -492,7 +493,7 @@ def _sweep_lock_files(host: Any, root: str) -> None:
                 probe.release()
 
 
-def restore_orphans(host: Any, root: str = JOURNAL_ROOT, include_kept: bool = False) -> list[tuple[str, int]]:
+def restore_orphans(host: Host, root: str = JOURNAL_ROOT, include_kept: bool = False) -> list[tuple[str, int]]:
     """Replay every orphaned journal on `host` (newest entry first). Returns
     [(owner, entries restored)]. Problems are collected and raised together at the end,
     after everything that could be restored was."""

@@ -11,13 +11,16 @@ configuration back. The running kernel keeps the arguments until the target's ne
 import re
 import shlex
 import time
+from collections.abc import Callable, Iterable
 
 from .errors import ProvisionError, TargetError
+from .host import Host
+from .undo_files import Records
 
 _ARG_RE = re.compile(r"^[A-Za-z0-9_.-]+(=[A-Za-z0-9_.,:-]+)?$")
 
 
-def validate_args(args):
+def validate_args(args: Iterable[str]) -> list[str]:
     for a in args:
         if not _ARG_RE.match(a):
             raise ProvisionError(f"refusing kernel argument {a!r}: only name or name=value of [A-Za-z0-9_.,:-]",
@@ -25,7 +28,7 @@ def validate_args(args):
     return list(args)
 
 
-def add_to_grub_default(text, args):
+def add_to_grub_default(text: str, args: Iterable[str]) -> str:
     """GRUB defaults (/etc/default/grub) with `args` added to GRUB_CMDLINE_LINUX; keeps everything else."""
     validate_args(args)
     lines = text.splitlines(keepends=True)
@@ -45,7 +48,7 @@ GRUB_CONFIGS = ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg")
 BLS_DIR = "/boot/loader/entries"
 
 
-def fix_command(args, emulated=False, grub_path="<state>/runner/etc-default/grub"):
+def fix_command(args: Iterable[str], emulated: bool = False, grub_path: str = "<state>/runner/etc-default/grub") -> str:
     """What a user runs to add `args` by hand (the layer's skip and fail messages name it);
     `grub_path`: the emulated runner's GRUB defaults as this machine sees them."""
     joined = " ".join(validate_args(args))
@@ -57,7 +60,7 @@ def fix_command(args, emulated=False, grub_path="<state>/runner/etc-default/grub
             "or from a controller: pytest --target ssh://... --allow-reboot")
 
 
-def _record(host, recorder, paths, progress):
+def _record(host: Host, recorder: Records, paths: Iterable[str], progress: Callable[[str], None]) -> None:
     """Record each existing file of `paths` (text, before any change) in `recorder`."""
     from .undo_files import record_file
 
@@ -67,7 +70,8 @@ def _record(host, recorder, paths, progress):
             progress(f"recorded {p} before changing it (`vfiotest restore` puts it back after a crash)")
 
 
-def apply(host, args, recorder, emulated=False, progress=print):
+def apply(host: Host, args: Iterable[str], recorder: Records, emulated: bool = False,
+          progress: Callable[[str], None] = print) -> str:
     """Add `args` to the boot configuration of `host` for every kernel, each file recorded in
     `recorder` (a session: Session.record, the `file` journal kind) before it changes. The
     emulated runner: its /etc/default/grub alone (the runner composes its command line from it
@@ -106,16 +110,18 @@ def apply(host, args, recorder, emulated=False, progress=print):
                          hint=f"add {joined} to the kernel command line with your boot loader's tool and reboot")
 
 
-def _write(host, path, text):
+def _write(host: Host, path: str, text: str) -> None:
     from .undo_files import _chmod
 
     host.write_atomic(path, text, mode=0o644)
     _chmod(host, path, 0o644)
 
 
-def reboot_and_wait(host, timeout=900, progress=print):
+def reboot_and_wait(host: Host, timeout: float = 900, progress: Callable[[str], None] = print) -> None:
     """Reboot an SSH target and wait until it is back with a new boot id."""
-    if host.is_local:
+    from .sshhost import SshHost
+
+    if host.is_local or not isinstance(host, SshHost):
         raise ProvisionError("cannot reboot the machine the harness runs on and wait for it",
                              hint="run the harness from another machine with --target ssh://..., or reboot by hand")
     old = host.read_text("/proc/sys/kernel/random/boot_id").strip()

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import constants
 from .errors import LeaseBusy
+from .host import Host
 
 LEASE_ROOT = constants.LEASE_DIR
 
@@ -100,7 +101,7 @@ class LeasePool:
     (group, test, worker, session, pid, start, end), for checking afterwards that no two users
     held one at once."""
 
-    def __init__(self, host: Any, root: str = LEASE_ROOT, worker: str | None = None,
+    def __init__(self, host: Host, root: str = LEASE_ROOT, worker: str | None = None,
                  session: str | None = None, log: str | None = None) -> None:
         self.host, self.root = host, root.rstrip("/")
         self.worker, self.session, self.log = worker, session, log

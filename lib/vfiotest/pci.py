@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AddressError, DeviceNotFound
+from .host import Host
 
 _ADDR_RE = re.compile(r"^(?:(?P<dom>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[01][0-9a-fA-F])\.(?P<fn>[0-7])$")
 
@@ -276,7 +277,7 @@ class Inventory:
         return lines
 
 
-def _inventory_args(host: Any, addresses: Iterable[str] | None, groups: bool) -> list[str]:
+def _inventory_args(host: Host, addresses: Iterable[str] | None, groups: bool) -> list[str]:
     args = [host.sysroot]
     if addresses is not None:
         wanted = [str(PciAddress(a)) for a in addresses]
@@ -286,7 +287,7 @@ def _inventory_args(host: Any, addresses: Iterable[str] | None, groups: bool) ->
     return args
 
 
-def read_inventory_json(host: Any, timeout: float = 30, *, addresses: Iterable[str] | None = None,
+def read_inventory_json(host: Host, timeout: float = 30, *, addresses: Iterable[str] | None = None,
                         groups: bool = False) -> dict[str, Any]:
     """The PCI state of `host` as the script printed it (JSON-ready), in one round trip
     (the arguments are those of read_inventory)."""
@@ -295,7 +296,7 @@ def read_inventory_json(host: Any, timeout: float = 30, *, addresses: Iterable[s
     return json.loads(res.stdout)
 
 
-def read_inventory(host: Any, timeout: float = 30, *, addresses: Iterable[str] | None = None,
+def read_inventory(host: Host, timeout: float = 30, *, addresses: Iterable[str] | None = None,
                    groups: bool = False) -> Inventory:
     """The PCI state of `host`, in one round trip.
 

@@ -1,8 +1,9 @@
 """One test session on one target, and everything that outlives a single test.
 
-A Session goes through labgrid-style states, each a step that is done once per session
-(by whichever process of it gets there first; xdist workers share the session through
-its directory, under file locks):
+A Session goes through labgrid-style states (`SessionState`), each a step that is done once
+per session (by whichever process of it gets there first; xdist workers share the session
+through its directory, under file locks). A state only moves forward, along TRANSITIONS; a
+step asked out of order raises SessionStateError:
 
     NEW        nothing touched; a session that stops here (`pytest --collect-only`) leaves nothing
     REACHED    the target answers: the emulated runner booted or reused (`runner()`), the host open
@@ -28,16 +29,45 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import filelock
 
 from . import targets
-from .errors import HarnessError, JournalError
+from .errors import HarnessError, JournalError, SessionStateError
+from .host import Host
 from .pci import Inventory, read_inventory, read_inventory_json
 from .sriov import COUNT_LOCK, COUNT_LOCK_TIMEOUT, SessionVfs, shared_counts
 
-NEW, REACHED, BASELINED, FINISHED = "new", "reached", "baselined", "finished"
+if TYPE_CHECKING:
+    from .runner import Runner
+
+
+class SessionState(Enum):
+    """Where a session is. NEW, REACHED and BASELINED are read from the session directory (so
+    every process of the session sees the same); FINISHED is the controlling process's, set by
+    `finish()`."""
+
+    NEW = "new"
+    REACHED = "reached"
+    BASELINED = "baselined"
+    FINISHED = "finished"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+NEW, REACHED, BASELINED, FINISHED = SessionState.NEW, SessionState.REACHED, SessionState.BASELINED, SessionState.FINISHED
+
+#: the states each state may move to. REACHED again: another process opens the host; BASELINED
+#: again: `rebaseline()` after a reboot. Any state may finish; nothing follows FINISHED.
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    NEW: frozenset({REACHED, FINISHED}),
+    REACHED: frozenset({REACHED, BASELINED, FINISHED}),
+    BASELINED: frozenset({BASELINED, FINISHED}),
+    FINISHED: frozenset(),
+}
 
 BASELINE = "baseline-inventory.json"      # the first inventory of the session and its target
 BOOTED = "runner-booted-by-this-session"
@@ -72,9 +102,10 @@ class Session:
 
     def __init__(self, session_id: str, spec: str, directory: str):
         self.id, self.spec, self.dir = session_id, spec, directory
-        self._runner: Any = None
+        self._runner: Runner | None = None
         self._vf_counts: Optional[SessionVfs] = None
         self._alive_fd: Optional[int] = None
+        self._finished = False
 
     # -- liveness ----------------------------------------------------------------------------
     @property
@@ -134,12 +165,30 @@ class Session:
         return os.path.isdir(self.dir)
 
     @property
-    def state(self) -> str:
+    def state(self) -> SessionState:
+        if self._finished:
+            return FINISHED
         if not self.started:
             return NEW
         if os.path.exists(os.path.join(self.dir, BASELINE)):
             return BASELINED
         return REACHED
+
+    def transition(self, to: SessionState) -> None:
+        """Move to `to` if TRANSITIONS allows it from the state now, else SessionStateError
+        (nothing changed). Entering REACHED makes the session directory; FINISHED is kept by
+        this process; BASELINED is the baseline file its step writes."""
+        now = self.state
+        if to not in TRANSITIONS[now]:
+            raise SessionStateError(
+                f"session {self.id}: cannot go from {now} to {to} (allowed from {now}: "
+                f"{', '.join(sorted(str(s) for s in TRANSITIONS[now])) or 'nothing, it is over'})",
+                hint="a harness bug: the session's steps were asked out of order; report it with the traceback",
+                reason=f"{now} -> {to}")
+        if to is REACHED:
+            os.makedirs(self.dir, exist_ok=True)
+        elif to is FINISHED:
+            self._finished = True
 
     @property
     def journal_owner(self) -> str:
@@ -159,7 +208,7 @@ class Session:
     def is_virtual(self) -> bool:
         return self.spec == "virtual"
 
-    def runner(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+    def runner(self, progress: Callable[[str], None] = lambda s: None) -> Runner | None:
         """The emulated runner (virtual targets): used if it is up, else booted for the session."""
         if not self.is_virtual:
             return None
@@ -178,9 +227,11 @@ class Session:
             self._runner = r
         return self._runner
 
-    def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Any:
+    def open_host(self, progress: Callable[[str], None] = lambda s: None) -> Host:
         """A connected Host for the target (the runner booted first when virtual). The one way
         the session reaches its target: `finish()` uses it too, never booting then."""
+        if self.state is not BASELINED:     # a process opening the host of a baselined session stays there
+            self.transition(REACHED)
         self.runner(progress)
         host, _close = targets.open_host(self.spec, boot=False)
         return host
@@ -214,14 +265,16 @@ class Session:
                 progress(f"restored what an earlier crashed session left on {host.name}: {restored}")
             return self._write_baseline(host)
 
-    def rebaseline(self, host: Any) -> Inventory:
+    def rebaseline(self, host: Host) -> Inventory:
         """The inventory now becomes the baseline: after a reboot this session made
         (--allow-reboot), what it leaves is compared with the new boot, not the old one.
         Nothing is restored first (that was done when the session began)."""
+        self.transition(BASELINED)   # before the lock: a finished session's directory is not made again
         with self.lock("baseline"):
             return self._write_baseline(host)
 
-    def _write_baseline(self, host: Any) -> Inventory:
+    def _write_baseline(self, host: Host) -> Inventory:
+        self.transition(BASELINED)   # checked before: the file written below is the state
         raw = read_inventory_json(host)
         inv = Inventory.from_json(raw)
         # what other live sessions hold right now is theirs, not this session's baseline to keep
@@ -232,7 +285,7 @@ class Session:
         os.replace(path + ".new", path)        # a reader sees the old baseline or the new one, whole
         return inv
 
-    def others_claims(self, host: Any, inv: Inventory) -> dict[str, list[str]]:
+    def others_claims(self, host: Host, inv: Inventory) -> dict[str, list[str]]:
         """What other live processes on the target hold now (sessions sharing the runner, a
         developer's `vfiotest bind`): {"counts": PFs whose VF count a live journal records,
         "devices": devices a live journal rebinds or another session leases}."""
@@ -283,10 +336,13 @@ class Session:
         it). Undone by `finish()`, newest first."""
         from .journal import kind_of
 
+
         kind = kind_of(entry, where=f"session {self.id}")   # refuse what nobody can undo, before it is done
         missing = kind.missing(entry)
         if missing:
             raise HarnessError(f"session record of kind {entry['kind']!r} lacks {', '.join(missing)}")
+        if self.state is not BASELINED:    # a record means the target was reached; none after finish()
+            self.transition(REACHED)
         with self.lock("records"):       # workers record too: one sequence number each
             d = self.path(RECORDS)
             os.makedirs(d, exist_ok=True)
@@ -334,7 +390,10 @@ class Session:
             progress(f"{done}; rebooting {host.name} (--allow-reboot); the session's end puts the boot "
                      "configuration back")
             if emulated:
-                self.runner(progress).reboot(progress=progress)
+                runner = self.runner(progress)
+                if runner is None:
+                    raise HarnessError(f"the target {self.spec} has no emulated runner to reboot")
+                runner.reboot(progress=progress)
                 host.close()     # the old connection died with the old boot: reconnect on the next call
             else:
                 kernelargs.reboot_and_wait(host, progress=progress)
@@ -355,6 +414,7 @@ class Session:
         undo fails, the records not undone are kept (Verdict.kept), with the session directory and
         its lock file naming the target: the session then reads as crashed, and the next session
         on that target or `vfiotest restore` undoes them (restore_orphaned_sessions)."""
+        self.transition(FINISHED)
         v = Verdict()
         if not self.started:
             self._let_go()
@@ -401,7 +461,7 @@ class Session:
             r.release()
         return v
 
-    def _put_back_counts(self, host: Any, say: Callable[[str], None]) -> int:
+    def _put_back_counts(self, host: Host, say: Callable[[str], None]) -> int:
         """Undo the session journal (VF counts), the count lock held. A PF whose count another
         live session also journals (it uses these VFs: fixtures/sriov.py recorded the same
         original there) is left to that session, the last one to end puts it back."""
@@ -587,5 +647,5 @@ def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
     return done
 
 
-__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "Verdict", "orphaned_sessions",
-           "restore_orphaned_sessions", "shared_counts"]   # shared_counts: vfiotest.sriov's, re-exported
+__all__ = ["BASELINED", "FINISHED", "NEW", "REACHED", "Session", "SessionState", "TRANSITIONS", "Verdict",
+           "orphaned_sessions", "restore_orphaned_sessions", "shared_counts"]

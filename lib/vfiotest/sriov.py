@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import constants
 from .errors import ENVIRONMENT, CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
+from .host import Host
 from .lease import Lease, LeasePool, covers
 from .pci import Inventory, PciAddress, read_inventory
 
@@ -35,7 +36,7 @@ def pf_lease_name(pf: str) -> str:
     return f"pf-{pf}"
 
 
-def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = None) -> list[str]:
+def vfs_in_use(host: Host, inv: Inventory, pf: str, leases: LeasePool | None = None) -> list[str]:
     """Reasons the VFs of `pf` cannot be removed: bound to vfio-pci, or leased (a lease on the
     VF's group number that was taken for other devices, before the number was freed and given
     to this VF's group, does not count: lease.covers)."""
@@ -54,7 +55,7 @@ def vfs_in_use(host: Any, inv: Inventory, pf: str, leases: LeasePool | None = No
     return reasons
 
 
-def hold_vfs(host: Any, pool: LeasePool, pf: str, test_id: str | None = None) -> list[Lease] | None:
+def hold_vfs(host: Host, pool: LeasePool, pf: str, test_id: str | None = None) -> list[Lease] | None:
     """The lease of `pf` (pf_lease_name) and of each of its VFs' IOMMU groups, each naming its
     VF, for a caller that changes the PF's VF count on purpose; None (and nothing held) when
     another process holds any of them. The groups are read once the PF lease is held: under
@@ -75,13 +76,13 @@ def hold_vfs(host: Any, pool: LeasePool, pf: str, test_id: str | None = None) ->
     return leases
 
 
-def timed_write(host: Any, path: str, data: str, timeout: float) -> None:
+def timed_write(host: Host, path: str, data: str, timeout: float) -> None:
     """host.write_text with a deadline: every transport bounds its writes (remote ones by the
     agent call's timeout, the local one by abandoning a write(2) that blocks, host.LocalTransport)."""
     host.write_text(path, data, timeout=timeout)
 
 
-def _write_numvfs(host: Any, pf: str, n: int, timeout: float) -> None:
+def _write_numvfs(host: Host, pf: str, n: int, timeout: float) -> None:
     path = f"{SYS_DEV}/{pf}/sriov_numvfs"
     try:
         timed_write(host, path, str(n), timeout)
@@ -100,7 +101,7 @@ def _write_numvfs(host: Any, pf: str, n: int, timeout: float) -> None:
                             address=pf, path=path, errno=e.errno, cause=e) from None
 
 
-def wait_virtfns(host: Any, pf: str, n: int, timeout: float = SETTLE_TIMEOUT) -> list[PciAddress]:
+def wait_virtfns(host: Host, pf: str, n: int, timeout: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Wait until `pf` has exactly virtfn0..virtfn{n-1}, each naming an existing device.
     Returns the VF addresses in order."""
     deadline = time.monotonic() + timeout
@@ -109,7 +110,7 @@ def wait_virtfns(host: Any, pf: str, n: int, timeout: float = SETTLE_TIMEOUT) ->
         if len(names) == n:
             vfs = [host.readlink(f"{SYS_DEV}/{pf}/virtfn{i}") for i in range(n)]
             if all(vfs):
-                addrs = [PciAddress(v.rsplit("/", 1)[-1]) for v in vfs]
+                addrs = [PciAddress(v.rsplit("/", 1)[-1]) for v in vfs if v]
                 if all(host.exists(f"{SYS_DEV}/{a}") for a in addrs):
                     return addrs
         if time.monotonic() >= deadline:
@@ -119,7 +120,7 @@ def wait_virtfns(host: Any, pf: str, n: int, timeout: float = SETTLE_TIMEOUT) ->
         time.sleep(0.05)
 
 
-def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float = WRITE_TIMEOUT,
+def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float = WRITE_TIMEOUT,
                autoprobe: bool | None = None, profile: Any = None, leases: LeasePool | None = None,
                settle: float = SETTLE_TIMEOUT) -> list[PciAddress]:
     """Give `pf` exactly `n` VFs; returns their addresses.
@@ -176,7 +177,7 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
     return wait_virtfns(host, pf, n, settle)
 
 
-def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIMEOUT, settle: float = SETTLE_TIMEOUT,
+def restore_numvfs(host: Host, entry: dict[str, Any], timeout: float = WRITE_TIMEOUT, settle: float = SETTLE_TIMEOUT,
                    leases: LeasePool | None = None) -> None:
     """Put a PF back to the VF count and autoprobe setting of a journal entry."""
     pf = PciAddress(entry["address"])

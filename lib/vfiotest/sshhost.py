@@ -26,9 +26,9 @@ from .host import (
     DEFAULT_TIMEOUT,
     FILE_OP_SCRIPT,
     CommandResult,
-    Host,
     Input,
     Transport,
+    TransportHost,
     file_op_reply,
     wait_for,
 )
@@ -128,7 +128,8 @@ class SshTransport(Transport):
         self.connect_timeout = connect_timeout
         self.name = name or f"{user}@{host}:{port}"
         self._client = None
-        self._agent, self._agent_buf = None, b""
+        self._agent: paramiko.Channel | None = None
+        self._agent_buf = b""
         self._agent_lock = threading.RLock()
 
     # -- connection ----------------------------------------------------------
@@ -243,7 +244,7 @@ class SshTransport(Transport):
         res = self._agent_call({"kind": "fileop", "args": [op, path, *map(str, extra)]}, data, timeout, f"{op} {path}")
         return file_op_reply(op, path, res, self.name)
 
-    def _agent_call(self, req, input, timeout, what):
+    def _agent_call(self, req: dict[str, Any], input: Input, timeout: float, what: str) -> CommandResult:
         if input is not None:
             req["input"] = base64.b64encode(input if isinstance(input, bytes) else input.encode()).decode()
         with self._agent_lock:
@@ -262,7 +263,7 @@ class SshTransport(Transport):
         reply = json.loads(line)
         return CommandResult(what, reply["rc"], reply["stdout"], reply["stderr"], self.name)
 
-    def _agent_channel(self):
+    def _agent_channel(self) -> paramiko.Channel:
         if self._agent is not None and not self._agent.closed and not self._agent.exit_status_ready():
             return self._agent
         chan = self.connect().get_transport().open_session(timeout=self.connect_timeout)
@@ -271,7 +272,7 @@ class SshTransport(Transport):
         self._agent, self._agent_buf = chan, b""
         return chan
 
-    def _agent_readline(self, chan, deadline):
+    def _agent_readline(self, chan: paramiko.Channel, deadline: float) -> str:
         while b"\n" not in self._agent_buf:
             if time.monotonic() > deadline:
                 raise CommandTimeout("agent")
@@ -286,7 +287,7 @@ class SshTransport(Transport):
         line, self._agent_buf = self._agent_buf.split(b"\n", 1)
         return line.decode("utf-8", "replace")
 
-    def _drop_agent(self):
+    def _drop_agent(self) -> None:
         if self._agent is not None:
             self._agent.close()
         self._agent, self._agent_buf = None, b""
@@ -317,7 +318,7 @@ class SshTransport(Transport):
         return None
 
 
-class SshHost(Host):
+class SshHost(TransportHost):
     """A host reached over SSH (an SshTransport); the file operations are Host's."""
 
     transport: SshTransport

@@ -52,7 +52,7 @@ def _open_local(spec: str, progress: Progress | None, boot: bool) -> tuple[Host,
 
 
 def _open_sim(spec: str, progress: Progress | None, boot: bool) -> tuple[Host, Close]:
-    from .simsysfs import (
+    from .testing.simsysfs import (
         SimulatedHost,  # for tests: a simulated sysfs at the path after `sim:`
     )
 

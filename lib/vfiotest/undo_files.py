@@ -13,9 +13,10 @@ any change. Owner and group are not recorded (files are written as the target us
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import HarnessError, JournalError
+from .host import Host
 
 # Runs on the target (argv[1] = sysroot, argv[2] = path): does the file exist, its mode and text.
 SNAPSHOT_SCRIPT = r"""
@@ -51,7 +52,7 @@ os.chmod(sys.argv[1] + sys.argv[2], int(sys.argv[3], 8))
 """
 
 
-def file_entry(host: Any, path: str, timeout: float = 30) -> dict[str, Any]:
+def file_entry(host: Host, path: str, timeout: float = 30) -> dict[str, Any]:
     """The "file" entry for `path` on `host` as it is now (HarnessError for a file that
     cannot be recorded: not regular, not UTF-8 text, unreadable)."""
     res = host.python(SNAPSHOT_SCRIPT, [host.sysroot, path], timeout=timeout, check=True,
@@ -66,13 +67,22 @@ def file_entry(host: Any, path: str, timeout: float = 30) -> dict[str, Any]:
     return entry
 
 
-def record_file(host: Any, recorder: Any, path: str) -> dict[str, Any]:
-    """Record `path` as it is now into `recorder` (before changing it). Returns the kept entry:
-    when the file is already recorded, the first (original) state is kept."""
-    return recorder.record(file_entry(host, path))
+class Records(Protocol):
+    """What keeps an undo entry before a change: a journal (vfiotest.journal.Recorder, which
+    returns the entry it keeps) or a session (vfiotest.session.Session.record, which returns None)."""
+
+    def record(self, entry: dict[str, Any]) -> dict[str, Any] | None: ...
 
 
-def write_file(host: Any, recorder: Any, path: str, text: str, mode: int = 0o644) -> dict[str, Any]:
+def record_file(host: Host, recorder: Records, path: str) -> dict[str, Any]:
+    """Record `path` as it is now into `recorder` (before changing it). Returns the kept entry
+    (a journal keeps the first, original state of a file recorded twice), else the one recorded."""
+    entry = file_entry(host, path)
+    kept = recorder.record(entry)
+    return kept if kept is not None else entry
+
+
+def write_file(host: Host, recorder: Records, path: str, text: str, mode: int = 0o644) -> dict[str, Any]:
     """Record `path`, then replace it atomically with `text` (permission bits `mode`)."""
     entry = record_file(host, recorder, path)
     host.write_atomic(path, text, mode=mode)
@@ -80,12 +90,12 @@ def write_file(host: Any, recorder: Any, path: str, text: str, mode: int = 0o644
     return entry
 
 
-def _chmod(host: Any, path: str, mode: int) -> None:
+def _chmod(host: Host, path: str, mode: int) -> None:
     # write_atomic creates the file through the umask: set the bits exactly
     host.python(CHMOD_SCRIPT, [host.sysroot, path, "%o" % mode], check=True, what=f"chmod {path}")
 
 
-def undo_file(host: Any, entry: dict[str, Any]) -> None:
+def undo_file(host: Host, entry: dict[str, Any]) -> None:
     """Undo a "file" entry: put the content and mode back, or remove a file that did not exist."""
     path = entry["path"]
     if not entry["existed"]:

@@ -18,11 +18,16 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from .errors import BindError, DeviceNotFound, HarnessError, LeaseBusy
+from .host import Host
 from .pci import Inventory, PciAddress, PciDevice, read_inventory
 from .sriov import pf_lease_name
+
+if TYPE_CHECKING:
+    from .bind import DeviceManager
+    from .lease import LeasePool
 
 LEASE_WAIT = 120.0     # seconds to wait for a free VF group while other tests hold them all
 POLL = 0.5
@@ -64,7 +69,7 @@ def candidates(inv: Inventory, pfs: Sequence[Any], vendor_device: Optional[str] 
     return out
 
 
-def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def lease_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[str] = None,
              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
     """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
     DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
@@ -82,6 +87,8 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
     while True:
         counting.clear()
         for dev, pf in cands:
+            if dev.iommu_group is None:      # candidates() keeps devices with a group only
+                continue
             lease = pool.try_acquire(dev.iommu_group, test_id=owner, retry=0, devices=[dev.address])
             if lease is None:
                 continue
@@ -110,7 +117,7 @@ def lease_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = No
 
 
 @contextlib.contextmanager
-def leased_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def leased_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[str] = None,
               vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
               on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
     """A VF leased (not bound) for the `with` block; `on_release(vf, start, end)` after it is given back."""
@@ -125,7 +132,7 @@ def leased_vf(host: Any, pool: Any, pfs: Sequence[Any], owner: Optional[str] = N
 
 
 @contextlib.contextmanager
-def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
+def bound(manager: DeviceManager, vf: VfioGroup, host: Host | None = None) -> Iterator[VfioGroup]:
     """`vf`'s whole IOMMU group on vfio-pci for the `with` block, put back after (also when the
     bind itself fails half-way: then BindError names the VF). With `host`, `vf.after` is the
     group's inventory once it is restored."""
@@ -143,7 +150,7 @@ def bound(manager: Any, vf: VfioGroup, host: Any = None) -> Iterator[VfioGroup]:
 
 
 @contextlib.contextmanager
-def vfio_vf(host: Any, pool: Any, manager: Any, pfs: Sequence[Any], owner: Optional[str] = None,
+def vfio_vf(host: Host, pool: LeasePool, manager: DeviceManager, pfs: Sequence[Any], owner: Optional[str] = None,
             vendor_device: Optional[str] = None, wait: float = LEASE_WAIT,
             on_release: Optional[Callable[[VfioGroup, float, float], None]] = None) -> Iterator[VfioGroup]:
     """Lease a VF, bind its group to vfio-pci, and on the way out restore it, read the group

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 BIND_SUITE = '''
 """Demo: a VF bound to vfio-pci, and a check that fails."""

@@ -9,7 +9,7 @@ from vfiotest.bind import DeviceManager, bind_group_to_vfio, bind_to_vfio
 from vfiotest.errors import AddressError, BindError, DeviceNotFound, NotAllowed
 from vfiotest.journal import MemoryJournal
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 GROUPED = ["host-bridge", "virtio-net", "virtio-blk",
            {"id": "1b36:0001", "class": "0x060400", "address": "0000:00:04.0", "group": "g"},
@@ -224,9 +224,11 @@ def test_bind_works_with_only_the_guest_modules(sim, tmp_path):
     pkg.mkdir(parents=True)
     for name in ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py"):
         shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), name), pkg / name)
-    shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), "simsysfs.py"), pkg / "simsysfs.py")  # the test's host
+    (pkg / "testing").mkdir()  # the test's host
+    for name in ("__init__.py", "simsysfs.py"):
+        shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), "testing", name), pkg / "testing" / name)
     code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'guest')!r});"
-            f"from vfiotest.simsysfs import SimulatedHost; import vfiotest.bind as b;"
+            f"from vfiotest.testing.simsysfs import SimulatedHost; import vfiotest.bind as b;"
             f"assert b.__file__.startswith({str(pkg)!r}), b.__file__;"
             f"b.bind_to_vfio(SimulatedHost.open({sim.sysroot!r}), {VF!r});"
             f"assert 'vfiotest.journal' not in sys.modules")

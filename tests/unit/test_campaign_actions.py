@@ -8,7 +8,7 @@ from __future__ import annotations
 import textwrap
 import threading
 
-from vfiotest import campaign
+import campaign
 
 SUBJECT = textwrap.dedent('''
     import logging, sys, time

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 OTHERS = ["host-bridge", "virtio-net", "virtio-blk",
           {"id": "1b36:0010", "class": "0x010802", "address": "0000:00:07.0", "group": "h"},

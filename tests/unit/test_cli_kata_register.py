@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from vfiotest.kata.runtime import DROPIN_PATH, MARKER, WRAPPER_PATH
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 CHILD = textwrap.dedent("""
     import os, sys
@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
             real(self)
             os._exit(137)          # kill -9 after the files are written: no finally
         runtime.RuntimeRegistration.register = killed
-    from vfiotest.cli import main
+    from vfiotest.command import main
     sys.exit(main(["kata", command, "--target", spec]))
 """)
 

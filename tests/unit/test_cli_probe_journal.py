@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from vfiotest.podman.conf import DROPIN_PATH
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 KILLED = textwrap.dedent("""
     import os, sys
@@ -17,7 +17,7 @@ KILLED = textwrap.dedent("""
     def killed(*a, **k):
         os._exit(137)          # kill -9: no finally, no cleanup
     image.ensure_image = killed
-    from vfiotest.cli import main
+    from vfiotest.command import main
     sys.exit(main(["probe", "--target", sys.argv[1], "--group", "1", "--runtime", "runc"]))
 """)
 

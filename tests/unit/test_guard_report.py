@@ -9,7 +9,7 @@ import sys
 import textwrap
 import xml.etree.ElementTree as ET
 
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE = "suites/host_prereqs/test_host_prereqs.py"

@@ -12,7 +12,7 @@ from vfiotest.bind import DeviceManager
 from vfiotest.errors import JournalError
 from vfiotest.journal import Journal, orphaned_journals, restore_orphans
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 ROOT = "/var/lib/vfiotest/journal"
 VF = "0000:10:10.0"
@@ -67,7 +67,7 @@ def test_one_journal_per_process_and_live_ones_are_not_replayed(sim):
 
 def test_orphan_of_a_dead_process_is_replayed_in_reverse(sim, tmp_path):
     first = read_inventory(sim)
-    script = (f"from vfiotest.simsysfs import SimulatedHost; from vfiotest.journal import Journal;"
+    script = (f"from vfiotest.testing.simsysfs import SimulatedHost; from vfiotest.journal import Journal;"
               f"from vfiotest.bind import DeviceManager; from vfiotest import sriov;"
               f"h = SimulatedHost.open({sim.sysroot!r}); j = Journal.open(h);"
               f"sriov.set_numvfs(h, '0000:10:00.0', 4, j); DeviceManager(h, 'emulated', j).bind_device('0000:10:10.3');"

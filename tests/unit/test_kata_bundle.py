@@ -13,7 +13,7 @@ import tarfile
 
 import pytest
 
-from vfiotest import cli
+from vfiotest import command
 from vfiotest.errors import ProvisionError
 from vfiotest.host import LocalHost
 from vfiotest.kata import bundle
@@ -385,17 +385,17 @@ def test_a_target_not_sharing_the_controller_fs_gets_a_copy(tmp_path, installed,
 # -- the CLI ----------------------------------------------------------------------------
 
 def test_cli_detect_json_and_refusal_exit(tmp_path, installed, default_bundle, monkeypatch, capsys):
-    assert cli.main(["kata", "detect", "--target", "local", "--json"]) == 0
+    assert command.main(["kata", "detect", "--target", "local", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["kind"], got["version"], got["how"], got["supported"]) == ("bundle", "1.12.1", "default", True)
     assert got["runtime_path"].endswith("/kata-1.12.1/bin/kata-runtime") and len(got["sha256"]) == 64
     monkeypatch.setattr(bundle, "DEFAULT_BUNDLE", str(tmp_path / "gone.tar.zst"))
     installed("2.1.0")
-    assert cli.main(["kata", "detect", "--target", "local"]) == 1
+    assert command.main(["kata", "detect", "--target", "local"]) == 1
     out = capsys.readouterr().out
     assert "kind:      none" in out and "supported: no: Kata 2.1.0 has no OCI runtime CLI" in out
     monkeypatch.setenv(bundle.BUNDLE_ENV, str(tmp_path / "missing"))
-    assert cli.main(["kata", "detect", "--target", "local"]) == 2
+    assert command.main(["kata", "detect", "--target", "local"]) == 2
     assert "names nothing" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from vfiotest.kata import hook
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 VF1, VF2 = "0000:10:10.0", "0000:10:10.1"
 OTHERS = ["host-bridge", "virtio-net", "virtio-blk",
@@ -311,7 +311,7 @@ def test_main_is_bounded_in_time(tmp_path, log_path):
     t0 = time.monotonic()
     p = run_main_in_child(f"""
         import io, sys, time
-        from vfiotest.simsysfs import SimulatedHost
+        from vfiotest.testing.simsysfs import SimulatedHost
         from vfiotest.kata import hook
         class Hung(SimulatedHost):
             def _exec(self, command, *, timeout, input):
@@ -335,7 +335,7 @@ def test_main_takes_the_stage_from_argv1_and_assumes_prestart(tmp_path, log_path
     settings.write_text(json.dumps({"log": log_path}))
     p = run_main_in_child(f"""
         import io, sys
-        from vfiotest.simsysfs import SimulatedHost
+        from vfiotest.testing.simsysfs import SimulatedHost
         from vfiotest.kata import hook
         stdin = io.BytesIO({state(annotation=VF1).encode()!r})
         sys.exit(hook.main({argv!r}, settings_path={str(settings)!r}, stdin=stdin, host=SimulatedHost({sim_dir!r})))
@@ -358,7 +358,7 @@ def test_main_exits_5_with_one_stderr_line_per_failure(tmp_path, log_path):
     settings.write_text(json.dumps({"log": log_path}))
     p = run_main_in_child(f"""
         import io, sys
-        from vfiotest.simsysfs import SimulatedHost
+        from vfiotest.testing.simsysfs import SimulatedHost
         from vfiotest.kata import hook
         stdin = io.BytesIO({state(annotation="8086:10ca").encode()!r})
         sys.exit(hook.main(["vfio-hook", "prestart"], settings_path={str(settings)!r}, stdin=stdin,
@@ -379,7 +379,7 @@ def test_main_bounds_the_device_wait_by_its_budget(tmp_path, log_path):
     settings.write_text(json.dumps({"log": log_path, "timeout": 2.0, "device_wait": 60}))
     p = run_main_in_child(f"""
         import io, sys, time
-        from vfiotest.simsysfs import SimulatedHost
+        from vfiotest.testing.simsysfs import SimulatedHost
         from vfiotest.kata import hook
         stdin = io.BytesIO({state(annotation="8086:10ca").encode()!r})
         t0 = time.monotonic()

@@ -9,7 +9,7 @@ from vfiotest import kernelargs
 from vfiotest.errors import ProvisionError
 from vfiotest.runner import bootcfg
 from vfiotest.session import Session, restore_orphaned_sessions
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 
 @pytest.fixture

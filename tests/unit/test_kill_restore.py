@@ -17,11 +17,11 @@ import pytest
 
 from vfiotest.journal import restore_orphans
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 CHILD = textwrap.dedent(r"""
     import os, signal, sys
-    from vfiotest.simsysfs import SimulatedHost
+    from vfiotest.testing.simsysfs import SimulatedHost
     from vfiotest.journal import Journal
     from vfiotest.bind import DeviceManager
     from vfiotest import sriov
@@ -108,7 +108,7 @@ def test_kill_at_every_step_then_restore(tmp_path, scenario):
 
 FILE_CHILD = textwrap.dedent(r"""
     import os, signal, sys
-    from vfiotest.simsysfs import SimulatedHost
+    from vfiotest.testing.simsysfs import SimulatedHost
     from vfiotest.journal import Journal
     from vfiotest.undo_files import write_file
 

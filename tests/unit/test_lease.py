@@ -7,7 +7,7 @@ import pytest
 
 from vfiotest.errors import LeaseBusy
 from vfiotest.lease import LeasePool
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_acquire_release_and_held(sim):
 
 
 def test_held_by_another_process_and_freed_when_it_dies(sim):
-    code = (f"from vfiotest.simsysfs import SimulatedHost; from vfiotest.lease import LeasePool;"
+    code = (f"from vfiotest.testing.simsysfs import SimulatedHost; from vfiotest.lease import LeasePool;"
             f"import sys, time; l = LeasePool(SimulatedHost.open({sim.sysroot!r})).acquire('7', test_id='other');"
             f"print('HELD', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -6,7 +6,7 @@ from vfiotest import kernelargs, prereqs
 from vfiotest.errors import ProvisionError
 from vfiotest.pci import read_inventory
 from vfiotest.profiles import get_profile
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 GOOD = {"cmdline": "BOOT_IMAGE=/vmlinuz intel_iommu=on systemd.unified_cgroup_hierarchy=0", "kernel": "6.1.0", "iommu_groups": 12,
         "iommu_units": ["dmar0"], "irq_remapping": True, "unsafe_interrupts": "N", "cgroup_mode": "hybrid",

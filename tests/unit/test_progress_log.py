@@ -10,7 +10,7 @@ import sys
 import pytest
 from allure_session import BIND_SUITE
 
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LINE = "0000:10:00.0 (8086:10c9): 4 VFs"      # the sriov layer's progress line on the simulated PF

@@ -135,7 +135,7 @@ def test_default_state_dir(monkeypatch, tmp_path):
 
 
 def test_cli_registers_runner_commands():
-    from vfiotest.cli import build_parser
+    from vfiotest.command import build_parser
 
     p = build_parser()
     for action in ("up", "down", "status", "ssh", "console"):

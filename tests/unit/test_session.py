@@ -11,8 +11,8 @@ from vfiotest.errors import HarnessError, JournalError
 from vfiotest.journal import Journal
 from vfiotest.pci import read_inventory
 from vfiotest.session import BASELINED, NEW, REACHED, Session, orphaned_sessions
-from vfiotest.simsysfs import SimulatedHost
 from vfiotest.sriov import set_numvfs
+from vfiotest.testing.simsysfs import SimulatedHost
 from vfiotest.undo_files import file_entry
 
 VF = "0000:10:10.0"
@@ -410,3 +410,27 @@ def test_a_crashed_sessions_failed_undo_does_not_stop_the_pci_replay(sim, tmp_pa
         nxt.finish(say=lambda s: None)
     finally:
         journal._KINDS.pop("test-broken-undo", None)
+def test_states_move_forward_only(sim, sess, undo_log):
+    from vfiotest.errors import SessionStateError
+    from vfiotest.session import FINISHED, TRANSITIONS, SessionState
+
+    assert set(TRANSITIONS) == set(SessionState) and TRANSITIONS[FINISHED] == frozenset()
+    with pytest.raises(SessionStateError) as e:
+        sess.transition(BASELINED)           # a baseline before the target was reached
+    assert e.value.reason == "new -> baselined" and sess.state == NEW
+    host = sess.open_host()
+    assert sess.state == REACHED
+    sess.baseline(host)
+    assert sess.state == BASELINED
+    sess.open_host()                         # another process opening the host: still baselined
+    assert sess.state == BASELINED
+    with pytest.raises(SessionStateError):
+        sess.transition(REACHED)             # never back
+    assert sess.finish(say=lambda s: None).ok
+    assert sess.state == FINISHED
+    for step in (lambda: sess.open_host(), lambda: sess.rebaseline(host),
+                 lambda: sess.record({"kind": "test-undo", "n": 1}),
+                 lambda: sess.finish(say=lambda s: None)):
+        with pytest.raises(SessionStateError, match="finished"):
+            step()
+    assert not os.path.exists(sess.dir), "a step refused after finish() leaves nothing behind"

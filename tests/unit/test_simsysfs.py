@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 D = "/sys/bus/pci/devices"
 DRV = "/sys/bus/pci/drivers"

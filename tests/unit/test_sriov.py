@@ -9,7 +9,7 @@ from vfiotest.journal import MemoryJournal
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.profiles import get_profile
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 PF = "0000:10:00.0"
 

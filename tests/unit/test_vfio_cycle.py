@@ -10,7 +10,7 @@ from vfiotest.bind import DeviceManager
 from vfiotest.errors import DeviceNotFound
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
-from vfiotest.simsysfs import SimulatedHost
+from vfiotest.testing.simsysfs import SimulatedHost
 
 PF = "0000:10:00.0"
 

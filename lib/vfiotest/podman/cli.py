@@ -7,7 +7,7 @@ import json
 import sys
 
 
-def _say(text):
+def _say(text: str) -> None:
     print(f"[vfiotest] {text}", file=sys.stderr, flush=True)
 
 

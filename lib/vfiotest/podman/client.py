@@ -195,7 +195,7 @@ class RuntimeClient:
         self.made.append(c.id)
         return c
 
-    def _forget_by_name(self, name):
+    def _forget_by_name(self, name: str) -> None:
         # a failed create can leave a half-made container behind: find it by name
         try:
             for c in self.client.containers.list(all=True, filters={"name": name}):
@@ -321,7 +321,7 @@ class RuntimeClient:
         self.close()
 
 
-def _text(out):
+def _text(out: str | bytes | bytearray | Iterable[bytes | str] | None) -> str:
     if out is None:
         return ""
     if isinstance(out, (bytes, bytearray)):

@@ -62,7 +62,7 @@ class PodmanBaseSettings:
         self.created_dir = False
         self.applied = False
 
-    def _read(self):
+    def _read(self) -> str | None:
         try:
             return self.host.read_text(self.path)
         except OSError as e:
@@ -119,7 +119,7 @@ def dropin_record(settings: "PodmanBaseSettings") -> dict:
             "created_dir": settings.created_dir}
 
 
-def undo_dropin(host, rec: dict) -> None:
+def undo_dropin(host: Host, rec: dict[str, Any]) -> None:
     """Put back what the containers.conf drop-in replaced (or remove it)."""
     s = PodmanBaseSettings(host, path=rec["path"])
     s.previous, s.created_dir, s.applied = rec["previous"], rec["created_dir"], True

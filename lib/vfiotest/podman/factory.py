@@ -15,8 +15,15 @@ start). The pytest plugin passes VFIOTEST_BREAK's words.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
 from ..constants import VFIO_ANNOTATION
-from .client import vfio_recipe
+from .client import RunResult, RuntimeClient, vfio_recipe
+
+if TYPE_CHECKING:
+    from ..vfio import VfioGroup
+    from .image import Image
 
 SMALL_MEMLOCK = 64 * 1024
 UNMATCHED_ID = "ffff:fffe"   # hook-fails: a vendor:device no guest device has (the hook exits 5)
@@ -25,18 +32,20 @@ UNMATCHED_ID = "ffff:fffe"   # hook-fails: a vendor:device no guest device has (
 class ContainerFactory:
     """Containers for one test, on the session's RuntimeClient, with the session's image."""
 
-    def __init__(self, client, image, kata=False, breaks=frozenset()):
+    def __init__(self, client: RuntimeClient, image: Image, kata: bool = False, breaks: Iterable[str] = frozenset()) -> None:
         self.client, self.image, self.kata, self.breaks = client, image, kata, frozenset(breaks)
-        self.results = []
+        self.results: list[RunResult] = []
 
-    def _broken(self, what):
+    def _broken(self, what: str) -> bool:
         return what in self.breaks
 
     @property
-    def runtime(self):
+    def runtime(self) -> str:
         return self.client.runtime
 
-    def _options(self, vfio=None, devices=(), cap_add=(), cap_drop=(), ulimits=None, annotations=None, ipc_lock=None):
+    def _options(self, vfio: VfioGroup | None = None, devices: Iterable[str] = (), cap_add: Iterable[str] = (),
+                 cap_drop: Iterable[str] = (), ulimits: Mapping[str, int] | None = None,
+                 annotations: Mapping[str, str] | None = None, ipc_lock: bool | None = None) -> dict[str, Any]:
         recipe = vfio_recipe(self.kata, vfio.dev_path if vfio is not None else None,
                              vfio.vendor_device if vfio is not None else None,
                              dev_mount=not self._broken("no-dev-mount"), device=not self._broken("withhold-device"))
@@ -54,24 +63,28 @@ class ContainerFactory:
         return dict(devices=devices, cap_add=cap_add, cap_drop=cap_drop, ulimits=ulimits, annotations=annotations,
                     **extra)
 
-    def run(self, command, *, vfio=None, devices=(), cap_add=(), cap_drop=(), ulimits=None, annotations=None,
-            ipc_lock=None, timeout=180.0, **extra):
+    def run(self, command: Iterable[str], *, vfio: VfioGroup | None = None, devices: Iterable[str] = (),
+            cap_add: Iterable[str] = (), cap_drop: Iterable[str] = (), ulimits: Mapping[str, int] | None = None,
+            annotations: Mapping[str, str] | None = None, ipc_lock: bool | None = None, timeout: float = 180.0,
+            **extra: Any) -> RunResult:
         """Run to completion; a vfiotest.podman.RunResult (exit code, stdout, stderr, oci_runtime)."""
         res = self.client.run(self.image.ref, command, timeout=timeout,
                               **self._options(vfio, devices, cap_add, cap_drop, ulimits, annotations, ipc_lock), **extra)
         self.results.append(res)
         return res
 
-    def start(self, command, *, vfio=None, devices=(), cap_add=(), cap_drop=(), ulimits=None, annotations=None,
-              ipc_lock=None, **extra):
+    def start(self, command: Iterable[str], *, vfio: VfioGroup | None = None, devices: Iterable[str] = (),
+              cap_add: Iterable[str] = (), cap_drop: Iterable[str] = (), ulimits: Mapping[str, int] | None = None,
+              annotations: Mapping[str, str] | None = None, ipc_lock: bool | None = None, **extra: Any) -> Any:
         """Create and start; the podman-py Container keeps running until the test ends."""
         return self.client.start(self.image.ref, command,
                                  **self._options(vfio, devices, cap_add, cap_drop, ulimits, annotations, ipc_lock), **extra)
 
-    def probe_command(self, *args):
+    def probe_command(self, *args: object) -> list[str]:
         return [*self.image.probe_command, *map(str, args)]
 
-    def probe(self, vfio, *args, ipc_lock=True, ulimits=None, **kw):
+    def probe(self, vfio: VfioGroup | None, *args: object, ipc_lock: bool | None = True,
+              ulimits: Mapping[str, int] | None = None, **kw: Any) -> RunResult:
         """The VFIO probe on `vfio` (a VfioGroup). With ipc_lock=False and a small memlock
         limit, the DMA map is expected to fail."""
         return self.run(self.probe_command(*args), vfio=vfio, ipc_lock=ipc_lock, ulimits=ulimits, **kw)

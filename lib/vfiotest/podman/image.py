@@ -164,8 +164,10 @@ def import_tarball(host: Host, tarball: str | Path, ref: str, timeout: float = 6
             host.run(["rm", "-f", remote], timeout=30)
 
 
-def _upload(host, local, remote):
-    if host.is_local:
+def _upload(host: Host, local: str, remote: str) -> None:
+    from ..sshhost import SshHost
+
+    if host.is_local or not isinstance(host, SshHost):
         raise ProvisionError(f"{local} is not readable as the same file on {host.name}",
                              hint="the cache directory changed under us; rebuild with `vfiotest image build --rebuild`")
     host.run(["mkdir", "-p", os.path.dirname(remote)], timeout=30, check=True)

@@ -37,7 +37,7 @@ import fcntl
 import os
 import struct
 import sys
-from typing import Any
+from typing import Any, Callable, Optional
 
 try:
     import json
@@ -49,7 +49,7 @@ VFIO_TYPE = ord(";")
 VFIO_BASE = 100
 
 
-def _IO(type_, nr):
+def _IO(type_: int, nr: int) -> int:
     # _IOC(dir=NONE(0), type, nr, size=0): dir<<30 | size<<16 | type<<8 | nr
     return (0 << 30) | (0 << 16) | (type_ << 8) | nr
 
@@ -101,35 +101,35 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class ProbeFailed(Exception):
-    def __init__(self, step, message, err=None):
+    def __init__(self, step: str, message: str, err: Optional[int] = None) -> None:
         super().__init__(message)
         self.step, self.message, self.errno = step, message, err
 
 
-def encode_group_status():
+def encode_group_status() -> bytearray:
     return bytearray(GROUP_STATUS.pack(GROUP_STATUS.size, 0))
 
 
-def encode_dma_map(vaddr, iova, size):
+def encode_dma_map(vaddr: int, iova: int, size: int) -> bytearray:
     return bytearray(DMA_MAP.pack(DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE, vaddr, iova, size))
 
 
-def encode_dma_unmap(iova, size):
+def encode_dma_unmap(iova: int, size: int) -> bytearray:
     return bytearray(DMA_UNMAP.pack(DMA_UNMAP.size, 0, iova, size))
 
 
-def encode_region_info(index):
+def encode_region_info(index: int) -> bytearray:
     return bytearray(REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
 
 
-def encode_irq_info(index):
+def encode_irq_info(index: int) -> bytearray:
     return bytearray(IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
 
 
 DMA_ENTRY_LIMIT = 65535   # vfio_iommu_type1's default dma_entry_limit (mappings per container)
 
 
-def dma_stress(cfd, size, rounds=1, page=PAGE_SIZE, iova=1 << 32):
+def dma_stress(cfd: int, size: int, rounds: int = 1, page: int = PAGE_SIZE, iova: int = 1 << 32) -> dict[str, Any]:
     """Map `size` bytes one page per VFIO_IOMMU_MAP_DMA (at most DMA_ENTRY_LIMIT mappings), then
     unmap the whole range in one call; `rounds` times. Returns what was done. ProbeFailed
     ("dma-stress") names the round and the page; what was mapped is unmapped first."""
@@ -160,7 +160,7 @@ def dma_stress(cfd, size, rounds=1, page=PAGE_SIZE, iova=1 << 32):
             "seconds": round(time.monotonic() - t0, 2)}
 
 
-def aligned_buffer(size, page=PAGE_SIZE):
+def aligned_buffer(size: int, page: int = PAGE_SIZE) -> tuple[Any, int]:
     """A zero-filled, page-aligned buffer of `size` bytes and its address.
 
     array's storage comes from malloc, which serves a request this large with an
@@ -176,21 +176,21 @@ def aligned_buffer(size, page=PAGE_SIZE):
     return buf, (addr + page - 1) & ~(page - 1)
 
 
-def _ioctl(step, fd, request, arg=0):
+def _ioctl(step: str, fd: int, request: int, arg: Any = 0) -> Any:
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as e:
         raise ProbeFailed(step, f"{step}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno or 0, '?')})", e.errno) from None
 
 
-def _open(step, path, flags=os.O_RDWR):
+def _open(step: str, path: str, flags: int = os.O_RDWR) -> int:
     try:
         return os.open(path, flags)
     except OSError as e:
         raise ProbeFailed(step, f"{step}: cannot open {path}: {e.strerror} (errno {e.errno} {errno_mod.errorcode.get(e.errno or 0, '?')})", e.errno) from None
 
 
-def find_group(vfio_dir):
+def find_group(vfio_dir: str) -> str:
     """The single numeric group node under `vfio_dir` (e.g. /dev/vfio/12)."""
     try:
         groups = sorted(n for n in os.listdir(vfio_dir) if n.isdigit())
@@ -202,7 +202,7 @@ def find_group(vfio_dir):
     return groups[0]
 
 
-def find_device(group, sysfs="/sys"):
+def find_device(group: str, sysfs: str = "/sys") -> str:
     """The first device of `group` listed in sysfs (the container sees the kernel's view)."""
     d = f"{sysfs}/kernel/iommu_groups/{group}/devices"
     try:
@@ -214,8 +214,10 @@ def find_device(group, sysfs="/sys"):
     return devs[0]
 
 
-def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=0x10000000, sysfs="/sys", report=None,
-          before_close=None, stress_size=0, stress_rounds=1):
+def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Optional[str] = None, dma_size: int = 1 << 20,
+          iova: int = 0x10000000, sysfs: str = "/sys", report: Optional[dict[str, Any]] = None,
+          before_close: Optional[Callable[[dict[str, Any]], None]] = None, stress_size: int = 0,
+          stress_rounds: int = 1) -> dict[str, Any]:
     """Run every step (dma-stress only with `stress_size`); returns the report dict. Raises
     ProbeFailed naming the step.
     `report` (a dict) is filled as steps pass, so a failure still shows what came before.
@@ -356,14 +358,14 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
                 pass
 
 
-def to_json(obj):
+def to_json(obj: Any) -> str:
     """json.dumps when available, else a minimal encoder (dict, list, str, int, bool, None)."""
     if json is not None:
         return json.dumps(obj, sort_keys=True)
     return _encode(obj)
 
 
-def _encode(o):
+def _encode(o: Any) -> str:
     if o is None:
         return "null"
     if o is True:
@@ -391,7 +393,7 @@ def _encode(o):
     raise TypeError(f"cannot encode {type(o).__name__}")
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="vfio-probe", description="Exercise a VFIO group from inside a container; JSON on stdout.")
     p.add_argument("--vfio-dir", default="/dev/vfio", help="where the VFIO nodes are (default /dev/vfio)")
     p.add_argument("--group", help="group number (default: the only numeric node in --vfio-dir)")
@@ -409,9 +411,9 @@ def main(argv=None):
     except SystemExit as e:
         return 2 if e.code else 0
     report: dict[str, Any] = {"ok": False}
-    held = []
+    held: list[bool] = []
 
-    def hold(r):
+    def hold(r: dict[str, Any]) -> None:
         print(to_json(r), flush=True)
         held.append(True)
         import time

@@ -33,6 +33,8 @@ from ..errors import ProvisionError, TargetError
 from ..host import wait_for
 
 if TYPE_CHECKING:
+    import paramiko
+
     from ..host import Host
     from ..sshhost import SshHost
 
@@ -113,7 +115,7 @@ class PodmanService:
     def alive(self) -> bool:
         return self.pid is not None and self._is_ours()
 
-    def _is_ours(self):
+    def _is_ours(self) -> bool:
         # the pid must still be our service (pids are reused): its argv names our socket
         res = self.host.run(["cat", f"/proc/{self.pid}/cmdline"], timeout=15)
         return res.ok and self.socket_path in res.stdout.replace("\0", " ")
@@ -151,10 +153,10 @@ class PodmanService:
     def __enter__(self) -> PodmanService:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<PodmanService {self.runtime} on {self.host.name} pid={self.pid}>"
 
 
@@ -177,7 +179,7 @@ class SocketForward:
         self.last_error: str | None = None
         threading.Thread(target=self._accept_loop, name="podman-forward", daemon=True).start()
 
-    def _accept_loop(self):
+    def _accept_loop(self) -> None:
         while not self._closed:
             try:
                 conn, _ = self._listener.accept()
@@ -185,14 +187,14 @@ class SocketForward:
                 return
             threading.Thread(target=self._relay, args=(conn,), name="podman-forward-conn", daemon=True).start()
 
-    def _open_channel(self):
+    def _open_channel(self) -> paramiko.Channel:
         transport = self.host.connect().get_transport()
         chan = transport.open_session(timeout=self.channel_timeout)
         chan.exec_command(f"exec python3 -c {shlex.quote(RELAY_SCRIPT)} {shlex.quote(self.remote_path)}")
         self.channels_opened += 1
         return chan
 
-    def _relay(self, conn):
+    def _relay(self, conn: socket.socket) -> None:
         try:
             chan = self._open_channel()
         except Exception as e:  # noqa: BLE001 - the HTTP client gets the reason as an API error
@@ -238,7 +240,7 @@ class SocketForward:
                 pass
             conn.close()
 
-    def close(self):
+    def close(self) -> None:
         self._closed = True
         try:
             self._listener.close()
@@ -284,7 +286,7 @@ def wait_for_ping(client: Any, timeout: float = 30.0, service: PodmanService | N
     gives the SSH link's last failure when `service` is reached through one."""
     last = None
 
-    def ping():
+    def ping() -> bool:
         nonlocal last
         try:
             return client.ping()

@@ -22,7 +22,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import BinaryIO
 
 import filelock
 
@@ -40,12 +41,12 @@ def cache_root() -> str:
     return constants.cache_dir("runner")
 
 
-def _say(progress, text):
+def _say(progress: Callable[[str], None] | None, text: str) -> None:
     if progress:
         progress(text)
 
 
-def _run(cmd, what, timeout=600, cwd=None):
+def _run(cmd: Sequence[str], what: str, timeout: float = 600, cwd: str | None = None) -> str:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except FileNotFoundError:
@@ -61,7 +62,7 @@ def _run(cmd, what, timeout=600, cwd=None):
     return p.stdout
 
 
-def _version_key(v):
+def _version_key(v: str) -> list[int | str]:
     return [int(x) if x.isdigit() else x for x in re.split(r"[.+~-]", v)]
 
 
@@ -93,7 +94,7 @@ class Kernel:
             pass
         order, seen = [], set()
 
-        def visit(name):
+        def visit(name: str) -> None:
             name = _modname(name)
             if name in seen:
                 return
@@ -113,7 +114,7 @@ class Kernel:
         return order
 
 
-def _modname(path):
+def _modname(path: str) -> str:
     base = os.path.basename(path.strip())
     for ext in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
         if base.endswith(ext):
@@ -140,7 +141,7 @@ def resolve_kernel_package() -> tuple[str, str]:
     return best[0], _candidate_version(best[0])
 
 
-def _candidate_version(pkg):
+def _candidate_version(pkg: str) -> str:
     out = _run(["apt-cache", "policy", pkg], f"looking up {pkg}", timeout=60)
     m = re.search(r"Candidate: (\S+)", out)
     if not m or m.group(1) == "(none)":
@@ -149,12 +150,12 @@ def _candidate_version(pkg):
     return m.group(1)
 
 
-def _cache_lock():
+def _cache_lock() -> filelock.FileLock:
     os.makedirs(cache_root(), exist_ok=True)
     return filelock.FileLock(os.path.join(cache_root(), ".lock"), timeout=1800)
 
 
-def _cached_kernels():
+def _cached_kernels() -> list[str]:
     d = os.path.join(cache_root(), "kernel")
     if not os.path.isdir(d):
         return []
@@ -207,10 +208,10 @@ def ensure_kernel(progress: Callable[[str], None] | None = None) -> Kernel:
 class CpioWriter:
     """A newc cpio archive (what the kernel unpacks as an initramfs), root-owned entries."""
 
-    def __init__(self, fileobj):
+    def __init__(self, fileobj: BinaryIO) -> None:
         self.f, self.ino = fileobj, 1000
 
-    def _entry(self, name, mode, data=b"", rdev=(0, 0), nlink=1):
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), nlink: int = 1) -> None:
         self.ino += 1
         fields = [self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
         self.f.write(b"070701" + b"".join(b"%08X" % v for v in fields))
@@ -219,19 +220,19 @@ class CpioWriter:
         self.f.write(data)
         self.f.write(b"\0" * (-len(data) % 4))
 
-    def dir(self, name, perm=0o755):
+    def dir(self, name: str, perm: int = 0o755) -> None:
         self._entry(name, 0o040000 | perm, nlink=2)
 
-    def file(self, name, data, perm=0o644):
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
         self._entry(name, 0o100000 | perm, data)
 
-    def symlink(self, name, target):
+    def symlink(self, name: str, target: str) -> None:
         self._entry(name, 0o120000 | 0o777, target.encode())
 
-    def chardev(self, name, major, minor, perm=0o600):
+    def chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
         self._entry(name, 0o020000 | perm, rdev=(major, minor))
 
-    def close(self):
+    def close(self) -> None:
         self._entry("TRAILER!!!", 0, nlink=1)
 
 

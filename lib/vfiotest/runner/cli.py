@@ -7,11 +7,12 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from . import Runner, bootcfg
 
 
-def _progress(text):
+def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
@@ -73,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kept_by(st):
+def _kept_by(st: dict[str, Any]) -> str:
     if st["persistent"]:
         return "runner up (until runner down)"
     if st["users"]:

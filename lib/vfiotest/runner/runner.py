@@ -31,6 +31,7 @@ from .. import constants
 from ..constants import STATE_ENV  # noqa: F401  (re-exported)
 from ..errors import ProvisionError, TargetError
 from ..host import wait_for
+from ..pci import read_inventory
 from ..sshhost import SshHost, wait_for_ssh_banner
 from . import assets, bootcfg, qemu
 
@@ -42,7 +43,7 @@ BANNER_WAIT = 30.0
 NVME_IMAGE_BYTES = 64 << 20
 
 
-def _proc_start(pid):
+def _proc_start(pid: int) -> int | None:
     """Start time of `pid` in clock ticks (tells a live process from a reused PID), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -51,12 +52,12 @@ def _proc_start(pid):
         return None
 
 
-def _alive(ident):
+def _alive(ident: tuple[int, int | None]) -> bool:
     pid, start = ident
     return _proc_start(pid) == start
 
 
-def _me():
+def _me() -> tuple[int, int | None]:
     return (os.getpid(), _proc_start(os.getpid()))
 
 
@@ -97,7 +98,7 @@ class Runner:
     def default(cls, **kw: Any) -> Runner:
         return cls(constants.state_dir("runner"), **kw)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Runner {self.state_dir}>"
 
     # -- facts -------------------------------------------------------------------
@@ -113,19 +114,19 @@ class Runner:
         except ProvisionError:
             return False
 
-    def _lock(self, timeout=None):
+    def _lock(self, timeout: float | None = None) -> filelock.FileLock:
         os.makedirs(self.state_dir, exist_ok=True)
         return filelock.FileLock(os.path.join(self.state_dir, "runner.lock"),
                                  timeout=timeout if timeout is not None else self.boot_timeout + 900)
 
-    def _read_state(self):
+    def _read_state(self) -> dict[str, Any]:
         try:
             with open(self.state_file) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
 
-    def _write_state(self, st):
+    def _write_state(self, st: dict[str, Any]) -> None:
         tmp = self.state_file + f".tmp.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(st, f, indent=2, sort_keys=True)
@@ -202,7 +203,7 @@ class Runner:
                 pids.append(int(name))
         return sorted(pids)
 
-    def _users(self):
+    def _users(self) -> list[tuple[int, int]]:
         """Live users (pid, start), pruning dead ones."""
         live: list[tuple[int, int]] = []
         try:
@@ -223,19 +224,19 @@ class Runner:
                     pass
         return sorted(live)
 
-    def _add_user(self, ident=None):
+    def _add_user(self, ident: tuple[int, int | None] | None = None) -> None:
         pid, start = ident or _me()
         os.makedirs(self.users_dir, exist_ok=True)
         open(os.path.join(self.users_dir, f"{pid}-{start}"), "w").close()
 
-    def _drop_user(self, ident=None):
+    def _drop_user(self, ident: tuple[int, int | None] | None = None) -> None:
         pid, start = ident or _me()
         try:
             os.remove(os.path.join(self.users_dir, f"{pid}-{start}"))
         except FileNotFoundError:
             pass
 
-    def _orphaned(self, st):
+    def _orphaned(self, st: dict[str, Any]) -> bool:
         return not st.get("persistent") and not self._users()
 
     def is_up(self) -> bool:
@@ -453,7 +454,7 @@ class Runner:
             self._stop(pids)
             return bool(pids)
 
-    def _stop(self, pids):
+    def _stop(self, pids: Iterable[int]) -> None:
         # the supervisor first, so that it does not start QEMU again
         sup = self.supervisor_pid()
         if sup is not None:
@@ -504,7 +505,7 @@ class Runner:
             return []
         return lines[-n:]
 
-    def _boot(self, say, persistent):
+    def _boot(self, say: Callable[[str], None], persistent: bool) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
         qemu_path = self.qemu
         keys = assets.ensure_keys(self.ssh_dir)
@@ -573,7 +574,7 @@ class Runner:
             say("runner: up with the NVMe PF only (no igb in this QEMU)")
         say(f"runner: up in {time.time() - st['started']:.1f} s, PFs {st['pfs']}")
 
-    def _start_supervisor(self, generation):
+    def _start_supervisor(self, generation: str) -> None:
         """The detached process that boots the runner again after a guest reboot (supervisor.py)."""
         with open(self.supervisor_log, "a") as logf:
             subprocess.Popen([sys.executable, "-m", "vfiotest.runner.supervisor", self.state_dir, generation],
@@ -581,7 +582,7 @@ class Runner:
                              close_fds=True, cwd="/")
         wait_for(lambda: self.supervisor_pid() is not None, 30, 0.05, "the runner's supervisor to start")
 
-    def _wait_ready(self, port, say):
+    def _wait_ready(self, port: int, say: Callable[[str], None]) -> None:
         t0 = time.monotonic()
         deadline = t0 + self.boot_timeout
         next_note = t0 + 10
@@ -613,19 +614,12 @@ class Runner:
                 say(f"runner: waiting for SSH ({now - t0:.0f} s) console: {last}")
                 next_note = now + 10
 
-    def _read_pfs(self):
-        """The SR-IOV PFs the VM sees, by kind (one SSH round trip)."""
-        script = ("import os,json\nb='/sys/bus/pci/devices'\nout={}\n"
-                  "for a in sorted(os.listdir(b)):\n"
-                  "    d=os.path.join(b,a)\n"
-                  "    if not os.path.exists(d+'/sriov_totalvfs'): continue\n"
-                  "    v=open(d+'/vendor').read().strip()[2:]; i=open(d+'/device').read().strip()[2:]\n"
-                  "    out[a]=v+':'+i\n"
-                  "print(json.dumps(out))")
+    def _read_pfs(self) -> dict[str, str]:
+        """The SR-IOV PFs the VM sees, by kind (the one PCI reader, one SSH round trip)."""
         for attempt in range(3):
             h = self.host(register=False)
             try:
-                found = h.python(script, timeout=90, check=True, what="listing the runner's SR-IOV PFs").json()
+                inventory = read_inventory(h, timeout=90)
                 break
             except (TargetError, paramiko.SSHException, EOFError, OSError):
                 if attempt == 2:
@@ -633,16 +627,16 @@ class Runner:
                 time.sleep(1)
             finally:
                 h.close()
-        pfs = {}
+        pfs: dict[str, str] = {}
         for kind, (vendor, device) in qemu.PF_IDS.items():
-            for addr, vd in found.items():
-                if vd == f"{vendor}:{device}":
-                    pfs[kind] = addr
+            for addr, dev in sorted(inventory.devices.items()):
+                if dev.is_pf and dev.vendor_device == f"{vendor}:{device}":
+                    pfs[kind] = str(addr)
                     break
         return pfs
 
 
-def _is_running(pid):
+def _is_running(pid: int) -> bool:
     """True unless `pid` is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -42,8 +42,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from . import constants
-from .host import wait_for
+from vfiotest import constants
+from vfiotest.host import wait_for
 
 SUBJECT = "ci/campaign_subject.py"
 MARK = "campaign phase: "

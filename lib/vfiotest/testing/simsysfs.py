@@ -17,6 +17,8 @@ while every non-bridge device of the group is bound to vfio-pci, and `modprobe
 vfio-pci` through run(). Never touches anything outside the sysroot.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
@@ -28,9 +30,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-from .errors import CommandTimeout, TargetError
-from .host import DEFAULT_TIMEOUT, CommandResult, LocalHost
+from ..errors import CommandTimeout, TargetError
+from ..host import DEFAULT_TIMEOUT, CommandResult, Input, LocalHost
 
 VFIO = "vfio-pci"
 
@@ -72,7 +76,7 @@ ROOT_BUS = "/sys/devices/pci0000:00"
 SIM_DIR = "/.sim"
 
 
-def _oserror(code, path):
+def _oserror(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
 
@@ -81,24 +85,26 @@ class SimulatedHost(LocalHost):
 
     simulated = True
 
-    def __init__(self, sysroot, name=None):
+    def __init__(self, sysroot: str, name: str | None = None) -> None:
         sysroot = os.path.abspath(sysroot)
         if sysroot in ("/", "") or not os.path.isfile(sysroot + SIM_DIR + "/state.json"):
             raise TargetError(f"{sysroot} is not a simulated sysroot (no {SIM_DIR}/state.json)",
-                              hint="build one with vfiotest.simsysfs.SimulatedHost.build(dir) (sim: targets are for tests)")
+                              hint="build one with vfiotest.testing.simsysfs.SimulatedHost.build(dir) (sim: targets are for tests)")
         super().__init__(name or f"sim:{sysroot}")
         self.sysroot = sysroot
         #: commands run through _exec (the round trips a real target would see)
         self.exec_count = 0
 
     @classmethod
-    def open(cls, sysroot, name=None):
+    def open(cls, sysroot: str, name: str | None = None) -> SimulatedHost:
         return cls(sysroot, name)
 
     # -- building ------------------------------------------------------------
     @classmethod
-    def build(cls, tmpdir, pfs=("igb", "nvme"), others=DEFAULT_OTHERS, protected=(), vfio_loaded=True,
-              vfio_loadable=True, driver_override=True, hostname="simhost", sriov_delay=0.0):
+    def build(cls, tmpdir: str, pfs: Iterable[str | dict[str, Any]] = ("igb", "nvme"),
+              others: Iterable[str | dict[str, Any]] = DEFAULT_OTHERS, protected: Iterable[str] = (),
+              vfio_loaded: bool = True, vfio_loadable: bool = True, driver_override: bool = True,
+              hostname: str = "simhost", sriov_delay: float = 0.0) -> SimulatedHost:
         """Create a simulated host under `tmpdir` and return it.
 
         pfs: presets ("igb", "nvme", "i350", "xxv710", "cx4lx", "cx5") or dicts
@@ -136,7 +142,8 @@ class SimulatedHost(LocalHost):
         host._populate(pfs, others, protected, vfio_loaded)
         return host
 
-    def _populate(self, pfs, others, protected, vfio_loaded):
+    def _populate(self, pfs: Iterable[str | dict[str, Any]], others: Iterable[str | dict[str, Any]],
+                  protected: Iterable[str], vfio_loaded: bool) -> None:
         st = self._load()
         routes: list[str] = []
         mounts: list[str] = []
@@ -219,11 +226,11 @@ class SimulatedHost(LocalHost):
                 self.write_text(f"/sys/bus/pci/devices/{spec['address']}/sriov_numvfs", str(spec["numvfs"]))
 
     # -- state -----------------------------------------------------------------
-    def _load(self):
+    def _load(self) -> dict[str, Any]:
         with open(self.sysroot + SIM_DIR + "/state.json") as f:
             return json.load(f)
 
-    def _save(self, st):
+    def _save(self, st: dict[str, Any]) -> None:
         path = self.sysroot + SIM_DIR + "/state.json"
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
@@ -231,7 +238,7 @@ class SimulatedHost(LocalHost):
         os.replace(tmp, path)
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> Iterator[None]:
         fd = os.open(self.sysroot + SIM_DIR + "/lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -239,15 +246,15 @@ class SimulatedHost(LocalHost):
         finally:
             os.close(fd)
 
-    def _free_group(self):
+    def _free_group(self) -> str:
         """The lowest unused group number, as the kernel's ida_alloc() hands them out."""
         used = {int(g) for g in os.listdir(self.sysroot + "/sys/kernel/iommu_groups")}
         return str(min(set(range(len(used) + 1)) - used))
 
-    def _dev(self, addr):
+    def _dev(self, addr: str) -> str:
         return f"{self.sysroot}{ROOT_BUS}/{addr}"
 
-    def _make_device(self, addr, vd, cls, group):
+    def _make_device(self, addr: str, vd: str, cls: str, group: str) -> None:
         d = self._dev(addr)
         os.makedirs(d)
         ven, dev = vd.split(":")
@@ -262,7 +269,7 @@ class SimulatedHost(LocalHost):
         os.symlink(f"../../../../devices/pci0000:00/{addr}", f"{gdir}/{addr}")
         os.symlink(f"../../../kernel/iommu_groups/{group}", d + "/iommu_group")
 
-    def _remove_device(self, addr):
+    def _remove_device(self, addr: str) -> None:
         d = self._dev(addr)
         if os.path.islink(d + "/driver"):
             self._detach(addr)
@@ -283,11 +290,11 @@ class SimulatedHost(LocalHost):
                     os.rmdir(p)
         os.rmdir(d)
 
-    def _make_netdev(self, addr, ifname):
+    def _make_netdev(self, addr: str, ifname: str) -> None:
         os.makedirs(f"{self._dev(addr)}/net/{ifname}", exist_ok=True)
         os.symlink(f"../../devices/pci0000:00/{addr}/net/{ifname}", f"{self.sysroot}/sys/class/net/{ifname}")
 
-    def _ensure_driver(self, st, drv):
+    def _ensure_driver(self, st: dict[str, Any], drv: str) -> None:
         d = f"{self.sysroot}/sys/bus/pci/drivers/{drv}"
         if not os.path.isdir(d):
             os.makedirs(d)
@@ -297,35 +304,35 @@ class SimulatedHost(LocalHost):
             st["driver_order"].append(drv)
         os.makedirs(f"{self.sysroot}/sys/module/{drv.replace('-', '_')}", exist_ok=True)
 
-    def _load_vfio(self, st):
+    def _load_vfio(self, st: dict[str, Any]) -> None:
         self._ensure_driver(st, VFIO)
         node = self.sysroot + "/dev/vfio/vfio"
         if not os.path.exists(node):
             _mknod_char(node, 10, 196)
 
     # -- reading the device model --------------------------------------------------
-    def _id(self, addr):
+    def _id(self, addr: str) -> str:
         d = self._dev(addr)
         return f"{_rd(d + '/vendor')[2:]}:{_rd(d + '/device')[2:]}"
 
-    def _driver(self, addr):
+    def _driver(self, addr: str) -> str | None:
         p = self._dev(addr) + "/driver"
         return os.path.basename(os.readlink(p)) if os.path.islink(p) else None
 
-    def _override(self, addr):
+    def _override(self, addr: str) -> str | None:
         p = self._dev(addr) + "/driver_override"
         if not os.path.exists(p):
             return None
         v = _rd(p)
         return None if v in ("(null)", "") else v
 
-    def _group(self, addr):
+    def _group(self, addr: str) -> str:
         return os.path.basename(os.readlink(self._dev(addr) + "/iommu_group"))
 
-    def _exists(self, addr):
+    def _exists(self, addr: str) -> bool:
         return os.path.isdir(self._dev(addr))
 
-    def _matches(self, st, addr, drv):
+    def _matches(self, st: dict[str, Any], addr: str, drv: str) -> bool:
         """The kernel's pci_match_device: driver_override wins, else dynamic IDs, else the ID table.
         vfio-pci's own table only matches with driver_override set."""
         override = self._override(addr)
@@ -336,10 +343,10 @@ class SimulatedHost(LocalHost):
             return True
         return drv != VFIO and NATIVE_DRIVERS.get(vd) == drv
 
-    def _loaded(self, drv):
+    def _loaded(self, drv: str) -> bool:
         return os.path.isdir(f"{self.sysroot}/sys/bus/pci/drivers/{drv}")
 
-    def _probe(self, st, addr):
+    def _probe(self, st: dict[str, Any], addr: str) -> None:
         if self._driver(addr):
             return
         for drv in st["driver_order"]:
@@ -347,19 +354,19 @@ class SimulatedHost(LocalHost):
                 self._attach(addr, drv)
                 return
 
-    def _attach(self, addr, drv):
+    def _attach(self, addr: str, drv: str) -> None:
         os.symlink(f"../../../bus/pci/drivers/{drv}", self._dev(addr) + "/driver")
         os.symlink(f"../../../../devices/pci0000:00/{addr}", f"{self.sysroot}/sys/bus/pci/drivers/{drv}/{addr}")
         self._update_vfio_node(self._group(addr))
 
-    def _detach(self, addr):
+    def _detach(self, addr: str) -> None:
         drv = self._driver(addr)
         os.remove(self._dev(addr) + "/driver")
         with contextlib.suppress(FileNotFoundError):
             os.remove(f"{self.sysroot}/sys/bus/pci/drivers/{drv}/{addr}")
         self._update_vfio_node(self._group(addr))
 
-    def _update_vfio_node(self, group):
+    def _update_vfio_node(self, group: str) -> None:
         gdir = f"{self.sysroot}/sys/kernel/iommu_groups/{group}/devices"
         members = sorted(os.listdir(gdir)) if os.path.isdir(gdir) else []
         endpoints = [a for a in members if not _rd(self._dev(a) + "/class").startswith("0x0604")]
@@ -371,7 +378,7 @@ class SimulatedHost(LocalHost):
             os.remove(node)
 
     # -- the kernel's side of writes ---------------------------------------------------
-    def write_text(self, path, data, timeout=DEFAULT_TIMEOUT):
+    def write_text(self, path: str, data: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         full = self.sysroot + path
         if not path.startswith("/sys/"):
             return super().write_text(path, data, timeout)
@@ -404,12 +411,12 @@ class SimulatedHost(LocalHost):
                 raise _oserror(errno.EACCES, path)
             self._save(st)
 
-    def _w_drivers_probe(self, st, addr, path):
+    def _w_drivers_probe(self, st: dict[str, Any], addr: str, path: str) -> None:
         if not self._exists(addr):
             raise _oserror(errno.ENODEV, path)
         self._probe(st, addr)  # succeeds whether or not anything bound
 
-    def _w_driver_attr(self, st, drv, attr, value, path):
+    def _w_driver_attr(self, st: dict[str, Any], drv: str, attr: str, value: str, path: str) -> None:
         if attr == "unbind":
             if not self._exists(value) or self._driver(value) != drv:
                 raise _oserror(errno.ENODEV, path)
@@ -442,7 +449,7 @@ class SimulatedHost(LocalHost):
         else:
             raise _oserror(errno.EACCES, path)
 
-    def _w_numvfs(self, st, pf, value, path, timeout):
+    def _w_numvfs(self, st: dict[str, Any], pf: str, value: str, path: str, timeout: float) -> None:
         try:
             n = int(value)
         except ValueError:
@@ -490,7 +497,7 @@ class SimulatedHost(LocalHost):
         _write(d + "/sriov_numvfs", f"{n}\n")
 
     # -- commands: only what the device layer runs; nothing reaches this machine ------
-    def _exec(self, command, *, timeout, input):
+    def _exec(self, command: str, *, timeout: float, input: Input) -> CommandResult:
         self.exec_count += 1
         try:
             words = shlex.split(command)
@@ -506,7 +513,7 @@ class SimulatedHost(LocalHost):
         return CommandResult(command, 127, "", f"{words[0] if words else command}: not available on the simulated host\n",
                              self.name)
 
-    def _modprobe(self, command, args):
+    def _modprobe(self, command: str, args: list[str]) -> CommandResult:
         mods = [a for a in args if not a.startswith("-")]
         out_err = ""
         with self._locked():
@@ -527,14 +534,14 @@ class SimulatedHost(LocalHost):
         return CommandResult(command, 0, "", "", self.name)
 
     # -- conveniences for tests ----------------------------------------------------------
-    def set_flag(self, **flags):
+    def set_flag(self, **flags: Any) -> None:
         """Change a simulation switch (vfio_loadable, sriov_delay, ...) on disk."""
         with self._locked():
             st = self._load()
             st.update(flags)
             self._save(st)
 
-    def unload_vfio(self):
+    def unload_vfio(self) -> None:
         """`modprobe -r vfio-pci`: only when nothing is bound to it."""
         d = f"{self.sysroot}/sys/bus/pci/drivers/{VFIO}"
         if any(PciLike(n) for n in os.listdir(d)):
@@ -543,26 +550,26 @@ class SimulatedHost(LocalHost):
             os.remove(f"{d}/{n}")
         os.rmdir(d)
 
-    def dynids(self, driver=VFIO):
+    def dynids(self, driver: str = VFIO) -> list[str]:
         return list(self._load()["dynids"].get(driver, []))
 
 
-def PciLike(name):
+def PciLike(name: str) -> bool:
     return len(name) == 12 and name[4] == ":" and name[10] == "."
 
 
-def _rd(path):
+def _rd(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
 
 
-def _write(path, text, mode=0o644):
+def _write(path: str, text: str, mode: int = 0o644) -> None:
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, mode)
 
 
-def _mknod_char(path, major, minor):
+def _mknod_char(path: str, major: int, minor: int) -> None:
     """A real char node (we run as root); a regular file if mknod is refused."""
     try:
         os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(major, minor))
@@ -570,7 +577,7 @@ def _mknod_char(path, major, minor):
         _write(path, "")
 
 
-def make_tmp_sysroot(prefix="vfiotest-sim-"):
+def make_tmp_sysroot(prefix: str = "vfiotest-sim-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
