@@ -87,7 +87,8 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
         if not os.path.exists(path):
             err = ProvisionError(f"{BUNDLE_ENV}={value} names nothing: {path} does not exist",
                                  hint=f"point {BUNDLE_ENV} at a Kata 1.x .tar.zst or an unpacked bundle "
-                                      f"directory (e.g. {DEFAULT_BUNDLE}), or unset it")
+                                      f"directory (e.g. {DEFAULT_BUNDLE}; {BUILD_SCRIPT} builds one, see the "
+                                      f"README.md beside it), or unset it")
             err.exit_code = 2   # a bad setting: a usage error
             raise err
         return path, "env"
