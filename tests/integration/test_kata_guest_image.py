@@ -7,6 +7,7 @@ suites/guest_hook (a Kata VM in the runner)."""
 
 import os
 import shlex
+import signal
 import subprocess
 
 import pytest
@@ -43,24 +44,31 @@ def console(built, tmp_path_factory):
            "-chardev", f"socket,id=agent,path={channel},server=on,wait=off",
            "-device", "virtserialport,bus=ser0.0,chardev=agent,name=agent.channel.0",
            "-kernel", built.kernel, "-initrd", built.path, "-append", append]
+    # `timeout` bounds QEMU even if this process dies; its own process group (timeout and QEMU)
+    # is what the fixture kills
     with open(log, "w") as out:
         qemu = subprocess.Popen(["timeout", "-s", "KILL", str(int(BOOT_TIMEOUT + 600)), *cmd],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        try:
+            os.killpg(qemu.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        qemu.wait()
+
     try:
         con = KataConsole(LocalHost(), "tcg-guest", socket_path=sock)
         try:
             con.wait_ready(timeout=BOOT_TIMEOUT)
         except Exception:
-            qemu.kill()
-            qemu.wait()
+            stop()
             with open(log) as f:
                 print(f"QEMU ({shlex.join(cmd)}):\n{f.read()[-3000:]}")
             raise
         yield con
     finally:
-        if qemu.poll() is None:
-            qemu.kill()
-        qemu.wait()
+        stop()
         for p in (sock, channel):
             if os.path.exists(p):
                 os.remove(p)
