@@ -1,23 +1,24 @@
 #!/usr/bin/env python3
-"""Kata guest numbers: initrd size and build time (cold: forced rebuild; warm: cache hit),
-and the nested guest's boot-to-hook time in the emulated runner with an igb VF passed through.
+"""Kata guest image numbers: initrd size and build time (cold: forced rebuild; warm: cache hit),
+for the Kata guest image with the Kata 1.x bundle's kata-agent (VFIOTEST_KATA_BUNDLE, else
+../shared/kata). The Kata VM's boot and the hook's run are timed by the guest_hook suite's
+progress lines and by ci/campaign.
 
-    .venv/bin/python benchmarks/bench_kata.py [--no-nested]
-
-Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
-The VF is leased and its group bound to vfio-pci for the measurement, then restored.
+    .venv/bin/python benchmarks/bench_kata.py
 """
 
 import argparse
 import sys
 import time
 
-from vfiotest.kata import initrd
-from vfiotest.kata.nested import NestedGuest
+from vfiotest.kata import bundle, initrd
 
 
-def bench_build():
-    spec = initrd.InitrdSpec(allowed_ids=("8086:10ca", "1b36:0010"))
+def bench_build() -> initrd.BuiltInitrd:
+    found = bundle.find_bundle()
+    if found is None:
+        sys.exit(f"no Kata 1.x bundle: set {bundle.BUNDLE_ENV} (see {bundle.BUILD_SCRIPT} and its README.md)")
+    spec = initrd.InitrdSpec(allowed_ids=("8086:10ca", "1b36:0010"), agent=found.agent)
     t0 = time.monotonic()
     cold = initrd.build_initrd(spec, force=True)
     cold_wall = time.monotonic() - t0
@@ -30,70 +31,10 @@ def bench_build():
     return cold
 
 
-def bench_nested(built):
-    from vfiotest.pci import read_inventory
-    from vfiotest.runner import Runner
-
-    r = Runner.default()
-    booted = not r.is_up()
-    if booted:
-        r.up(progress=lambda m: print(m, file=sys.stderr))
-    host = r.host()
-    try:
-        inv = read_inventory(host)
-        vfs = [d for d in inv.devices.values() if d.vendor_device == "8086:10ca" and d.iommu_group]
-        if not vfs:  # make one VF on the igb PF for the measurement, put the count back after
-            from vfiotest.journal import MemoryJournal
-            from vfiotest.sriov import restore_numvfs, set_numvfs
-
-            pf = next(d for d in inv.devices.values() if d.vendor_device == "8086:10c9")
-            journal = MemoryJournal()
-            set_numvfs(host, pf.address, 1, journal=journal)
-            try:
-                return bench_nested_on(host, built)
-            finally:
-                for e in journal.entries():
-                    restore_numvfs(host, e)
-        return bench_nested_on(host, built)
-    finally:
-        host.close()
-        if booted:
-            r.down()
-
-
-def bench_nested_on(host, built):
-    from vfiotest.bind import DeviceManager
-    from vfiotest.lease import LeasePool
-    from vfiotest.pci import read_inventory
-
-    inv = read_inventory(host)
-    vfs = [d for d in inv.devices.values() if d.vendor_device == "8086:10ca" and d.iommu_group]
-    lease = LeasePool(host).acquire_first([d.iommu_group for d in vfs], test_id="bench_kata")
-    if lease is None:
-        print("nested_boot_to_hook     n/a  (every VF group is leased)")
-        return
-    vf = next(d for d in vfs if d.iommu_group == lease.group)
-    dm = DeviceManager(host, "emulated")
-    try:
-        dm.bind_group(vf.address)
-        rep = NestedGuest(host, built.kernel, built.path).boot(vfs=[vf.address], annotation="8086:10ca",
-                                                               runs=("main",))
-    finally:
-        dm.restore_group(vf.address)
-        lease.release()
-    main = rep.run("main")["results"][0]
-    print(f"nested_boot_to_hook     {rep.hook_seconds:.2f}  (guest uptime when the agent stand-in started the hooks)")
-    print(f"nested_hook_seconds     {main['seconds']:.2f}  (the hook's run: inventory, bind, verify; rc {main['rc']})")
-    print(f"nested_qemu_total       {rep.boot_seconds:.2f}  (QEMU start to power-off, in the runner)")
-
-
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--no-nested", action="store_true")
-    args = ap.parse_args()
-    built = bench_build()
-    if not args.no_nested:
-        bench_nested(built)
+    ap.parse_args()
+    bench_build()
 
 
 if __name__ == "__main__":

@@ -181,6 +181,8 @@ class SessionStateError(HarnessError):
 class ProvisionError(HarnessError):
     """A provisioning layer (runner, image, runtime) could not be built."""
 
+    ABSENT = "absent"      # what it needs is not there at all (no bundle at the path): cannot exist here
+
     category = ENVIRONMENT
 
     exit_code = 9

@@ -104,7 +104,7 @@ CGROUP_V2_ARG = "systemd.unified_cgroup_hierarchy=1"
 def kata_major(kata_runtime: str | None, bundle_path: str | None) -> int | None:
     """The Kata major version the session's Kata layers drive: 1 when a bundle is there (the
     harness drives 1.x bundles only) or Kata 1.x is installed (`kata-runtime --version` text);
-    None otherwise (the stand-in lane, or only a 2.x/3.x the Kata layer refuses)."""
+    None otherwise (no Kata 1.x: the Kata layers are unavailable; or only a 2.x/3.x they refuse)."""
     if bundle_path:
         return 1
     m = re.search(r"(\d+)\.\d+", kata_runtime or "")
@@ -227,7 +227,8 @@ def check_all(facts: dict[str, Any], inventory: Inventory, profile: Profile, kat
     no_kata = ("not installed on the target; a Kata 1.x bundle is used (VFIOTEST_KATA_BUNDLE, else ../shared/kata "
                "beside the checkout): `vfiotest kata detect` says which" if kata == 1 else
                "not installed on the target, and no Kata 1.x bundle (VFIOTEST_KATA_BUNDLE, ../shared/kata): the Kata "
-               "layers run the stand-in lane (kata-vfio over runc, a nested QEMU guest); `vfiotest kata detect` says more")
+               "layers are unavailable until VFIOTEST_KATA_BUNDLE names one (../shared/kata/build.sh builds it); "
+               "`vfiotest kata detect` says more")
     checks.append(Check("Kata runtime present", INFO if not kata_rt else OK, kata_rt or no_kata))
     pfs = [d for d in inventory.devices.values()
            if d.is_pf and d.vendor_device in profile.pf_ids and d.address not in inventory.protected]

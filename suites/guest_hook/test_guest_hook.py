@@ -1,10 +1,10 @@
 """The hook's effect in the guest: read from the guest's console (its /tmp log, /dev/vfio, PCI state).
 
-Real Kata 1.x (the default lane): the agent runs the hook for a kata-vfio container holding
-a VF; the guest is read over Kata's debug console while the container runs, and the hook is
-run again there by hand: on the same device ("again"), with an empty annotation ("none") and
-with a state cut short ("malformed"). The stand-in lane (no Kata found) makes the same runs
-in a nested guest. Group numbers asserted here are the GUEST's own, never the host's.
+The Kata 1.x agent runs the hook for a kata-vfio container holding a VF; the guest is read
+over Kata's debug console while the container runs, and the hook is run again there by hand:
+on the same device ("again"), with an empty annotation ("none") and with a state cut short
+("malformed"). What the hook was given (argv, stage, state) is what its log in the guest
+recorded. Group numbers asserted here are the GUEST's own, never the host's.
 """
 
 import pytest
@@ -15,32 +15,27 @@ from vfiotest.podman.client import VFIO_ANNOTATION
 pytestmark = [pytest.mark.kata, pytest.mark.vm, pytest.mark.mutating]
 
 
-def is_standin(guest):
-    return getattr(guest, "standin", True)      # GuestReport (stand-in) has no flag; KataGuestReport says False
-
-
 def guest_vfs(guest, vendor_device):
-    """{address: PciDevice} of the guest's devices with that vendor:device (the guest's inventory)."""
-    # real Kata has no snapshot before the hook: its state after still gives the IDs and the guest's groups
-    inv = guest.inventory("before" if is_standin(guest) else "after")
-    return {a: d for a, d in inv.devices.items() if d.vendor_device == vendor_device}
+    """{address: PciDevice} of the guest's devices with that vendor:device (the guest's inventory
+    after the hook: it still gives the IDs and the guest's groups)."""
+    return {a: d for a, d in guest.inventory().devices.items() if d.vendor_device == vendor_device}
 
 
 def test_agent_ran_the_hook_as_kata_does(guest, guest_boot):
-    """The hook ran once as a prestart hook for the container, with the argv and state the agent gives."""
-    assert [h.rsplit("/", 1)[-1] for h in guest.hooks] == ["vfio-hook"]
+    """The agent ran the hook once as a prestart hook for the container, with the argv and state
+    the agent gives, as the hook's log in the guest recorded them."""
     starts = guest.log_for(container=guest_boot.main_container, action="start")
     assert len(starts) == 1, guest.hook_log
     start = starts[0]
-    # a script's argv[0] is the path the kernel exec'd (the shebang rule), not the argv[0] the agent chose
+    # a script's argv[0] is the path the kernel exec'd (the shebang rule), not the argv[0] the agent
+    # chose: the hook the agent found under guest_hook_path/prestart in the image
     assert start["stage"] == "prestart" and start["argv"][1:] == ["prestart"], start
-    assert start["argv"][0].rsplit("/", 1)[-1] == "vfio-hook", start
+    assert start["argv"][0] == guest_boot.hook_path, start
     assert start["source"] == "annotation" and start["annotation"] == guest_boot.annotation
     state = start["state"]
     assert state["id"] == guest_boot.main_container and state["status"] == "creating"
-    if not is_standin(guest):
-        assert state["bundle"] == f"{KATA_BUNDLE_DIR}/{guest_boot.main_container}"
-        assert isinstance(state["pid"], int) and state["pid"] > 1      # the container's init in the guest
+    assert state["bundle"] == f"{KATA_BUNDLE_DIR}/{guest_boot.main_container}"
+    assert isinstance(state["pid"], int) and state["pid"] > 1      # the container's init in the guest
     ends = guest.log_for(container=guest_boot.main_container, action="end")
     assert [e["result"] for e in ends] == ["ok"], ends
 
@@ -52,9 +47,7 @@ def test_log_shows_each_device_rebound_with_its_guest_group(guest, guest_boot):
     assert {e["device"] for e in binds} == set(vfs)
     for e in binds:
         assert e["result"] == "bound"
-        if is_standin(guest):
-            assert e["old_driver"] == vfs[e["device"]].driver == "igbvf"
-        # real Kata: whether igbvf bound before the hook ran depends on the hotplug timing (not asserted)
+        # whether igbvf bound before the hook ran depends on the hot-plug timing (not asserted)
         assert e["new_driver"] == "vfio-pci"
         assert e["group"] == vfs[e["device"]].iommu_group       # the guest's own group
         assert e["time"] and e["vendor_device"] == guest_boot.annotation
@@ -62,13 +55,11 @@ def test_log_shows_each_device_rebound_with_its_guest_group(guest, guest_boot):
 
 def test_dev_vfio_of_the_guest_group_exists(guest, guest_boot):
     vfs = guest_vfs(guest, guest_boot.annotation)
-    after = guest.inventory("after")
-    for addr, before in vfs.items():
-        group = before.iommu_group
-        assert after.devices[addr].driver == "vfio-pci"
-        assert after.vfio.get(group) == "char", f"/dev/vfio/{group} missing in the guest: {after.vfio}"
-        if is_standin(guest):                    # the stand-in's snapshot before the hook
-            assert group not in guest.data["vfio_before"]
+    assert vfs, "the passed-through VF is not visible in the guest"
+    vfio = guest.inventory().vfio
+    for dev in vfs.values():
+        assert dev.driver == "vfio-pci"
+        assert vfio.get(dev.iommu_group) == "char", f"/dev/vfio/{dev.iommu_group} missing in the guest: {vfio}"
 
 
 def test_already_bound_device_is_left_and_logged(guest):
@@ -87,10 +78,9 @@ def test_no_devices_changes_nothing(guest):
     assert none["vfio_after"] == guest.run("again")["vfio_after"]
 
 
-def test_malformed_state_is_logged_and_fails_fast(guest):
+def test_malformed_state_is_logged_and_fails(guest):
     res = guest.run("malformed")["results"][0]
     assert res["rc"] == 2
-    assert res["seconds"] < 15            # python start-up in a nested guest under TCG dominates
     errors = [e for e in guest.hook_log if e["action"] == "state" and e["result"] == "error"]
     assert len(errors) == 1 and "not JSON" in errors[0]["error"]
 
@@ -99,10 +89,8 @@ def test_host_driver_state_after_the_guest_equals_before(guest_boot):
     assert guest_boot.host_changes() == []
 
 
-def test_a_hook_that_cannot_bind_fails_the_container_start(container, lane):
+def test_a_hook_that_cannot_bind_fails_the_container_start(container):
     """The agent fails the container when the hook exits non-zero, and the reason reaches podman-py."""
-    if lane == "stand-in":
-        pytest.skip("the stand-in lane has no agent to fail a container start (runc runs no guest hook)")
     absent = "0000:7f:1f.7"               # no such device in any Kata guest
     res = container.run(["true"], annotations={VFIO_ANNOTATION: absent}, timeout=300)
     assert res.exit_code is None, f"the container started although the hook could not bind {absent}:\n{res}"

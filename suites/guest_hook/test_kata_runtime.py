@@ -1,4 +1,7 @@
-"""The kata-vfio runtime is registered for podman in a drop-in, resolves, and is what the layer says."""
+"""The kata-vfio runtime is registered for podman in a drop-in, resolves, and is what the layer says:
+the wrapper podman runs answers as Kata 1.x with the harness's configuration."""
+
+import json
 
 from vfiotest.kata import runtime
 
@@ -19,9 +22,29 @@ def test_registration_is_a_dropin_not_the_distro_file(target_host, kata_runtime)
         assert "kata-vfio" not in target_host.read_text(distro)
 
 
-def test_wrapper_matches_what_is_installed(target_host, kata_runtime):
-    text = target_host.read_text(kata_runtime.wrapper)
-    if kata_runtime.standin:
-        assert "exec /usr/bin/runc" in text          # no Kata here: runc + the nested guest
-    else:
-        assert "--kata-config" in text and kata_runtime.kata.major == 1
+def _resolved_wrapper(target_host):
+    """The path podman runs for the runtime name kata-vfio (`podman --runtime kata-vfio info`)."""
+    res = target_host.run(["podman", "--runtime", "kata-vfio", "info", "--format", "{{.Host.OCIRuntime.Path}}"],
+                          timeout=60)
+    assert res.ok, res.stderr
+    return res.stdout.strip()
+
+
+def _real(target_host, path):
+    res = target_host.run(["readlink", "-f", "--", path], timeout=30)
+    assert res.ok, res.stderr
+    return res.stdout.strip()
+
+
+def test_the_wrapper_podman_runs_is_kata_1x_with_our_configuration(target_host, kata_runtime, guest_image):
+    """Run what podman resolves kata-vfio to: `kata-env` answers from Kata 1.x's kata-runtime,
+    reading OUR configuration.toml (--kata-config), which boots our guest image."""
+    wrapper = _resolved_wrapper(target_host)
+    res = target_host.run([wrapper, "kata-env", "--json"], timeout=120)
+    assert res.ok, f"{wrapper} kata-env failed (exit {res.rc}):\n{res.stdout}{res.stderr}"
+    env = json.loads(res.stdout)
+    rt = env["Runtime"]
+    assert rt["Config"]["Path"] == kata_runtime.config, rt["Config"]
+    assert rt["Version"]["Version"]["Major"] == 1 and rt["Version"]["Version"]["Semver"] == kata_runtime.kata.version
+    assert _real(target_host, rt["Path"]) == _real(target_host, kata_runtime.kata.path), rt["Path"]
+    assert _real(target_host, env["Initrd"]["Path"]) == _real(target_host, guest_image.target_path), env["Initrd"]

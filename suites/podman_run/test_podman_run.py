@@ -2,11 +2,9 @@
 
 "The node exists" is not enough: the probe opens the container and the group,
 sets the IOMMU, maps and unmaps DMA, and reads the device's IDs through VFIO.
-On real Kata (the default lane) each container is a Kata VM: the VF is hot-plugged
-into it, the guest hook binds it to vfio-pci there, and the container (with the
-seed's `-v /dev:/dev`) sees the guest's `/dev/vfio`, whose group number is the
-guest's own and is never compared with the host's. On the stand-in lane kata-vfio
-is runc and the container shares the runner's kernel and its group number.
+Each container is a Kata VM: the VF is hot-plugged into it, the guest hook binds it to
+vfio-pci there, and the container (with the seed's `-v /dev:/dev`) sees the guest's
+`/dev/vfio`, whose group number is the guest's own and is never compared with the host's.
 """
 
 import os
@@ -15,22 +13,15 @@ import time
 
 import pytest
 
-from vfiotest.kata.runtime import kata_leftovers
+from vfiotest.kata.runtime import RUNTIME_NAME, kata_leftovers
 from vfiotest.pci import read_inventory
 
 pytestmark = [pytest.mark.mutating, pytest.mark.kata, pytest.mark.vm]
 
-EXPECTED_RUNTIME = os.environ.get("VFIOTEST_PODMAN_RUNTIME", "kata-vfio")
 ALL_STEPS = ["open-container", "api-version", "check-extension", "open-group", "group-status", "set-container",
              "set-iommu", "iommu-info", "map-dma", "unmap-dma", "get-device-fd", "device-info", "region-info",
              "read-config", "irq-info"]
 SMALL_MEMLOCK = 64 * 1024
-
-
-def _same_kernel(podman_client):
-    """True when containers share the target's kernel (runc stand-in), False under Kata."""
-    info = getattr(podman_client, "runtime_info", None)
-    return info is None or getattr(info, "standin", True)
 
 
 def _report(res):
@@ -44,11 +35,11 @@ NODES_END = "--- end of /dev/vfio ---"
 
 
 @pytest.fixture(scope="module")
-def vf_run(request, vf_leaser, podman_client, container_factory):
+def vf_run(request, vf_leaser, container_factory):
     """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe.
     The three tests below read its result instead of booting a Kata VM each (about 30 s apiece);
     each still checks its own thing. Yields (VfioGroup, RunResult)."""
-    factory = container_factory(kata=not _same_kernel(podman_client))
+    factory = container_factory(kata=True)
     with vf_leaser.vfio(request.node.nodeid) as vf:
         script = (f"for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done; echo {shlex.quote(NODES_END)}; "
                   f"exec {shlex.join(factory.probe_command())}")
@@ -59,20 +50,18 @@ def vf_run(request, vf_leaser, podman_client, container_factory):
 def test_container_runs_on_the_kata_vfio_runtime(vf_run):
     vf, res = vf_run
     assert res.exit_code == 0, str(res)
-    assert res.oci_runtime == EXPECTED_RUNTIME, f"podman ran the container on {res.oci_runtime!r}"
+    assert res.oci_runtime == RUNTIME_NAME, f"podman ran the container on {res.oci_runtime!r}"
     # the VF's vendor:device: the guest's PCI addresses are not the host's
     assert res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio") == vf.vendor_device
 
 
-def test_vfio_nodes_are_inside(vf_run, podman_client):
+def test_vfio_nodes_are_inside(vf_run):
     vf, res = vf_run
     listing = res.stdout.split(NODES_END)[0] if NODES_END in res.stdout else ""
     nodes = dict(line.rsplit(" ", 1)[::-1] for line in listing.strip().splitlines() if " " in line)
     assert nodes.get("/dev/vfio/vfio") == "character special file", f"no /dev/vfio/vfio in the container: {res}"
     groups = {p: kind for p, kind in nodes.items() if p.rsplit("/", 1)[-1].isdigit()}
     assert len(groups) == 1 and set(groups.values()) == {"character special file"}, f"group nodes inside: {nodes}"
-    if _same_kernel(podman_client):
-        assert vf.dev_path in groups, f"{vf.dev_path} is not inside: {nodes}"
 
 
 def test_probe_maps_dma_with_cap_ipc_lock(vf_run):
@@ -96,19 +85,15 @@ def test_dma_map_fails_without_cap_ipc_lock_and_small_memlock(container, vfio_gr
     assert rep["steps"][-1] == "iommu-info"
 
 
-def test_no_dev_vfio_without_device(container, podman_client):
+def test_no_dev_vfio_without_device(container):
     script = f"ls -A /dev/vfio 2>/dev/null; echo {shlex.quote(NODES_END)}; exec {shlex.join(container.probe_command())}"
     res = container.run(["sh", "-c", script])
     assert NODES_END in res.stdout, str(res)
     listed = res.stdout.split(NODES_END)[0].split()
-    if _same_kernel(podman_client):
-        assert listed == [], f"/dev/vfio exists in a container given no device: {listed}"
-    else:
-        # the guest's /dev is the container's (-v /dev:/dev): vfio loaded, no group without a device
-        assert [n for n in listed if n.isdigit()] == [], f"a VFIO group in a container given no device: {listed}"
+    # the guest's /dev is the container's (-v /dev:/dev): vfio loaded, no group without a device
+    assert [n for n in listed if n.isdigit()] == [], f"a VFIO group in a container given no device: {listed}"
     rep = _report(res)
-    expect = ("open-container", "ENOENT") if _same_kernel(podman_client) else ("open-group", "ENOENT")
-    assert (rep["step"], rep["errname"]) == expect, rep
+    assert (rep["step"], rep["errname"]) == ("open-group", "ENOENT"), rep
 
 
 def _logs(ctr):
@@ -132,14 +117,10 @@ def test_second_container_cannot_take_a_held_group(container, vfio_group, podman
     assert _wait_for_log(holder, '"ok": true'), f"the first container did not get the group: {_logs(holder)}"
     res = container.probe(vfio_group)
     assert res.exit_code != 0, f"a second container used group {vfio_group.group} while another held it:\n{res}"
-    if _same_kernel(podman_client):
-        rep = _report(res)
-        assert (rep["step"], rep["errname"]) == ("open-group", "EBUSY"), rep
-    else:
-        # Kata: the second VM cannot take the group its sibling's QEMU holds; the start fails, with the reason
-        assert res.exit_code is None, f"the second Kata container started:\n{res}"
-        assert "vfio" in res.stderr.lower() and res.stderr.strip(), res.stderr
-        assert kata_leftovers(target_host, res.id) == [], "the failed start left Kata state behind"
+    # the second VM cannot take the group its sibling's QEMU holds; the start fails, with the reason
+    assert res.exit_code is None, f"the second Kata container started:\n{res}"
+    assert "vfio" in res.stderr.lower() and res.stderr.strip(), res.stderr
+    assert kata_leftovers(target_host, res.id) == [], "the failed start left Kata state behind"
     holder.reload()
     assert holder.status == "running", "the first container was disturbed by the second"
     # once the holder is gone, the group is usable again
@@ -164,8 +145,8 @@ def test_crashing_container_leaves_no_lease_and_no_container(request, target_hos
         podman_client.cleanup()
         left = [c.name for c in podman_client.leftovers()]
         assert not left, f"containers left after a crash: {left}"
-        if not _same_kernel(podman_client):   # no Kata VM (QEMU), no sandbox state left in the runner
-            assert kata_leftovers(target_host, ctr.id) == [], "Kata left state behind after the crash"
+        # no Kata VM (QEMU), no sandbox state left in the runner
+        assert kata_leftovers(target_host, ctr.id) == [], "Kata left state behind after the crash"
         # the crashed process holds nothing: the group opens again at once
         again = container.probe(vf)
         assert again.exit_code == 0, f"group {vf.group} unusable after the crash:\n{again}"

@@ -53,5 +53,5 @@ def test_a_broken_hook_fails_the_tests_it_breaks(env, tmp_path, what):
     if what == "hook-fails":
         # the guest layer's verdict names the category, from the error's type
         msg = verdicts["test_agent_ran_the_hook_as_kata_does"][1]
-        assert "guest layer failed (product failure)" in msg and "did not start" in msg, msg
+        assert "guest layer failed (product failure): the Kata guest did not run" in msg and "did not start" in msg, msg
         assert "ffff:fffe" in msg, msg      # the hook's own reason (what it was asked for) reaches the verdict

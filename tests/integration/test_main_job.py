@@ -40,7 +40,7 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
     env_file = os.path.join(reports, "allure-results", "environment.properties")
     props = open(env_file).read()
     assert "kata.version=1.12.1" in props and "lane=kata-1.12.1" in props, props
-    assert "kata.bundle.sha256=" in props and "STAND-IN" not in props, props
+    assert "kata.bundle.sha256=" in props and "kata.runtime=Kata: kata-vfio" in props, props
     # the hook's log read from the guest's /tmp is attached to the guest_hook results
     results = os.path.join(reports, "allure-results")
     logs = [f for f in os.listdir(results) if f.endswith("-attachment.txt")

@@ -1,7 +1,8 @@
 """`vfiotest kata register` records what it replaces in the CLI's journal before it writes:
 `vfiotest kata unregister` puts the user's own files back (not only removes ours), and after a
-register killed half-way `vfiotest restore` does. On a simulated target, with no Kata found (the
-stand-in wrapper: no guest image to build) and podman's own check left out (no podman there)."""
+register killed half-way `vfiotest restore` does. On a simulated target, with a Kata 1.x taken as
+installed there (the guest image build and podman's own check left out: no dracut run, no podman
+there; the derived configuration is written as a marked file)."""
 
 import os
 import subprocess
@@ -10,14 +11,21 @@ import textwrap
 
 import pytest
 
+from vfiotest.kata.config import KATA_VFIO_CONFIG
 from vfiotest.kata.runtime import DROPIN_PATH, MARKER, WRAPPER_PATH
 from vfiotest.testing.simsysfs import SimulatedHost
 
 CHILD = textwrap.dedent("""
     import os, sys
-    from vfiotest.kata import bundle, runtime
-    bundle.choose_kata = lambda host, **kw: bundle.KataChoice("none", None, None, None, runtime.detect_kata(host),
-                                                              "test: no Kata")
+    from vfiotest.kata import bundle, config, provision, runtime
+    KATA = runtime.KataInstall("/opt/kata/bin/kata-runtime", "1.12.1", 1)
+    bundle.choose_kata = lambda host, **kw: bundle.KataChoice("installed", "1.12.1", KATA.path, None, KATA,
+                                                              "test: Kata 1.12.1 installed")
+    provision.guest_image = lambda choice, ids, **kw: None
+    def write_config(host, choice, image):
+        host.write_atomic(config.KATA_VFIO_CONFIG, "# " + config.MARKER + "\\n", mode=0o644)
+        return config.WrittenConfig(config.KATA_VFIO_CONFIG, "test", "")
+    provision.write_config = write_config
     runtime.RuntimeRegistration.verify = lambda self, image=None, timeout=60: {"name": "kata-vfio"}
     spec, command, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
     if kill:
@@ -53,9 +61,14 @@ def run(tmp_path, sim, *args):
 
 
 def files(tmp_path):
+    """(drop-in, wrapper) texts on the simulated target (None: absent)."""
     root = tmp_path / "sim"
     d, w = root / DROPIN_PATH.lstrip("/"), root / WRAPPER_PATH.lstrip("/")
     return (d.read_text() if d.exists() else None), (w.read_text() if w.exists() else None)
+
+
+def config_exists(tmp_path):
+    return (tmp_path / "sim" / KATA_VFIO_CONFIG.lstrip("/")).exists()
 
 
 def test_unregister_puts_back_what_register_replaced(tmp_path, sim):
@@ -63,10 +76,11 @@ def test_unregister_puts_back_what_register_replaced(tmp_path, sim):
     assert p.returncode == 0, p.stdout + p.stderr
     dropin, wrapper = files(tmp_path)
     assert MARKER in dropin and wrapper is not None and MARKER in wrapper
+    assert "exec /opt/kata/bin/kata-runtime --kata-config " in wrapper and config_exists(tmp_path)
     p = run(tmp_path, sim, "unregister", "-")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "put back what `vfiotest kata register` replaced" in p.stdout, p.stdout
-    assert files(tmp_path) == (USERS, None)
+    assert files(tmp_path) == (USERS, None) and not config_exists(tmp_path)
     p = run(tmp_path, sim, "restore")                 # nothing left to put back
     assert p.returncode == 0 and files(tmp_path) == (USERS, None), p.stdout + p.stderr
 
@@ -77,4 +91,4 @@ def test_a_register_killed_half_way_is_put_back_by_restore(tmp_path, sim):
     assert MARKER in files(tmp_path)[0]
     p = run(tmp_path, sim, "restore")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert files(tmp_path) == (USERS, None)
+    assert files(tmp_path) == (USERS, None) and not config_exists(tmp_path)

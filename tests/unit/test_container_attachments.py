@@ -1,6 +1,6 @@
 """The `container` fixture shows each run and start as a step and attaches `podman inspect` of every container a test made (and the JSON
 a run printed, the probe's) to the test's Allure result before removing them. The podman client
-and image are stand-ins (fixtures of the demo suite's own conftest): no podman, no VM."""
+and image are test doubles (fixtures of the demo suite's own conftest): no podman, no VM."""
 
 import json
 import os
@@ -73,7 +73,7 @@ def test_inspect_and_probe_json_are_attached(tmp_path):
     (d / "test_demo_podman.py").write_text(textwrap.dedent(SUITE))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
     env["VFIOTEST_STATE_DIR"] = str(tmp_path / "state")
-    env["VFIOTEST_PODMAN_RUNTIME"] = "runc"      # the stand-in client's runtime: not a Kata lane
+    env["VFIOTEST_PODMAN_RUNTIME"] = "runc"      # the fake client's runtime: not a Kata lane
     alluredir = tmp_path / "allure"
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
                         f"--alluredir={alluredir}", "suites"], cwd=str(tmp_path), env=env,

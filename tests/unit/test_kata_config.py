@@ -116,8 +116,11 @@ def test_dropin_names_only_our_runtime():
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
 def test_podman_reads_the_dropin_and_resolves_the_runtime(tmp_path):
     """podman itself parses what we write (CONTAINERS_CONF points it at a copy: nothing in /etc changes)."""
+    kata = tmp_path / "kata-runtime"           # podman asks the runtime its version: it answers as 1.x
+    kata.write_text("#!/bin/sh\necho 'kata-runtime  : 1.12.1'\n")
+    kata.chmod(0o755)
     wrapper = tmp_path / "kata-vfio"
-    wrapper.write_text(runtime.render_wrapper(None, runc=shutil.which("runc") or "/usr/bin/runc"))
+    wrapper.write_text(runtime.render_wrapper(runtime.KataInstall(str(kata), "1.12.1", 1), str(tmp_path / "k.toml")))
     wrapper.chmod(0o755)
     conf = tmp_path / "containers.conf"
     conf.write_text(runtime.set_runtime(open(PODMAN_CONF).read(), "kata-vfio", [str(wrapper)]))
@@ -145,15 +148,25 @@ def test_kata_version_detection(text, version, major):
             runtime.render_wrapper(kata)
 
 
+def test_no_kata_has_no_wrapper_and_says_how_to_get_a_bundle():
+    from vfiotest.errors import ProvisionError
+
+    with pytest.raises(ProvisionError) as e:
+        runtime.render_wrapper(runtime.KataInstall(None, None, None))
+    assert "VFIOTEST_KATA_BUNDLE" in str(e.value)
+
+
 def test_registration_is_idempotent_and_puts_back_what_was_there(tmp_path):
     dropin, wrapper = tmp_path / "conf.d" / "60-k.conf", tmp_path / "state" / "kata-vfio"
     dropin.parent.mkdir()
     dropin.write_text("# someone else's\n")
-    none = runtime.KataInstall(None, None, None)
-    reg = runtime.RuntimeRegistration(LocalHost(), dropin=str(dropin), wrapper=str(wrapper), kata=none)
+    kata = runtime.KataInstall("/opt/kata/bin/kata-runtime", "1.12.1", 1)
+    reg = runtime.RuntimeRegistration(LocalHost(), dropin=str(dropin), wrapper=str(wrapper), kata=kata,
+                                      config_path="/etc/k.toml")
     info = reg.register()
     first = (dropin.read_text(), wrapper.read_text())
-    assert info.standin and os.access(wrapper, os.X_OK)
+    assert (info.config, info.kata) == ("/etc/k.toml", kata) and os.access(wrapper, os.X_OK)
+    assert "exec /opt/kata/bin/kata-runtime --kata-config /etc/k.toml \"$@\"" in first[1]
     reg.register()
     assert (dropin.read_text(), wrapper.read_text()) == first
     reg.unregister()

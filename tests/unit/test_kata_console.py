@@ -11,6 +11,7 @@ import os
 import pty
 import select
 import socket
+import stat
 import subprocess
 import termios
 import threading
@@ -20,8 +21,7 @@ import pytest
 
 from vfiotest.errors import CommandTimeout, TargetError
 from vfiotest.host import LocalHost
-from vfiotest.kata import standin_agent
-from vfiotest.kata.console import KataConsole, KataGuestReport, console_socket_path, parse_transcript
+from vfiotest.kata.console import GuestReport, KataConsole, console_socket_path, parse_transcript
 
 
 def _set_ctty():
@@ -183,10 +183,43 @@ def test_hook_log_parsed(console, tmp_path):
         console.hook_log(str(log))
 
 
-def test_dev_vfio_and_pci_state_match_the_standin_readers(console):
-    # read-only: the same listing the stand-in agent reports, taken over the console
-    assert console.dev_vfio() == standin_agent.dev_vfio()
-    assert console.pci_state() == standin_agent.pci_state()
+def _sysfs_pci_state():
+    """This machine's PCI state read with Python (read-only), in pci_state()'s shape."""
+    base = "/sys/bus/pci/devices"
+    out = {}
+    for a in sorted(os.listdir(base)):
+        d = os.path.join(base, a)
+
+        def rd(name, d=d):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    return f.read().strip() or None
+            except OSError:
+                return None
+
+        def ln(name, d=d):
+            try:
+                return os.path.basename(os.readlink(os.path.join(d, name)))
+            except OSError:
+                return None
+
+        out[a] = {"vendor": rd("vendor"), "device": rd("device"), "class": rd("class"), "driver": ln("driver"),
+                  "driver_override": rd("driver_override"), "iommu_group": ln("iommu_group")}
+    return out
+
+
+def _dev_vfio():
+    try:
+        names = sorted(os.listdir("/dev/vfio"))
+    except OSError:
+        return {}
+    return {n: "char" if stat.S_ISCHR(os.stat("/dev/vfio/" + n).st_mode) else "other" for n in names}
+
+
+def test_dev_vfio_and_pci_state_match_a_python_reading(console):
+    # read-only: the shell's listing over the console equals Python's reading of the same sysfs
+    assert console.dev_vfio() == _dev_vfio()
+    assert console.pci_state() == _sysfs_pci_state()
 
 
 def test_guest_report_over_the_console(console, tmp_path):
@@ -202,11 +235,11 @@ def test_guest_report_over_the_console(console, tmp_path):
                     "case \"$state\" in *'\"id\": '*'\"pid\"'*) exit 0 ;; esac\n"
                     "echo 'vfio-hook: state on stdin is not JSON' >&2; exit 2\n")
     hook.chmod(0o755)
-    rep = KataGuestReport.read(console, container_id="cid", annotation="8086:10ca", hook=str(hook),
-                               hook_log_path=str(log))
-    assert rep.standin is False
+    rep = GuestReport.read(console, container_id="cid", annotation="8086:10ca", hook=str(hook),
+                           hook_log_path=str(log))
+    assert rep.main_container == "cid"
     assert [e["container"] for e in rep.log_for(container="cid", action="bind")] == ["cid"]
-    assert rep.dev_vfio == standin_agent.dev_vfio() and rep.pci_before == {}
+    assert rep.dev_vfio == _dev_vfio() and rep.pci_after == _sysfs_pci_state()
     assert [r["kind"] for r in rep.runs] == ["again", "none", "malformed"]
     again, malformed = rep.run("again")["results"][0], rep.run("malformed")["results"][0]
     assert (again["rc"], again["argv"], again["stderr"]) == (0, ["vfio-hook", "prestart"], "")
@@ -224,21 +257,13 @@ def test_parse_transcript_ignores_the_echoed_command():
 
 
 def test_the_guest_report_gives_the_one_device_model():
-    """Both guest backends' reports read as a vfiotest.pci.Inventory (group numbers the guest's own)."""
-    from vfiotest.kata.nested import GuestReport
-
-    data = {"pci_before": {"0000:00:03.0": {"vendor": "0x8086", "device": "0x10ca", "class": "0x020000",
-                                            "driver": "igbvf", "driver_override": None, "iommu_group": "2"}},
-            "pci_after": {"0000:00:03.0": {"vendor": "0x8086", "device": "0x10ca", "class": "0x020000",
-                                           "driver": "vfio-pci", "driver_override": "vfio-pci", "iommu_group": "2"}},
-            "vfio_before": {}, "vfio_after": {"2": "char"}}
-    rep = GuestReport(data, console="", boot_seconds=0.0)
-    before, after = rep.inventory("before"), rep.inventory("after")
-    dev = after.devices["0000:00:03.0"]
-    assert dev.vendor_device == "8086:10ca" and dev.driver == "vfio-pci" and after.groups == {"2": ["0000:00:03.0"]}
-    assert after.vfio == {"2": "char"} and before.vfio == {}
-    assert before.diff(after) == ["0000:00:03.0: driver was 'igbvf', now 'vfio-pci'",
-                                  "0000:00:03.0: driver_override was None, now 'vfio-pci'",
-                                  "/dev/vfio/2: was absent, now char"]
-    with pytest.raises(ValueError):
-        rep.inventory("during")
+    """The report reads as a vfiotest.pci.Inventory (group numbers the guest's own)."""
+    data = {"pci_after": {"0000:00:03.0": {"vendor": "0x8086", "device": "0x10ca", "class": "0x020000",
+                                           "driver": "vfio-pci", "driver_override": "vfio-pci", "iommu_group": "2"},
+                          "0000:00:00.0": {"vendor": "0x8086", "device": "0x29c0", "class": "0x060000",
+                                           "driver": None, "driver_override": None, "iommu_group": None}},
+            "vfio_after": {"2": "char"}}
+    inv = GuestReport(data).inventory()
+    dev = inv.devices["0000:00:03.0"]
+    assert dev.vendor_device == "8086:10ca" and dev.driver == "vfio-pci" and inv.groups == {"2": ["0000:00:03.0"]}
+    assert inv.vfio == {"2": "char"} and inv.devices["0000:00:00.0"].iommu_group is None

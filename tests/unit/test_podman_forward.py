@@ -1,6 +1,6 @@
 """SocketForward (how the controller reaches a target's podman API socket over SSH) against a
 real SSH server (paramiko's, in this process) that runs its exec requests with sh, and an HTTP
-server on a unix socket standing where the podman service's socket is.
+server on a unix socket in place of the podman service's socket.
 
 - through the forward, podman-py gets the service's own answers (a 404 for a missing container);
 - when the SSH link cannot open a channel (refused, or not answered in time: a cut link), the
@@ -123,7 +123,7 @@ def keys():
 
 @pytest.fixture
 def api(tmp_path):
-    """The stand-in for the podman service's socket on the target."""
+    """A fake of the podman service's socket on the target."""
     path = str(tmp_path / "podman.sock")
     srv = _UnixHttp(path, _ApiHandler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

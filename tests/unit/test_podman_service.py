@@ -1,5 +1,5 @@
 """The podman API service start: a service that dies at once (an unknown runtime) is reported
-at once with podman's own words, not after the start timeout. A stand-in `podman` that exits
+at once with podman's own words, not after the start timeout. A fake `podman` that exits
 like podman does for an unregistered runtime; no podman runs."""
 
 import time

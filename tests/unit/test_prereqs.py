@@ -32,15 +32,17 @@ def test_a_good_host_misses_nothing(inventory):
 
 def test_no_kata_installed_says_what_the_session_uses(inventory):
     """No kata-runtime on the target: with a Kata 1.x bundle (kata == 1) the bundle is used; without
-    one the stand-in lane runs. Either way the line points to `vfiotest kata detect`."""
+    one the Kata layers are unavailable until VFIOTEST_KATA_BUNDLE names one. Either way the line
+    points to `vfiotest kata detect`."""
     def seen(kata):
         c = next(c for c in prereqs.check_all(dict(GOOD), inventory, get_profile("seed"), kata)
                  if c.name == "Kata runtime present")
         assert c.status == prereqs.INFO
         return c.seen
 
-    assert "bundle is used" in seen(1) and "stand-in" not in seen(1)
-    assert "stand-in lane" in seen(None)
+    assert "bundle is used" in seen(1) and "unavailable" not in seen(1)
+    assert "Kata layers are unavailable until VFIOTEST_KATA_BUNDLE names one" in seen(None)
+    assert "build.sh" in seen(None)
     assert all("vfiotest kata detect" in seen(k) for k in (1, None))
 
 

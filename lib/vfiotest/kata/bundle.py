@@ -26,7 +26,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import filelock
 
@@ -35,7 +35,7 @@ from ..constants import cache_dir as _cache_dir
 from ..errors import ProvisionError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..host import Host
+    from ..host import CommandResult, Host
     from .runtime import KataInstall
 
 BUNDLE_ENV = "VFIOTEST_KATA_BUNDLE"
@@ -68,7 +68,7 @@ Progress = Optional[Callable[[str], None]]
 _SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 
 
-def _hint(source=None):
+def _hint(source: Optional[str] = None) -> str:
     again = f"copy {source} again" if source else "copy the bundle again"
     return f"{again} from shared/kata, or rebuild it: {BUILD_SCRIPT} SRC OUT (about 70 s)"
 
@@ -87,7 +87,8 @@ def bundle_source() -> Tuple[Optional[str], Optional[str]]:
         if not os.path.exists(path):
             err = ProvisionError(f"{BUNDLE_ENV}={value} names nothing: {path} does not exist",
                                  hint=f"point {BUNDLE_ENV} at a Kata 1.x .tar.zst or an unpacked bundle "
-                                      f"directory (e.g. {DEFAULT_BUNDLE}), or unset it")
+                                      f"directory (e.g. {DEFAULT_BUNDLE}; {BUILD_SCRIPT} builds one, see the "
+                                      f"README.md beside it), or unset it", reason=ProvisionError.ABSENT)
             err.exit_code = 2   # a bad setting: a usage error
             raise err
         return path, "env"
@@ -235,7 +236,7 @@ class KataBundle:
 
 # -- unpacking --------------------------------------------------------------------
 
-def _refuse(source, what):
+def _refuse(source: str, what: str) -> NoReturn:
     raise ProvisionError(f"the Kata bundle {source}: {what}: refused",
                          hint=_hint(source))
 
@@ -328,7 +329,7 @@ def unpack_bundle(source: str, cache_dir: Optional[str] = None, progress: Progre
         sums_sha, _ = verify_tree(root, source)
         return KataBundle(root, source, sums_sha, bundle_version(root))
     if not os.path.isfile(source):
-        raise ProvisionError(f"the Kata bundle {source} does not exist", hint=_hint(source))
+        raise ProvisionError(f"the Kata bundle {source} does not exist", hint=_hint(source), reason=ProvisionError.ABSENT)
     if not source.endswith(TAR_SUFFIXES):
         raise ProvisionError(f"the Kata bundle {source} is neither a directory nor a {'/'.join(TAR_SUFFIXES)} file",
                              hint=f"give {BUNDLE_ENV} a .tar.zst or an unpacked bundle directory")
@@ -356,7 +357,7 @@ def unpack_bundle(source: str, cache_dir: Optional[str] = None, progress: Progre
     return KataBundle(root, source, sha, bundle_version(root))
 
 
-def _unpack_locked(source, sha, final, base, say):
+def _unpack_locked(source: str, sha: str, final: str, base: str, say: Callable[[str], None]) -> str:
     if os.path.lexists(final):
         say(f"{final} is incomplete or does not match its stamp: unpacking again")
         shutil.rmtree(final)
@@ -392,18 +393,18 @@ _REMOTE_CHECK = ('cd "$1" || exit 3; shift; sha256sum -c --quiet --strict - || e
                  'for f do [ -x "$f" ] || { echo "$f: not executable" >&2; exit 1; }; done')
 
 
-def _remote_check(host, root, check_list, exec_files, timeout):
+def _remote_check(host: Host, root: str, check_list: bytes, exec_files: List[str], timeout: float) -> CommandResult:
     return host.run(["sh", "-c", _REMOTE_CHECK, "sh", root, *exec_files], input=check_list, timeout=timeout)
 
 
-def _check_dest(dest):
+def _check_dest(dest: str) -> None:
     if not dest.startswith("/") or posixpath.normpath(dest) != dest or dest.count("/") < 2:
         raise ProvisionError(f"refusing {dest!r} as where to copy the Kata bundle: not an absolute, "
                              "normalized path at least two levels deep",
                              hint=f"use the default ({REMOTE_DIR}/bundle-<sha16>)")
 
 
-def _send(host, local, remote, timeout):
+def _send(host: Host, local: str, remote: str, timeout: float) -> None:
     """Write the local file `local` to `remote` on `host` in COPY_CHUNK pieces (an SSH channel's
     window stays small; see sshhost)."""
     with open(local, "rb") as f:

@@ -1,22 +1,26 @@
 """`vfiotest kata ...`: build and inspect the guest image, derive configuration.toml,
-register the kata-vfio runtime, boot the nested guest stand-in."""
+register the kata-vfio runtime."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..constants import VFIO_ANNOTATION
 from . import config as kata_config
 from . import image, initrd, runtime
 
+if TYPE_CHECKING:
+    from ..host import Host
 
-def _say(msg):
+
+def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _open(args):
+def _open(args: argparse.Namespace) -> tuple[Host, Callable[[], None]]:
     from ..targets import open_host
 
     return open_host(args.target, progress=_say)
@@ -26,16 +30,31 @@ HOOK_PROFILE_HELP = ("the IDs the guest hook binds without an annotation: seed o
                      "whatever the target; VFIOTEST_PROFILE is not read)")
 
 
-def _profile_ids(name):
+def _profile_ids(name: str | None) -> tuple[str, ...]:
     from ..profiles import get_profile
 
     p = get_profile(name or "emulated")
     return tuple(sorted(set(p.ids) | set(p.vf_ids.values())))
 
 
+def _agent(path: str | None) -> str:
+    """`path`, else the kata-agent of the Kata 1.x bundle (vfiotest.kata.bundle.find_bundle)."""
+    from . import bundle
+
+    if path:
+        return path
+    found = bundle.find_bundle(progress=_say)
+    if found is None:
+        raise runtime.ProvisionError("the Kata guest image needs a kata-agent: no --agent given and no Kata 1.x "
+                                     "bundle found",
+                                     hint=f"set {bundle.BUNDLE_ENV} to a Kata 1.x bundle (build one with "
+                                          f"{bundle.BUILD_SCRIPT}, see its README.md), or give --agent")
+    return found.agent
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     spec = initrd.InitrdSpec(guest_hook_path=args.hook_path, allowed_ids=_profile_ids(args.profile),
-                             agent=args.agent, standin=not args.no_standin, compress=args.compress)
+                             agent=_agent(args.agent), compress=args.compress)
     built = initrd.build_initrd(spec, force=args.force, progress=_say)
     if args.json:
         print(json.dumps(built.manifest(), indent=1))
@@ -89,7 +108,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         base = f.read()
     kernel, initrd_path = args.kernel, args.initrd
     if not (kernel and initrd_path):
-        built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
+        built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile), agent=_agent(None)),
+                                    progress=_say)
         kernel, initrd_path = kernel or built.kernel, initrd_path or built.path
     settings = kata_config.KataVfioSettings(kernel=kernel, initrd=initrd_path, guest_hook_path=args.hook_path,
                                             kata_major=args.kata_major)
@@ -144,12 +164,11 @@ def cmd_register(args: argparse.Namespace) -> int:
         # written: `vfiotest kata unregister` (or `vfiotest restore`) puts it back, after a crash too
         reg.snapshot()
         with cli_journal(host) as journal:
-            journal.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG if choice.supported else None))
-        if choice.supported:
-            built = provision.guest_image(choice, _profile_ids(args.profile), host=host,
-                                          shares_controller_fs=shares, progress=_say)
-            written = provision.write_config(host, choice, built)
-            _say(f"configuration {written.path} derived from {written.source}")
+            journal.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG))
+        built = provision.guest_image(choice, _profile_ids(args.profile), host=host,
+                                      shares_controller_fs=shares, progress=_say)
+        written = provision.write_config(host, choice, built)
+        _say(f"configuration {written.path} derived from {written.source}")
         info = reg.register()
         said = reg.verify(image=args.image)
         print(info.describe())
@@ -194,32 +213,6 @@ def cmd_unregister(args: argparse.Namespace) -> int:
         close()
 
 
-def cmd_nested(args: argparse.Namespace) -> int:
-    from .nested import DEFAULT_RUNS, NestedGuest
-
-    built = initrd.build_initrd(initrd.InitrdSpec(allowed_ids=_profile_ids(args.profile)), progress=_say)
-    host, close = _open(args)
-    try:
-        g = NestedGuest(host, built.kernel, built.path, timeout=args.timeout)
-        if args.print:
-            import shlex
-
-            print(shlex.join(g.command(vfs=args.vf, annotation=args.annotation, runs=DEFAULT_RUNS)))
-            return 0
-        _say("the VF(s) must be on vfio-pci on the target first (`vfiotest bind --group ADDR`)")
-        rep = g.boot(vfs=args.vf, annotation=args.annotation)
-        print(f"boot: {rep.boot_seconds} s QEMU start to power-off; hooks at guest uptime {rep.hook_seconds} s")
-        for r in rep.runs:
-            print(f"run {r['kind']:9} " + ", ".join(f"rc={x['rc']} {x['seconds']}s" for x in r["results"]))
-        print("hook log (/tmp/vfio-hook.log in the guest):")
-        for e in rep.hook_log:
-            print("  " + json.dumps(e, sort_keys=True))
-        print(f"/dev/vfio in the guest: {rep.dev_vfio}")
-        return 0
-    finally:
-        close()
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     kp = sub.add_parser("kata", help="guest image, configuration.toml and the kata-vfio runtime",
@@ -233,11 +226,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                       formatter_class=fmt,
                       description="Build the guest initrd: VFIO modules the guest kernel has, python3 and the stdlib\n"
                                   "files the hook imports, the hook at <hook-path>/prestart/vfio-hook (0755), the\n"
-                                  "device layer it shares, the agent stand-in (or --agent). Checked by listing it.")
+                                  "device layer it shares, and kata-agent as PID 1 behind the harness's init\n"
+                                  "(--agent, else the Kata 1.x bundle's). Checked by listing it.")
     p.add_argument("--profile", default=None, help="IDs the hook binds without an annotation (default emulated)")
     p.add_argument("--hook-path", default=initrd.DEFAULT_HOOK_PATH, help="guest_hook_path (default %(default)s)")
-    p.add_argument("--agent", default=None, metavar="PATH", help="a kata-agent binary to include and run as init")
-    p.add_argument("--no-standin", action="store_true", help="leave out the agent stand-in of the nested test guest")
+    p.add_argument("--agent", default=None, metavar="PATH",
+                   help="a kata-agent binary to include and run as init (default: the Kata 1.x bundle's)")
     p.add_argument("--compress", choices=("zstd", "gzip", "xz"), default="zstd", help="initrd compression (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache has it")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -286,8 +280,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ks.add_parser("register", help="register kata-vfio for podman on the target (drop-in + wrapper)",
                       formatter_class=fmt,
                       description="Kata 1.x: a wrapper passing --kata-config with the derived configuration.\n"
-                                  "No Kata: a wrapper over runc (the guest is the nested stand-in). Kata 2.x/3.x:\n"
-                                  "refused, they have no OCI CLI for podman. Verified with podman. What the files\n"
+                                  "No Kata 1.x (no bundle, none installed): refused, saying how to get a bundle.\n"
+                                  "Kata 2.x/3.x: refused, they have no OCI CLI for podman. Verified with podman. What the files\n"
                                   "replace is recorded in the CLI's journal first: `vfiotest kata unregister` (or,\n"
                                   "after a crash, `vfiotest restore`) puts it back.")
     add_target_argument(p, HOOK_PROFILE_HELP)
@@ -298,15 +292,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "kata-vfio drop-in, wrapper and derived configuration.toml vfiotest wrote")
     add_target_argument(p, PROFILE_UNUSED)
     p.set_defaults(func=cmd_unregister)
-
-    p = ks.add_parser("nested", help="boot the guest image in a second-level VM on the target with VFs passed through",
-                      formatter_class=fmt,
-                      description="The guest stand-in of the emulated runner: QEMU/KVM inside the runner, its own\n"
-                                  "vIOMMU, -device vfio-pci,host=VF; the agent stand-in runs the prestart hooks\n"
-                                  "and the report (hook log, /dev/vfio) is read from the console.")
-    add_target_argument(p, HOOK_PROFILE_HELP)
-    p.add_argument("--vf", action="append", default=[], metavar="ADDR", help="VF on vfio-pci on the target (repeatable)")
-    p.add_argument("--annotation", default=None, help=f"{VFIO_ANNOTATION} value (commas, no spaces)")
-    p.add_argument("--timeout", type=float, default=240.0, help="seconds for the nested guest to run and power off (default %(default)s)")
-    p.add_argument("--print", action="store_true", help="print the QEMU command instead of running it")
-    p.set_defaults(func=cmd_nested)

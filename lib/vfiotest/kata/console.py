@@ -32,13 +32,14 @@ import secrets
 import shlex
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..constants import VFIO_ANNOTATION as HOOK_ANNOTATION
 from ..errors import CommandTimeout, TargetError
 from ..host import wait_for
+from ..pci import Inventory, PciAddress, PciDevice
 from .hook import DEFAULT_LOG as HOOK_LOG
-from .nested import GuestReport
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -238,8 +239,8 @@ class KataConsole:
         return res
 
     def pci_state(self) -> dict[str, dict[str, str | None]]:
-        """{address: {vendor, device, class, driver, driver_override, iommu_group}} of the guest,
-        the same shape as the stand-in's report."""
+        """{address: {vendor, device, class, driver, driver_override, iommu_group}} of the guest
+        (sysfs values as read: "0x8086"; None for an empty one)."""
         out = self.check('for d in /sys/bus/pci/devices/*; do [ -e "$d" ] || continue; '
                          'drv=$(readlink "$d/driver" 2>/dev/null); grp=$(readlink "$d/iommu_group" 2>/dev/null); '
                          'echo "PCI|${d##*/}|$(cat "$d/vendor")|$(cat "$d/device")|$(cat "$d/class")|${drv##*/}|'
@@ -256,7 +257,7 @@ class KataConsole:
 
 # The extra hook runs made by hand in a real Kata guest, after the agent's own run:
 # "again" (same annotation: the device is already bound), "none" (empty annotation),
-# "malformed" (a state cut short). Container ids as the stand-in names them.
+# "malformed" (a state cut short); each run's container id is vfiotest-<kind>-<n>.
 EXTRA_RUNS = ("again", "none", "malformed")
 MALFORMED_STATE = '{"ociVersion": "1.0.2", "id": '
 KATA_BUNDLE_DIR = "/run/kata-containers/shared/containers"
@@ -280,20 +281,27 @@ def run_hook(console: KataConsole, hook: str, stage: str, stdin_text: str, timeo
             "seconds": round(time.monotonic() - t0, 3), "stderr": out}
 
 
-class KataGuestReport(GuestReport):
-    """A real Kata guest read over its debug console, with GuestReport's interface:
-    `.hook_log`, `.log_for()`, `.dev_vfio`, `.pci_after`, `.run(kind)`. There is no "before"
-    (the agent ran the hook before the console could be read); the runs other than the
-    agent's own ("again", "none", "malformed") are made by hand over the console."""
+@dataclass
+class GuestReport:
+    """A Kata guest read over its debug console: the hook's log from the guest's /tmp (what
+    the agent's run and the runs by hand recorded), /dev/vfio and the PCI state after the hook,
+    and the runs made by hand ("again", "none", "malformed"). There is no state "before": the
+    agent ran the hook before the console could be read."""
 
-    standin = False
+    data: dict[str, Any]
+    #: seconds the reading took (the VM's boot is Kata's)
+    read_seconds: float = 0.0
+    #: the container id the agent ran the hook for (set by the guest, vfiotest.kata.guests)
+    main_container: Optional[str] = None
 
     @classmethod
     def read(cls, console: KataConsole, container_id: str, annotation: str, hook: str, hook_log_path: str = HOOK_LOG,
-             extra_runs: Sequence[str] = EXTRA_RUNS) -> KataGuestReport:
+             extra_runs: Sequence[str] = EXTRA_RUNS) -> GuestReport:
+        """Read the guest of `container_id` over `console`, running the hook at `hook` (its
+        path in the guest) by hand once per `extra_runs` with `annotation` as the agent would."""
         t0 = time.monotonic()
-        data: dict[str, Any] = {"container": container_id, "vfio_after": console.dev_vfio(), "pci_after": console.pci_state(),
-                "hooks": [hook], "runs": []}
+        data: dict[str, Any] = {"container": container_id, "vfio_after": console.dev_vfio(),
+                                "pci_after": console.pci_state(), "runs": []}
         for i, kind in enumerate(extra_runs, 1):
             cid = f"vfiotest-{kind}-{i}"
             stdin = MALFORMED_STATE if kind == "malformed" else json.dumps(
@@ -301,5 +309,47 @@ class KataGuestReport(GuestReport):
             res = run_hook(console, hook, "prestart", stdin)
             data["runs"].append({"kind": kind, "container": cid, "results": [res], "vfio_after": console.dev_vfio()})
         data["hook_log"] = "\n".join(json.dumps(e) for e in console.hook_log(hook_log_path))
-        # boot_seconds: here the time the reading took (the VM's boot is Kata's)
-        return cls(data=data, console="", boot_seconds=round(time.monotonic() - t0, 2))
+        return cls(data=data, read_seconds=round(time.monotonic() - t0, 2), main_container=container_id)
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.data.get("runs", [])
+
+    def run(self, kind: str) -> dict[str, Any]:
+        """The run made by hand of that kind ("again", "none", "malformed")."""
+        return next(r for r in self.runs if r["kind"] == kind)
+
+    @property
+    def hook_log(self) -> list[dict[str, Any]]:
+        """The hook's log lines from the guest's /tmp, parsed."""
+        return [json.loads(line) for line in (self.data.get("hook_log") or "").splitlines() if line.strip()]
+
+    def log_for(self, container: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
+        """The hook log's entries for that container and action (None: any)."""
+        return [e for e in self.hook_log if (container is None or e.get("container") == container)
+                and (action is None or e.get("action") == action)]
+
+    @property
+    def dev_vfio(self) -> dict[str, str]:
+        """/dev/vfio in the guest after the agent's run of the hook: {name: "char" | "other"}."""
+        return self.data.get("vfio_after", {})
+
+    @property
+    def pci_after(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("pci_after", {})
+
+    def inventory(self) -> Inventory:
+        """The guest's PCI state and /dev/vfio after the hook as the harness's one device model
+        (vfiotest.pci.Inventory). Group numbers are the guest's own."""
+        devices: dict[str, PciDevice] = {}
+        groups: dict[str, list[str]] = {}
+        for a, s in sorted(self.pci_after.items()):
+            addr = PciAddress(a)
+            g = s.get("iommu_group")
+            devices[addr] = PciDevice(address=addr, vendor=s.get("vendor") or "", device=s.get("device") or "",
+                                      pci_class=s.get("class") or "", driver=s.get("driver"),
+                                      driver_override=s.get("driver_override"), iommu_group=g)
+            if g:
+                groups.setdefault(g, []).append(addr)
+        return Inventory(devices, groups, dict(self.dev_vfio), drivers=[], protected={},
+                         identity={"hostname": "guest"})

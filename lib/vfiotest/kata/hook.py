@@ -75,6 +75,8 @@ from vfiotest.constants import VFIO_ANNOTATION
 from vfiotest.host import wait_for
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from vfiotest.host import Host
     from vfiotest.pci import Inventory, PciAddress, PciDevice
 
@@ -348,7 +350,7 @@ def run(stage: str, stdin_text: str, host: Host, settings: dict[str, Any], log_p
     budget = _budget(settings)
     deadline = t0 + budget if deadline is None else deadline
 
-    def elapsed_ms():
+    def elapsed_ms() -> float:
         return round((time.monotonic() - t0) * 1000, 1)
 
     try:
@@ -382,7 +384,7 @@ def run(stage: str, stdin_text: str, host: Host, settings: dict[str, Any], log_p
         log.write("end", "ok", devices=0, ms=elapsed_ms())
         return EXIT_OK
 
-    def read():
+    def read() -> Inventory:
         return pci.read_inventory(host, timeout=max(1.0, budget / 2))
 
     inv = read()
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None, settings_path: str | None = None, stdin:
 
     log = HookLog(log_path, stage)
 
-    def on_alarm(signum, frame):
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
         log.write("end", "timeout", error=f"hook exceeded {budget:g} s; gave up")
         try:   # os._exit skips the buffers: write(2) directly
             os.write(2, f"vfio-hook: gave up after {budget:g} s (the hook's timeout); see {log_path}\n".encode())

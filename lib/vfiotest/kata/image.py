@@ -107,7 +107,7 @@ class InitrdListing:
         return out
 
 
-def _decompress(blob, path):
+def _decompress(blob: bytes, path: str) -> tuple[str, bytes]:
     if blob[:2] == b"\x1f\x8b":
         return "gzip", gzip.decompress(blob)
     if blob[:6] == b"\xfd7zXZ\x00":
@@ -128,7 +128,8 @@ def _decompress(blob, path):
                          hint="the harness reads cpio images plain or compressed with gzip, zstd or xz")
 
 
-def _parse_cpio(buf, pos, entries, keep_data, path):
+def _parse_cpio(buf: bytes, pos: int, entries: dict[str, CpioEntry], keep_data: Callable[[str, int], bool],
+                path: str) -> int:
     """Parse one newc archive starting at `pos`; returns the offset after its trailer."""
     while True:
         if buf[pos:pos + 6] not in NEWC_MAGICS:

@@ -15,9 +15,8 @@ built and booted here):
   `<guest_hook_path>/prestart/vfio-hook` (0755) and the library it shares
   with the host side (`vfiotest.bind`, `host`, `pci`, `errors`) under
   `<guest_hook_path>/lib/`, and the hook's settings (allowed IDs, log path);
-- either the Kata agent (`agent=`: the real Kata guest image) or the agent's
-  stand-in for the nested test guest (a pre-mount hook that runs the prestart
-  hooks and powers off).
+- the Kata agent (`agent=`: the Kata guest image). Without it the image holds
+  the hook and its interpreter only (for listing and for running the hook by hand).
 
 The Kata guest image boots a small init (`KATA_INIT_PATH`, given to the kernel
 as `rdinit=` in configuration.toml) instead of dracut's: Kata passes
@@ -57,7 +56,7 @@ HOOK_NAME = "vfio-hook"
 HOOK_LOG = "/tmp/vfio-hook.log"
 GUEST_PYTHON = "/usr/bin/python3"
 SYSTEM_DRACUT = "/usr/lib/dracut"
-BUILD_FORMAT = 1  # bump when the layout of the image changes
+BUILD_FORMAT = 2  # bump when the layout of the image changes
 
 # The VFIO set, in load order. vfio_virqfd is its own module before 6.2 only.
 VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci")
@@ -66,7 +65,7 @@ VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pc
 NATIVE_DRIVERS = ("igbvf", "nvme")
 # The library the hook shares with the host side (standard library only).
 SHARED_MODULES = ("__init__.py", "constants.py", "errors.py", "host.py", "pci.py", "bind.py")
-KATA_MODULES = ("__init__.py", "hook.py", "standin_agent.py")
+KATA_MODULES = ("__init__.py", "hook.py")
 # The Kata guest: what the agent needs (console, vsock, 9p for the container rootfs), in load order.
 KATA_GUEST_MODULES = ("virtio_pci", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "9pnet_virtio", "9p",
                       "overlay", "virtio_blk", "virtio_scsi", "virtio_net", "virtio_rng")
@@ -89,7 +88,6 @@ class InitrdSpec:
     hook_log: str = HOOK_LOG
     hook_timeout: float = 30.0
     agent: Optional[str] = None                # a kata-agent binary: the real Kata guest image (agent as PID 1)
-    standin: bool = True                       # the agent's stand-in for the nested test guest (ignored with agent)
     extra_drivers: Tuple[str, ...] = NATIVE_DRIVERS
     compress: str = "zstd"                     # zstd | gzip | xz
     hook: bool = True                          # False only to break the subject on purpose (VFIOTEST_BREAK=no-hook)
@@ -120,7 +118,7 @@ def vfio_modules_for(kernel: GuestKernel) -> list[str]:
     return [m for m in VFIO_MODULES if kernel.has_module(m)]
 
 
-def _hook_launcher(spec):
+def _hook_launcher(spec: InitrdSpec) -> str:
     lib = f"{spec.guest_hook_path.rstrip('/')}/lib"
     return (f"#!{GUEST_PYTHON}\n"
             "# vfiotest guest hook: rebinds the container's devices to vfio-pci (see vfiotest.kata.hook)\n"
@@ -130,17 +128,13 @@ def _hook_launcher(spec):
             f"sys.exit(main(sys.argv, settings_path={lib + '/vfio-hook.json'!r}))\n")
 
 
-def _hook_settings(spec):
+def _hook_settings(spec: InitrdSpec) -> str:
     return json.dumps({"allowed_ids": list(spec.allowed_ids), "log": spec.hook_log,
                        "timeout": spec.hook_timeout}, indent=1) + "\n"
 
 
-def _module_setup(spec, files_list):
+def _module_setup(files_list: str) -> str:
     """dracut's module-setup.sh for the module that installs the hook and python."""
-    hooks = ""
-    if spec.standin and not spec.agent:
-        hooks = ('    inst_hook cmdline 90 "$moddir/vfiotest-cmdline.sh"\n'
-                 '    inst_hook pre-mount 50 "$moddir/vfiotest-standin.sh"\n')
     return f"""#!/bin/bash
 # Written by vfiotest.kata.initrd for one build.
 check() {{ return 255; }}
@@ -154,23 +148,7 @@ install() {{
         chmod "$mode" "$initdir$dst"
     done < {files_list}
     mkdir -p "$initdir/tmp" "$initdir/run/libcontainer"
-{hooks}}}
-"""
-
-
-CMDLINE_HOOK = """#!/bin/sh
-# No root filesystem: the guest lives in this initrd.
-[ -z "$root" ] && root=vfiotest
-rootok=1
-"""
-
-STANDIN_HOOK = """#!/bin/sh
-# The Kata agent's stand-in: run the prestart hooks as the agent would, report, power off.
-echo "vfiotest: agent stand-in starting" > /dev/console
-/usr/bin/python3 -S {lib}/vfiotest/kata/standin_agent.py > /dev/console 2>&1
-echo "vfiotest: agent stand-in done, powering off" > /dev/console
-echo o > /proc/sysrq-trigger
-sleep 30
+}}
 """
 
 KATA_INIT = """#!/bin/sh
@@ -187,13 +165,13 @@ exec {agent}
 """
 
 
-def _python_files(lib_dir, timeout=60):
-    """The stdlib files the hook and the stand-in import, found by importing them
-    with the guest's interpreter from the staged library."""
+def _python_files(lib_dir: str, timeout: float = 60) -> list[str]:
+    """The stdlib files the hook imports, found by importing it with the guest's
+    interpreter from the staged library."""
     probe = (
         "import sys\n"
         f"sys.path.insert(0, {lib_dir!r})\n"
-        "import vfiotest.kata.hook, vfiotest.kata.standin_agent, vfiotest.host, vfiotest.pci, vfiotest.bind\n"
+        "import vfiotest.kata.hook, vfiotest.host, vfiotest.pci, vfiotest.bind\n"
         # what the scripts the host layer runs with `python3 -c` import (inventory, file ops)
         "import re as _re, vfiotest.pci as _p, vfiotest.host as _h\n"
         "for _s in (_p.INVENTORY_SCRIPT, _h.FILE_OP_SCRIPT):\n"
@@ -218,7 +196,7 @@ def _python_files(lib_dir, timeout=60):
     return [f for f in p.stdout.split() if os.path.isfile(f)]
 
 
-def _stage_library(dest):
+def _stage_library(dest: str) -> str:
     """Copy the hook's library (standard-library-only modules) into `dest`/vfiotest."""
     pkg = os.path.join(dest, "vfiotest")
     os.makedirs(os.path.join(pkg, "kata"))
@@ -232,7 +210,7 @@ def _stage_library(dest):
         shutil.copy(os.path.join(PKG_DIR, "kata", name), os.path.join(pkg, "kata", name))
     # The package __init__ of kata may grow host-side imports: the guest gets a bare one.
     with open(os.path.join(pkg, "kata", "__init__.py"), "w") as f:
-        f.write('"""vfiotest.kata, as shipped into the guest image: the hook and the agent stand-in."""\n')
+        f.write('"""vfiotest.kata, as shipped into the guest image: the hook."""\n')
     return pkg
 
 
@@ -259,7 +237,7 @@ def input_key(spec: InitrdSpec, kernel: GuestKernel) -> str:
     return h.hexdigest()[:20]
 
 
-def _dracut_base(dest, module_dir):
+def _dracut_base(dest: str, module_dir: str) -> None:
     """A dracutbasedir: the system's dracut by symlinks, plus our module."""
     if not os.path.isdir(SYSTEM_DRACUT):
         raise ProvisionError("dracut is not installed (no /usr/lib/dracut)",
@@ -308,11 +286,11 @@ def build_initrd(spec: InitrdSpec | None = None, kernel: GuestKernel | None = No
         return built
 
 
-def _build(spec, kernel, key, out, work, timeout):
+def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str, timeout: float) -> BuiltInitrd:
     hook_dir = spec.guest_hook_path.rstrip("/")
     lib = os.path.join(work, "lib")
     _stage_library(lib)
-    files = []  # (src, dst in guest, mode)
+    files: list[tuple[str, str, str]] = []  # (src, dst in guest, mode)
     for root, _, names in os.walk(lib):
         for n in names:
             src = os.path.join(root, n)
@@ -349,12 +327,10 @@ def _build(spec, kernel, key, out, work, timeout):
             if " " in src or " " in dst:
                 raise ProvisionError(f"path with a space cannot go into the image: {src}", hint="move the file")
             f.write(f"{src} {dst} {mode}\n")
-    scripts = {"module-setup.sh": _module_setup(spec, files_list), "vfiotest-cmdline.sh": CMDLINE_HOOK,
-               "vfiotest-standin.sh": STANDIN_HOOK.format(lib=f"{hook_dir}/lib")}
-    for name, text in scripts.items():
-        with open(os.path.join(module_dir, name), "w") as f:
-            f.write(text)
-        os.chmod(os.path.join(module_dir, name), 0o755)
+    setup = os.path.join(module_dir, "module-setup.sh")
+    with open(setup, "w") as f:
+        f.write(_module_setup(files_list))
+    os.chmod(setup, 0o755)
     base = os.path.join(work, "dracut")
     _dracut_base(base, module_dir)
     confdir = os.path.join(work, "conf.d")

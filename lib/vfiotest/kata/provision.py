@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import ProvisionError
 from . import config as kata_config
 from . import initrd, runtime
-from .bundle import REQUIRED, find_bundle
+from .bundle import BUILD_SCRIPT, REQUIRED, find_bundle
 
 if TYPE_CHECKING:
     from ..host import Host
@@ -19,17 +19,15 @@ if TYPE_CHECKING:
 
 def guest_image(choice: KataChoice, allowed_ids: Iterable[str], host: Host | None = None,
                 shares_controller_fs: bool = True, hook: bool = True, progress: Callable[[str], None] | None = None) -> initrd.BuiltInitrd:
-    """The guest initrd for `choice` (vfiotest.kata.bundle.KataChoice): with kata-agent as PID 1
-    when a Kata 1.x is there (the agent comes from the bundle), else the stand-in's image.
-    Staged on `host` when it does not read this machine's files."""
-    agent = None
-    if choice.supported:
-        source = choice.bundle or find_bundle(progress=progress)
-        if source is None:
-            raise ProvisionError("the Kata guest image needs a kata-agent and no Kata 1.x bundle was found",
-                                 hint="set VFIOTEST_KATA_BUNDLE to a Kata 1.x bundle (see `vfiotest kata detect`)")
-        agent = source.agent
-    spec = initrd.InitrdSpec(allowed_ids=tuple(allowed_ids), agent=agent, standin=agent is None, hook=hook)
+    """The Kata guest initrd for `choice` (vfiotest.kata.bundle.KataChoice, a Kata 1.x): kata-agent
+    (from the bundle) as PID 1 behind the harness's init, and the hook. Staged on `host` when
+    it does not read this machine's files. ProvisionError when there is no kata-agent to put in."""
+    source = (choice.bundle or find_bundle(progress=progress)) if choice.supported else None
+    if source is None:
+        raise ProvisionError("the Kata guest image needs a kata-agent and no Kata 1.x bundle was found",
+                             hint=f"set VFIOTEST_KATA_BUNDLE to a Kata 1.x bundle (build one with {BUILD_SCRIPT}, "
+                                  f"see its README.md); `vfiotest kata detect` says what was found")
+    spec = initrd.InitrdSpec(allowed_ids=tuple(allowed_ids), agent=source.agent, hook=hook)
     built = initrd.build_initrd(spec, progress=progress)
     if host is not None and not shares_controller_fs:
         initrd.stage_on_target(host, built, progress=progress)
@@ -39,10 +37,11 @@ def guest_image(choice: KataChoice, allowed_ids: Iterable[str], host: Host | Non
 
 
 def runtime_install(choice: KataChoice) -> runtime.KataInstall:
-    """The runtime.KataInstall the kata-vfio wrapper runs (not installed: the runc stand-in)."""
-    if choice.supported:
-        return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
-    return runtime.KataInstall(None, None, None)
+    """The runtime.KataInstall the kata-vfio wrapper runs. ProvisionError when `choice` is not a Kata 1.x."""
+    if not choice.supported:
+        raise ProvisionError(f"no Kata 1.x for kata-vfio: {choice.reason}",
+                             hint=f"set VFIOTEST_KATA_BUNDLE to a Kata 1.x bundle (build one with {BUILD_SCRIPT})")
+    return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
 
 
 def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd) -> kata_config.WrittenConfig:

@@ -5,8 +5,8 @@
   configuration is never edited.
 - Kata 2.x / 3.x: `kata-runtime` has no OCI CLI any more (shim v2 only), so
   podman cannot drive it: registration refuses with that reason.
-- No Kata (no bundle, none installed): the wrapper runs `runc "$@"` and the guest is
-  stood in by a nested VM (vfiotest.kata.nested). `RuntimeInfo.standin` says so.
+- No Kata (no bundle, none installed): nothing to register; the Kata layers are
+  unavailable (vfiotest.kata.bundle.KataChoice says why and how to get a bundle).
 
 The drop-in is `/etc/containers/containers.conf.d/60-vfiotest-kata-vfio.conf`
 (`[engine.runtimes] kata-vfio = [wrapper]`), never the distro-owned
@@ -62,7 +62,7 @@ class KataInstall:
 
     def describe(self) -> str:
         if not self.installed:
-            return "Kata is not installed: kata-vfio stands in with runc and a nested guest VM"
+            return "Kata is not installed"
         if self.has_oci_cli:
             return f"Kata {self.version} at {self.path}: an OCI runtime CLI, podman can use it through kata-vfio"
         return NO_OCI_CLI.format(version=self.version or "(unknown version)")
@@ -89,19 +89,18 @@ def detect_kata(host: Host, timeout: float = 15) -> KataInstall:
     return KataInstall(path, version, major, text.strip())
 
 
-def render_wrapper(kata: KataInstall | None = None, config_path: str = KATA_VFIO_CONFIG, runc: str = "/usr/bin/runc") -> str:
-    """The wrapper podman runs as `kata-vfio`: Kata 1.x with our config, or runc as the stand-in."""
-    if kata is not None and kata.installed:
-        if not kata.has_oci_cli:
-            raise ProvisionError(NO_OCI_CLI.format(version=kata.version),
-                                 hint="install Kata 1.x (kata-runtime with the OCI CLI) on the runner")
-        assert kata.path is not None  # installed
-        body = f"exec {shlex.quote(kata.path)} --kata-config {shlex.quote(config_path)} \"$@\""
-        what = f"Kata {kata.version} with {config_path}"
-    else:
-        body = f"exec {shlex.quote(runc)} \"$@\""
-        what = "runc (stand-in: Kata is not installed; the guest is a nested VM)"
-    return f"#!/bin/sh\n# {MARKER}\n# kata-vfio -> {what}\n{body}\n"
+def render_wrapper(kata: KataInstall, config_path: str = KATA_VFIO_CONFIG) -> str:
+    """The wrapper podman runs as `kata-vfio`: Kata 1.x's kata-runtime with our configuration.
+    ProvisionError when `kata` is not an installed Kata 1.x."""
+    if kata.path is None:
+        raise ProvisionError("kata-vfio needs a Kata 1.x kata-runtime and none was given",
+                             hint="set VFIOTEST_KATA_BUNDLE to a Kata 1.x bundle (`vfiotest kata detect` says "
+                                  "what was found)")
+    if not kata.has_oci_cli:
+        raise ProvisionError(NO_OCI_CLI.format(version=kata.version),
+                             hint="install Kata 1.x (kata-runtime with the OCI CLI) on the runner")
+    body = f"exec {shlex.quote(kata.path)} --kata-config {shlex.quote(config_path)} \"$@\""
+    return f"#!/bin/sh\n# {MARKER}\n# kata-vfio -> Kata {kata.version} with {config_path}\n{body}\n"
 
 
 def render_dropin(wrapper: str = WRAPPER_PATH, name: str = RUNTIME_NAME) -> str:
@@ -154,13 +153,11 @@ class RuntimeInfo:
     name: str
     wrapper: str
     dropin: str
-    config: Optional[str]
+    config: str             # the configuration.toml the wrapper gives kata-runtime
     kata: KataInstall
-    standin: bool           # True: runc + nested guest, not Kata
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.wrapper} ({'runc stand-in' if self.standin else 'Kata ' + str(self.kata.version)}),"
-                f" registered in {self.dropin}")
+        return f"{self.name}: {self.wrapper} (Kata {self.kata.version}), registered in {self.dropin}"
 
 
 class RuntimeRegistration:
@@ -173,7 +170,7 @@ class RuntimeRegistration:
         self.previous: dict[str, str | None] = {}     # path -> text before (None: absent)
         self.applied = False
 
-    def _read(self, path):
+    def _read(self, path: str) -> str | None:
         try:
             return self.host.read_text(path)
         except OSError as e:
@@ -194,13 +191,12 @@ class RuntimeRegistration:
         """The RuntimeInfo of this registration (as `register()` returns it)."""
         kata = self.kata if self.kata is not None else detect_kata(self.host)
         self.kata = kata
-        return RuntimeInfo(self.name, self.wrapper, self.dropin, self.config_path if kata.installed else None,
-                           kata, standin=not kata.installed)
+        return RuntimeInfo(self.name, self.wrapper, self.dropin, self.config_path, kata)
 
     def register(self) -> RuntimeInfo:
         """Write the wrapper and the drop-in (idempotent); returns a RuntimeInfo."""
         info = self.info()
-        wrapper_text = render_wrapper(self.kata, self.config_path)
+        wrapper_text = render_wrapper(info.kata, self.config_path)
         dropin_text = render_dropin(self.wrapper, self.name)
         self.snapshot()
         for path, text, mode in ((self.wrapper, wrapper_text, 0o755), (self.dropin, dropin_text, 0o644)):
@@ -269,13 +265,13 @@ def kata_leftovers(host: Host, sandbox_id: str, timeout: float = 30) -> list[str
     return [line for line in res.stdout.splitlines() if line.strip()]
 
 
-def registration_record(reg: "RuntimeRegistration", config_path: Optional[str]) -> dict:
+def registration_record(reg: RuntimeRegistration, config_path: Optional[str]) -> dict[str, Any]:
     """The journal entry ("registration") `undo_registration` needs, taken (with
     `reg.snapshot()`) before `register()`."""
     return {"kind": "registration", "runtime": reg.name, "previous": reg.previous, "config": config_path}
 
 
-def undo_registration(host, rec: dict) -> None:
+def undo_registration(host: Host, rec: dict[str, Any]) -> None:
     """Remove the kata-vfio registration (putting back what it replaced) and the derived configuration."""
     reg = RuntimeRegistration(host, name=rec.get("runtime", RUNTIME_NAME))
     reg.previous = rec["previous"]
