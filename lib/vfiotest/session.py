@@ -373,6 +373,19 @@ class Session:
             self._vf_counts = SessionVfs(self, host, profile, leases)
         return self._vf_counts
 
+    def register_kata_vfio(self, host: Host, choice: Any, image: Any,
+                           progress: Callable[[str], None] = lambda s: None) -> Any:
+        """The kata-vfio runtime registered on the target once per session (by its first process;
+        the others read it back), recorded in this session first: finish() removes the drop-in,
+        the wrapper and the derived configuration. `choice` a vfiotest.kata.bundle.KataChoice,
+        `image` the BuiltInitrd; returns the vfiotest.kata.runtime.RuntimeInfo."""
+        from .kata import provision, runtime
+
+        with self.lock("kata-runtime"):
+            if self.recorded(runtime.REGISTRATION) is not None:   # another process of the session did it
+                return runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice)).info()
+            return provision.register_kata_vfio(host, choice, image, recorder=self, progress=progress)
+
     def add_kernel_args(self, host: Any, args: list[str], progress: Callable[[str], None] = lambda s: None) -> bool:
         """Add the kernel arguments `args` to the target's boot configuration (each file recorded
         in this session first: finish() puts them back) and reboot it, once per session: True

@@ -159,18 +159,13 @@ def cmd_register(args: argparse.Namespace) -> int:
         choice = bundle.choose_kata(host, progress=_say, shares_controller_fs=shares)
         if choice.refused:
             raise runtime.ProvisionError(choice.reason, hint="give a Kata 1.x bundle: VFIOTEST_KATA_BUNDLE")
-        reg = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice))
-        # what the registration replaces is recorded in the CLI's journal before anything is
-        # written: `vfiotest kata unregister` (or `vfiotest restore`) puts it back, after a crash too
-        reg.snapshot()
-        with cli_journal(host) as journal:
-            journal.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG))
         built = provision.guest_image(choice, _profile_ids(args.profile), host=host,
                                       shares_controller_fs=shares, progress=_say)
-        written = provision.write_config(host, choice, built)
-        _say(f"configuration {written.path} derived from {written.source}")
-        info = reg.register()
-        said = reg.verify(image=args.image)
+        # what the registration replaces is recorded in the CLI's journal before anything is
+        # written: `vfiotest kata unregister` (or `vfiotest restore`) puts it back, after a crash too
+        with cli_journal(host) as journal:
+            info = provision.register_kata_vfio(host, choice, built, recorder=journal, progress=_say)
+        said = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice)).verify(image=args.image)
         print(info.describe())
         print(f"podman: {said}")
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ProvisionError
 from . import config as kata_config
@@ -57,3 +57,21 @@ def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd) -> k
         hypervisor_path=res.stdout.strip() or None, shim_path=in_bundle("shim"), proxy_path=in_bundle("proxy"),
         kata_major=choice.major)
     return kata_config.write_kata_vfio_config(host, settings, base_path=in_bundle("config"))
+
+
+def register_kata_vfio(host: Host, choice: KataChoice, image: initrd.BuiltInitrd, recorder: Any,
+                       progress: Callable[[str], None] = lambda s: None) -> runtime.RuntimeInfo:
+    """The kata-vfio registration, the one way both the session (Session.register_kata_vfio) and
+    `vfiotest kata register` make it: what it replaces is recorded in `recorder` (a session's
+    records or the CLI's journal) before anything is written, the derived configuration.toml
+    included; then the configuration, the wrapper and the drop-in; then podman is asked to
+    resolve the runtime (RuntimeRegistration.verify). ProvisionError (or another HarnessError)
+    when a step fails; what was recorded puts it back."""
+    reg = runtime.RuntimeRegistration(host, kata=runtime_install(choice))
+    reg.snapshot()
+    recorder.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG))
+    written = write_config(host, choice, image)
+    progress(f"kata-vfio configuration {written.path} derived from {written.source}")
+    info = reg.register()
+    reg.verify()
+    return info

@@ -265,10 +265,13 @@ def kata_leftovers(host: Host, sandbox_id: str, timeout: float = 30) -> list[str
     return [line for line in res.stdout.splitlines() if line.strip()]
 
 
+REGISTRATION = "registration"   # the journal entry kind of a kata-vfio registration (undo: undo_registration)
+
+
 def registration_record(reg: RuntimeRegistration, config_path: Optional[str]) -> dict[str, Any]:
     """The journal entry ("registration") `undo_registration` needs, taken (with
     `reg.snapshot()`) before `register()`."""
-    return {"kind": "registration", "runtime": reg.name, "previous": reg.previous, "config": config_path}
+    return {"kind": REGISTRATION, "runtime": reg.name, "previous": reg.previous, "config": config_path}
 
 
 def undo_registration(host: Host, rec: dict[str, Any]) -> None:
@@ -281,4 +284,4 @@ def undo_registration(host: Host, rec: dict[str, Any]) -> None:
 
 
 #: the journal's entry kinds this module owns (vfiotest.journal.register_kind arguments)
-JOURNAL_KINDS = [{"kind": "registration", "required": ("runtime", "previous"), "undo": undo_registration}]
+JOURNAL_KINDS = [{"kind": REGISTRATION, "required": ("runtime", "previous"), "undo": undo_registration}]
