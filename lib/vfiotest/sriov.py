@@ -14,7 +14,7 @@ import errno
 import time
 from typing import Any
 
-from . import constants
+from . import constants, nvme_virt
 from .errors import CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
 from .lease import Lease, LeasePool, covers
 from .pci import Inventory, PciAddress, read_inventory
@@ -124,6 +124,9 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
 
     journal: recorder for the original count (written before any change).
     autoprobe: True/False sets sriov_drivers_autoprobe first (None leaves it).
+    An NVMe PF whose secondary controllers need virtualization management gets them brought
+    up (vfiotest.nvme_virt: resources, online; autoprobe off while the VFs are made, then as
+    asked, the VFs probed), each controller journaled before it is changed.
     profile: when given, the PF must be allowed by it and not needed by the host.
     leases: the LeasePool that says whether VFs are in use (default: the host's)."""
     pf = PciAddress(pf)
@@ -164,14 +167,31 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
     entry = {"kind": "numvfs", "address": pf, "numvfs": cur, "drivers_autoprobe": dev.sriov.drivers_autoprobe}
     if journal is not None:
         entry = journal.record(entry)
-    if autoprobe is not None and autoprobe != dev.sriov.drivers_autoprobe:
-        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if autoprobe else "0")
+    bringup = None
+    if n != cur and cur:
+        _write_numvfs(host, pf, 0, timeout)
+        wait_virtfns(host, pf, 0, settle)
     if n != cur:
-        if cur:
-            _write_numvfs(host, pf, 0, timeout)
-            wait_virtfns(host, pf, 0, settle)
+        # NVMe secondary controllers that need virtualization management, read with the VFs at 0
+        # (disabling VFs may have put controllers offline); None: none do
+        bringup = nvme_virt.plan(host, pf, n)
+    want_ap = dev.sriov.drivers_autoprobe if autoprobe is None else autoprobe
+    # no driver may probe a VF before its controller is online: autoprobe off while they are made
+    during_ap = False if bringup is not None else want_ap
+    if during_ap != dev.sriov.drivers_autoprobe:
+        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if during_ap else "0")
+    if n != cur:
+        if bringup is not None:
+            nvme_virt.assign(host, bringup, journal)
         _write_numvfs(host, pf, n, timeout)
-    return wait_virtfns(host, pf, n, settle)
+    vfs = wait_virtfns(host, pf, n, settle)
+    if bringup is not None:
+        nvme_virt.online(host, bringup)
+        if want_ap:
+            host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1")
+            for vf in vfs:  # what autoprobe would have done at creation
+                host.write_text(f"{SYS_DEV.rsplit('/', 1)[0]}/drivers_probe", vf)
+    return vfs
 
 
 def restore_numvfs(host: Any, entry: dict[str, Any], timeout: float = WRITE_TIMEOUT, settle: float = SETTLE_TIMEOUT,
