@@ -314,7 +314,7 @@ def probe(vfio_dir="/dev/vfio", group=None, device=None, dma_size=1 << 20, iova=
 
 
 def to_json(obj):
-    """json.dumps when available, else a minimal encoder (dict, list, str, int, bool, None)."""
+    """json.dumps when available, else a minimal encoder (dict, list, str, int, float, bool, None)."""
     if json is not None:
         return json.dumps(obj, sort_keys=True)
     return _encode(obj)
@@ -329,6 +329,8 @@ def _encode(o):
         return "false"
     if isinstance(o, int):
         return str(o)
+    if isinstance(o, float):
+        return repr(o)
     if isinstance(o, str):
         out = ['"']
         for ch in o:
