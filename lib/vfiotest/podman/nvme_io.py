@@ -364,7 +364,7 @@ def run(vfio_dir: str = "/dev/vfio", group: str | None = None, device: str | Non
             mismatches, first = 0, None
             if back != pattern:  # counted only when they differ (byte loops are slow under TCG)
                 mismatches = sum(1 for a, b in zip(pattern, back, strict=True) if a != b)
-                first = next((i for i, (a, b) in enumerate(zip(pattern, back)) if a != b), None)
+                first = next((i for i, (a, b) in enumerate(zip(pattern, back, strict=True)) if a != b), None)
             r["io"] = {"slba": slba, "blocks": blocks, "lba_bytes": lba, "bytes": nbytes, "seed": seed,
                        "write_commands": wcmds, "read_commands": rcmds,
                        "written_sha256": hashlib.sha256(pattern).hexdigest(),
