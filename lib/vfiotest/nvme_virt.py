@@ -35,6 +35,7 @@ of its own before, gives those back.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -252,6 +253,18 @@ def restore_secondary(host: Any, entry: dict[str, Any]) -> None:
                   f"giving secondary controller {cntlid} back its {nr} {'VI' if rt else 'VQ'}")
 
 
+def namespace_device(host: Any, pf: str, nsid: int) -> str | None:
+    """/dev/nvmeXnN through which the target's kernel reaches namespace `nsid` of the PF's
+    controller: the multipath head (nvme<subsys>n<nsid>, named from the path's
+    nvme<subsys>c<ctrl>n<nsid> in sysfs) or, without multipath, the namespace itself."""
+    for ctrl in host.listdir(f"{SYS_DEV}/{pf}/nvme") or []:
+        for name in host.listdir(f"{SYS_DEV}/{pf}/nvme/{ctrl}") or []:
+            m = re.fullmatch(r"nvme(\d+)(?:c\d+)?n(\d+)", name)
+            if m and int(m.group(2)) == nsid:
+                return f"/dev/nvme{m.group(1)}n{m.group(2)}"
+    return None
+
+
 def vf_states(host: Any, pf: str, vfs: list[str]) -> dict[str, dict[str, Any]]:
     """{VF address: its secondary controller (cntlid, online, nvq, nvi)} for an NVMe PF's
     VFs in virtfn order; {} when the PF has no virtualization management."""
@@ -270,5 +283,5 @@ JOURNAL_KINDS: list[dict[str, Any]] = [
      "key": lambda e: (e.get("address"), int(e.get("cntlid", -1)))},
 ]
 
-__all__ = ["Plan", "PrimaryCaps", "Secondary", "VirtMgmtError", "assign", "describe", "online", "parse_caps",
+__all__ = ["Plan", "PrimaryCaps", "Secondary", "VirtMgmtError", "assign", "describe", "namespace_device", "online", "parse_caps",
            "parse_secondaries", "plan", "primary_device", "restore_secondary", "secondaries", "vf_states"]

@@ -209,3 +209,16 @@ def test_devices_shows_each_nvme_vfs_state(sim: SimulatedHost) -> None:
     assert [d["nvme_secondary"]["cntlid"] for d in nvme_vfs] == [1, 2]
     assert all(d["nvme_secondary"] is None for d in rows.values() if d["physfn"] == IGB_PF)
     j.restore_all(sim)
+
+
+def test_the_namespace_block_device_is_the_multipath_head_or_the_namespace(sim: SimulatedHost) -> None:
+    ctrl = Path(sim.sysroot + f"/sys/bus/pci/devices/{NVME_PF}/nvme/nvme0")
+    assert nvme_virt.namespace_device(sim, NVME_PF, 1) is None
+    (ctrl / "nvme0c0n1").mkdir()                     # multipath: the path under the controller
+    (ctrl / "nvme0c0n12").mkdir()
+    assert nvme_virt.namespace_device(sim, NVME_PF, 1) == "/dev/nvme0n1"
+    assert nvme_virt.namespace_device(sim, NVME_PF, 12) == "/dev/nvme0n12"
+    (ctrl / "nvme0c0n1").rmdir()
+    (ctrl / "nvme3n1").mkdir()                       # no multipath: the namespace itself
+    assert nvme_virt.namespace_device(sim, NVME_PF, 1) == "/dev/nvme3n1"
+    assert nvme_virt.namespace_device(sim, IGB_PF, 1) is None
