@@ -7,18 +7,27 @@ image) identifies the controller and namespace, writes a random pattern to a blo
 one polled I/O queue pair, reads it back and compares. After the container is gone the runner
 reads the same range through the PF's namespace (the subsystem and its namespace are shared by
 PF and VFs) and compares it with the pattern; the range's original bytes are put back in any case.
+
+VFIOTEST_BREAK words that make this test fail on purpose (fixtures/layers.py reads them):
+`nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
+back after: the driver fails at `enable`), `corrupt-block` (the runner overwrites one block of
+the range after the container wrote it: the runner-side comparison fails).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from vfiotest import nvme_virt
 from vfiotest.fixtures.allure_report import attach_json, step
+from vfiotest.fixtures.layers import broken
+from vfiotest.pci import read_inventory
 
 pytestmark = [pytest.mark.mutating, pytest.mark.kata, pytest.mark.vm]
 
@@ -46,6 +55,27 @@ def _read_range(host: Any, dev: str, slba: int, blocks: int, lba: int, out: str 
     return str(res.stdout.split()[0])
 
 
+@contextlib.contextmanager
+def _offline_on_purpose(host: Any, pf: str, vf: str) -> Iterator[None]:
+    """VFIOTEST_BREAK=nvme-offline: the VF's controller Offline for the block, then its
+    resources given back and Online again (as the device layer left it)."""
+    if not broken("nvme-offline"):
+        yield
+        return
+    dev = nvme_virt.primary_device(host, pf)
+    state = nvme_virt.vf_states(host, pf, [d.address for d in read_inventory(host).vfs_of(pf)]).get(vf)
+    assert dev and state and state["online"], f"{vf} has no online secondary controller to break: {state}"
+    cntlid = str(state["cntlid"])
+    host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-a", str(nvme_virt.ACT_OFFLINE)], timeout=60, check=True)
+    try:
+        yield
+    finally:
+        for rt, nr in ((nvme_virt.RT_VQ, state["nvq"]), (nvme_virt.RT_VI, state["nvi"])):
+            host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-r", str(rt), "-a", str(nvme_virt.ACT_ASSIGN), "-n", str(nr)],
+                     timeout=60, check=True)
+        host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-a", str(nvme_virt.ACT_ONLINE)], timeout=60, check=True)
+
+
 @pytest.mark.parametrize("vf_lease", [NVME_VF], indirect=True)
 def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container, vfio_group, target_host) -> None:
     vf = vfio_group
@@ -57,7 +87,8 @@ def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container,
     saved = host.run(["mktemp", "/tmp/vfiotest-nvme-range.XXXXXX"], timeout=30, check=True).stdout.strip()
     original = _read_range(host, dev, SLBA, BLOCKS, lba, out=saved)
     try:
-        res = container.nvme_io(vf, "--slba", SLBA, "--blocks", BLOCKS, "--seed", seed, "--timeout", 60, timeout=600)
+        with _offline_on_purpose(host, vf.pf, vf.address):
+            res = container.nvme_io(vf, "--slba", SLBA, "--blocks", BLOCKS, "--seed", seed, "--timeout", 60, timeout=600)
         try:
             rep = res.json()
         except ValueError:
@@ -75,6 +106,10 @@ def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container,
         assert io["mismatched_bytes"] == 0 and io["read_sha256"] == io["written_sha256"], io
         pattern = hashlib.sha256(random.Random(seed).randbytes(nbytes)).hexdigest()
         assert io["written_sha256"] == pattern, "the driver did not write the seed's pattern"
+        if broken("corrupt-block"):
+            with step("VFIOTEST_BREAK=corrupt-block: the runner zeroes one block of the range"):
+                host.run(["dd", "if=/dev/zero", f"of={dev}", "oflag=direct", f"bs={lba}", f"seek={SLBA + BLOCKS // 2}",
+                          "count=1", "conv=notrunc", "status=none"], timeout=60, check=True)
         with step(f"the runner reads blocks {SLBA}..{SLBA + BLOCKS - 1} of {dev} (the PF's namespace)"):
             runner_side = _read_range(host, dev, SLBA, BLOCKS, lba)
         attach_json("block range written in the container and read on the runner",
