@@ -126,7 +126,8 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
     autoprobe: True/False sets sriov_drivers_autoprobe first (None leaves it).
     An NVMe PF whose secondary controllers need virtualization management gets them brought
     up (vfiotest.nvme_virt: resources, online; autoprobe off while the VFs are made, then as
-    asked, the VFs probed), each controller journaled before it is changed.
+    asked, the VFs probed), each controller journaled before it is changed. VFs already there
+    (n equal to the count) whose controllers are offline are brought up the same way, in place.
     profile: when given, the PF must be allowed by it and not needed by the host.
     leases: the LeasePool that says whether VFs are in use (default: the host's)."""
     pf = PciAddress(pf)
@@ -153,7 +154,17 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
         raise VFCreateError(f"{pf} can have at most {total} VFs (sriov_totalvfs), {n} were asked for; nothing was changed",
                             hint=f"ask for {total} or fewer (--numvfs)", address=pf, reason=VFCreateError.TOO_MANY)
     if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
-        return [vf.address for vf in inv.vfs_of(pf)]
+        vfs = [vf.address for vf in inv.vfs_of(pf)]
+        # VFs made by someone else (another session, the user) whose NVMe controllers are offline
+        existing = nvme_virt.plan(host, pf, n)
+        if existing is not None:
+            nvme_virt.assign(host, existing, journal)
+            nvme_virt.online(host, existing)
+            if dev.sriov.drivers_autoprobe:
+                for made in inv.vfs_of(pf):
+                    if not made.driver:
+                        host.write_text(f"{SYS_DEV.rsplit('/', 1)[0]}/drivers_probe", made.address)
+        return vfs
     if cur and n != cur:
         busy = vfs_in_use(host, inv, pf, leases)
         if busy:
