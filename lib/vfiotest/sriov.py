@@ -155,15 +155,12 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
                             hint=f"ask for {total} or fewer (--numvfs)", address=pf, reason=VFCreateError.TOO_MANY)
     if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
         vfs = [vf.address for vf in inv.vfs_of(pf)]
-        # VFs made by someone else (another session, the user) whose NVMe controllers are offline
+        # VFs made by someone else (another session, the user) whose NVMe controllers are offline:
+        # online in place; their drivers are left as found (a bind here would not be undone)
         existing = nvme_virt.plan(host, pf, n)
         if existing is not None:
             nvme_virt.assign(host, existing, journal)
             nvme_virt.online(host, existing)
-            if dev.sriov.drivers_autoprobe:
-                for made in inv.vfs_of(pf):
-                    if not made.driver:
-                        host.write_text(f"{SYS_DEV.rsplit('/', 1)[0]}/drivers_probe", made.address)
         return vfs
     if cur and n != cur:
         busy = vfs_in_use(host, inv, pf, leases)

@@ -228,13 +228,16 @@ def test_vfs_someone_else_made_offline_are_brought_up_in_place(tmp_path: Path) -
     """A PF whose VFs exist already (another session's, made without bring-up): asking for the
     same count keeps the VFs and puts their controllers online, journaled and undone."""
     sim = SimulatedHost.build(str(tmp_path / "s"), pfs=[{"preset": "nvme", "numvfs": 2}])
-    before = [v.address for v in read_inventory(sim).vfs_of(NVME_PF)]
+    sim.write_text("/sys/bus/pci/drivers/nvme/unbind", "0000:10:10.0")  # as a failed probe leaves it
+    first = read_inventory(sim)
+    before = [v.address for v in first.vfs_of(NVME_PF)]
     assert ctrls(sim)[1] == OFFLINE
     j = MemoryJournal()
     assert sriov.set_numvfs(sim, NVME_PF, 2, j) == before
+    assert first.diff(read_inventory(sim)) == [], "drivers are left as found"
     assert ctrls(sim) == {1: (True, 2, 1), 2: (True, 2, 1), 3: OFFLINE, 4: OFFLINE}
     assert [e["kind"] for e in j.entries()] == ["nvme-secondary", "nvme-secondary"]
     assert sriov.set_numvfs(sim, NVME_PF, 2, j) == before       # online now: nothing more to do
     assert len(j.entries()) == 2
     j.restore_all(sim)
-    assert ctrls(sim)[1] == OFFLINE and [v.address for v in read_inventory(sim).vfs_of(NVME_PF)] == before
+    assert ctrls(sim)[1] == OFFLINE and first.diff(read_inventory(sim)) == []
