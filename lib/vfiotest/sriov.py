@@ -10,6 +10,7 @@ refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from typing import Any
@@ -156,9 +157,13 @@ def set_numvfs(host: Any, pf: str, n: int, journal: Any = None, timeout: float =
     if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
         vfs = [vf.address for vf in inv.vfs_of(pf)]
         # VFs made by someone else (another session, the user) whose NVMe controllers are offline:
-        # online in place; their drivers are left as found (a bind here would not be undone)
+        # online in place, those with no driver or vfio-pci only (a kernel driver on a controller
+        # that changes state may give up and unbind); drivers are left as found (a bind here
+        # would not be undone)
         existing = nvme_virt.plan(host, pf, n)
         if existing is not None:
+            free = {i + 1 for i, made in enumerate(inv.vfs_of(pf)) if made.driver in (None, "vfio-pci")}
+            existing = dataclasses.replace(existing, controllers=tuple(c for c in existing.controllers if c.vfn in free))
             nvme_virt.assign(host, existing, journal)
             nvme_virt.online(host, existing)
         return vfs
