@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from . import constants, prereqs
+from . import constants, nvme_virt, prereqs
 from .bind import VFIO_DRIVER, DeviceManager, restore_driver
 from .cli import PROFILE_UNUSED, add_target_argument, cli_journal
 from .errors import HarnessError, TargetError
@@ -47,6 +47,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     try:
         inv = read_inventory(host)
         leases = LeasePool(host).held()
+        # NVMe VFs: their secondary controller's state (online, resources), one nvme-cli call per PF
+        nvme_vfs: dict[str, dict] = {}
+        for a, d in sorted(inv.devices.items()):
+            if d.sriov is not None and d.sriov.numvfs and nvme_virt.primary_device(host, a):
+                nvme_vfs.update(nvme_virt.vf_states(host, a, [v.address for v in inv.vfs_of(a)]))
     finally:
         close()
     rows: list[dict[str, Any]] = []
@@ -64,6 +69,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
             notes.append(f"VF count held by pid {count.get('pid', '?')}")
         if d.physfn:
             notes.append(f"VF of {d.physfn}")
+        if a in nvme_vfs:
+            notes.append(nvme_virt.describe(nvme_vfs[a]))
         rows.append({"address": a, "id": d.vendor_device, "class": d.pci_class, "driver": d.driver,
                      "driver_override": d.driver_override, "iommu_group": d.iommu_group,
                      "group_size": len(inv.groups.get(d.iommu_group or "", [])) or None,
@@ -71,7 +78,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                      "sriov": {"numvfs": d.sriov.numvfs, "totalvfs": d.sriov.totalvfs,
                                "drivers_autoprobe": d.sriov.drivers_autoprobe} if d.sriov else None,
                      "physfn": d.physfn, "net": d.net, "protected": inv.protected.get(a),
-                     "allowed": profile.allows(d.vendor_device), "notes": notes})
+                     "allowed": profile.allows(d.vendor_device), "nvme_secondary": nvme_vfs.get(a), "notes": notes})
     if args.json:
         print(json.dumps({"profile": profile.name, "identity": inv.identity, "devices": rows}, indent=1))
         return 0

@@ -10,13 +10,14 @@ refused, as is a count over sriov_totalvfs; in both cases nothing changes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import constants
+from . import constants, nvme_virt
 from .errors import ENVIRONMENT, CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
 from .host import Host
 from .lease import Lease, LeasePool, covers
@@ -127,6 +128,10 @@ def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float 
 
     journal: recorder for the original count (written before any change).
     autoprobe: True/False sets sriov_drivers_autoprobe first (None leaves it).
+    An NVMe PF whose secondary controllers need virtualization management gets them brought
+    up (vfiotest.nvme_virt: resources, online; autoprobe off while the VFs are made, then as
+    asked, the VFs probed), each controller journaled before it is changed. VFs already there
+    (n equal to the count) whose controllers are offline are brought up the same way, in place.
     profile: when given, the PF must be allowed by it and not needed by the host.
     leases: the LeasePool that says whether VFs are in use (default: the host's)."""
     pf = PciAddress(pf)
@@ -153,7 +158,18 @@ def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float 
         raise VFCreateError(f"{pf} can have at most {total} VFs (sriov_totalvfs), {n} were asked for; nothing was changed",
                             hint=f"ask for {total} or fewer (--numvfs)", address=pf, reason=VFCreateError.TOO_MANY)
     if n == cur and (autoprobe is None or autoprobe == dev.sriov.drivers_autoprobe):
-        return [vf.address for vf in inv.vfs_of(pf)]
+        vfs = [vf.address for vf in inv.vfs_of(pf)]
+        # VFs made by someone else (another session, the user) whose NVMe controllers are offline:
+        # online in place, those with no driver or vfio-pci only (a kernel driver on a controller
+        # that changes state may give up and unbind); drivers are left as found (a bind here
+        # would not be undone)
+        existing = nvme_virt.plan(host, pf, n)
+        if existing is not None:
+            free = {i + 1 for i, made in enumerate(inv.vfs_of(pf)) if made.driver in (None, "vfio-pci")}
+            existing = dataclasses.replace(existing, controllers=tuple(c for c in existing.controllers if c.vfn in free))
+            nvme_virt.assign(host, existing, journal)
+            nvme_virt.online(host, existing)
+        return vfs
     if cur and n != cur:
         busy = vfs_in_use(host, inv, pf, leases)
         if busy:
@@ -167,14 +183,31 @@ def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float 
     entry = {"kind": "numvfs", "address": pf, "numvfs": cur, "drivers_autoprobe": dev.sriov.drivers_autoprobe}
     if journal is not None:
         entry = journal.record(entry)
-    if autoprobe is not None and autoprobe != dev.sriov.drivers_autoprobe:
-        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if autoprobe else "0")
+    bringup = None
+    if n != cur and cur:
+        _write_numvfs(host, pf, 0, timeout)
+        wait_virtfns(host, pf, 0, settle)
     if n != cur:
-        if cur:
-            _write_numvfs(host, pf, 0, timeout)
-            wait_virtfns(host, pf, 0, settle)
+        # NVMe secondary controllers that need virtualization management, read with the VFs at 0
+        # (disabling VFs may have put controllers offline); None: none do
+        bringup = nvme_virt.plan(host, pf, n)
+    want_ap = dev.sriov.drivers_autoprobe if autoprobe is None else autoprobe
+    # no driver may probe a VF before its controller is online: autoprobe off while they are made
+    during_ap = False if bringup is not None else want_ap
+    if during_ap != dev.sriov.drivers_autoprobe:
+        host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1" if during_ap else "0")
+    if n != cur:
+        if bringup is not None:
+            nvme_virt.assign(host, bringup, journal)
         _write_numvfs(host, pf, n, timeout)
-    return wait_virtfns(host, pf, n, settle)
+    vfs = wait_virtfns(host, pf, n, settle)
+    if bringup is not None:
+        nvme_virt.online(host, bringup)
+        if want_ap:
+            host.write_text(f"{SYS_DEV}/{pf}/sriov_drivers_autoprobe", "1")
+            for vf in vfs:  # what autoprobe would have done at creation
+                host.write_text(f"{SYS_DEV.rsplit('/', 1)[0]}/drivers_probe", vf)
+    return vfs
 
 
 def restore_numvfs(host: Host, entry: dict[str, Any], timeout: float = WRITE_TIMEOUT, settle: float = SETTLE_TIMEOUT,

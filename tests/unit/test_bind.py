@@ -225,7 +225,7 @@ def test_bind_works_with_only_the_guest_modules(sim, tmp_path):
     for name in ("__init__.py", "errors.py", "host.py", "pci.py", "bind.py"):
         shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), name), pkg / name)
     (pkg / "testing").mkdir()  # the test's host
-    for name in ("__init__.py", "simsysfs.py"):
+    for name in ("__init__.py", "simsysfs.py", "simnvme.py"):
         shutil.copy(os.path.join(os.path.dirname(vfiotest.__file__), "testing", name), pkg / "testing" / name)
     code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'guest')!r});"
             f"from vfiotest.testing.simsysfs import SimulatedHost; import vfiotest.bind as b;"

@@ -3,6 +3,7 @@ of vfiotest.podman.client.vfio_recipe (the seed's recipe on Kata, the host's nod
 
     factory = ContainerFactory(client, image, kata=True)
     res = factory.probe(vf)                              # the VFIO probe, CAP_IPC_LOCK
+    res = factory.nvme_io(vf, "--blocks", 64)            # the userspace NVMe driver, CAP_IPC_LOCK
     res = factory.run(["ls", "/dev/vfio"], vfio=vf)
     c = factory.start(["sleep", "60"])                   # running until removed
 
@@ -88,6 +89,15 @@ class ContainerFactory:
         """The VFIO probe on `vfio` (a VfioGroup). With ipc_lock=False and a small memlock
         limit, the DMA map is expected to fail."""
         return self.run(self.probe_command(*args), vfio=vfio, ipc_lock=ipc_lock, ulimits=ulimits, **kw)
+
+    def nvme_command(self, *args: object) -> list[str]:
+        return [*self.image.nvme_command, *map(str, args)]
+
+    def nvme_io(self, vfio: VfioGroup, *args: object, ulimits: Mapping[str, int] | None = None,
+                **kw: Any) -> RunResult:
+        """The userspace NVMe driver (podman/nvme_io.py) on `vfio`, CAP_IPC_LOCK (it pins its
+        DMA buffer)."""
+        return self.run(self.nvme_command(*args), vfio=vfio, ipc_lock=True, ulimits=ulimits, **kw)
 
 
 __all__ = ["ContainerFactory", "SMALL_MEMLOCK"]

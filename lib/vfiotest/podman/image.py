@@ -4,7 +4,8 @@ Built on the controller with mmdebstrap (the `essential` variant plus
 python3-minimal: smaller than minbase, no apt in it; docs, man pages and
 locales left out, full perl removed: about 75 MB, 15-20 s), the probe copied to PROBE_IN_IMAGE.
 The tarball is cached under /var/cache/vfiotest/images by a hash of its inputs
-(recipe, packages, the probe's source): the same inputs never build twice.
+(recipe, packages, the probe's and the NVMe driver's sources): the same inputs never build twice.
+The NVMe driver (nvme_io.py) sits with a copy of the probe, which it imports, in LIB_IN_IMAGE.
 
 On the target it is loaded with `podman import`. The emulated runner sees the
 controller's root read-only at the same paths, so the tarball is imported in
@@ -36,6 +37,10 @@ CACHE_SUBDIR = "images"  # under constants.cache_dir()
 IMAGE_REPO = "localhost/vfiotest-probe"
 PROBE_IN_IMAGE = "/usr/local/bin/vfio-probe"
 PROBE_SOURCE = Path(__file__).with_name("probe.py")
+#: the userspace NVMe driver (nvme_io.py) and the probe it imports, side by side in the image
+NVME_IO_SOURCE = Path(__file__).with_name("nvme_io.py")
+LIB_IN_IMAGE = "/usr/local/lib/vfiotest"
+NVME_IO_IN_IMAGE = f"{LIB_IN_IMAGE}/nvme_io.py"
 RECIPE_VERSION = 1
 REMOTE_UPLOAD_DIR = "/var/tmp/vfiotest/images"
 
@@ -58,7 +63,8 @@ class ImageRecipe:
         return {"recipe_version": RECIPE_VERSION, "suite": self.suite, "variant": self.variant,
                 "include": list(self.include), "exclude_paths": list(self.exclude_paths), "trim_paths": list(self.trim_paths),
                 "mirror": self.mirror,
-                "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest()}
+                "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest(),
+                "nvme_io_sha256": hashlib.sha256(NVME_IO_SOURCE.read_bytes()).hexdigest()}
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
@@ -79,6 +85,9 @@ class ImageRecipe:
         cmd += [f"--dpkgopt=path-exclude={p}" for p in self.exclude_paths]
         cmd += [f"--customize-hook=upload {PROBE_SOURCE} {PROBE_IN_IMAGE}",
                 f'--customize-hook=chmod 0755 "$1{PROBE_IN_IMAGE}"',
+                f'--customize-hook=mkdir -p "$1{LIB_IN_IMAGE}"',
+                f"--customize-hook=upload {PROBE_SOURCE} {LIB_IN_IMAGE}/probe.py",
+                f"--customize-hook=upload {NVME_IO_SOURCE} {NVME_IO_IN_IMAGE}",
                 f'--customize-hook=echo {self.key()} > "$1/etc/vfiotest-image"',
                 "--customize-hook=rm -rf " + " ".join(f'"$1{p}"' for p in self.trim_paths),
                 self.suite, str(out)]
@@ -101,6 +110,19 @@ class Image:
         if self.built:
             return [PROBE_IN_IMAGE]
         return ["python3", "-c", PROBE_SOURCE.read_text()]
+
+    @property
+    def nvme_command(self) -> list[str]:
+        """The userspace NVMe driver (nvme_io.py): from the image, or for the user's own image
+        passed as source with the probe loaded as the module it imports."""
+        if self.built:
+            return ["python3", NVME_IO_IN_IMAGE]
+        boot = ("import sys, types\n"
+                "probe = types.ModuleType('probe')\n"
+                f"exec(compile({PROBE_SOURCE.read_text()!r}, 'probe.py', 'exec'), probe.__dict__)\n"
+                "sys.modules['probe'] = probe\n"
+                f"exec(compile({NVME_IO_SOURCE.read_text()!r}, 'nvme_io.py', 'exec'), {{'__name__': '__main__'}})\n")
+        return ["python3", "-c", boot]
 
 
 def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = None, rebuild: bool = False,

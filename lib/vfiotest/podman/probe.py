@@ -359,7 +359,7 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
 
 
 def to_json(obj: Any) -> str:
-    """json.dumps when available, else a minimal encoder (dict, list, str, int, bool, None)."""
+    """json.dumps when available, else a minimal encoder (dict, list, str, int, float, bool, None)."""
     if json is not None:
         return json.dumps(obj, sort_keys=True)
     return _encode(obj)
@@ -374,6 +374,8 @@ def _encode(o: Any) -> str:
         return "false"
     if isinstance(o, int):
         return str(o)
+    if isinstance(o, float):
+        return repr(o)
     if isinstance(o, str):
         out = ['"']
         for ch in o:

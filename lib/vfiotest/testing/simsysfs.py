@@ -14,7 +14,8 @@ drivers_probe (nothing bound is still success), sriov_numvfs (ERANGE, EBUSY on
 N->M, ENOENT without a PF driver, VFs in their own IOMMU groups with
 physfn/virtfnN links, VF driver autoprobe), /dev/vfio/<group> present exactly
 while every non-bridge device of the group is bound to vfio-pci, and `modprobe
-vfio-pci` through run(). Never touches anything outside the sysroot.
+vfio-pci` through run(), and `nvme` (nvme-cli) for an NVMe PF's primary and secondary
+controllers (vfiotest.testing.simnvme). Never touches anything outside the sysroot.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from ..errors import CommandTimeout, TargetError
 from ..host import DEFAULT_TIMEOUT, CommandResult, Input, LocalHost
+from . import simnvme
 
 VFIO = "vfio-pci"
 
@@ -108,7 +110,8 @@ class SimulatedHost(LocalHost):
         """Create a simulated host under `tmpdir` and return it.
 
         pfs: presets ("igb", "nvme", "i350", "xxv710", "cx4lx", "cx5") or dicts
-          {"preset"|"id", "vf_id", "address", "totalvfs", "numvfs", "driver", "autoprobe", "group"}.
+          {"preset"|"id", "vf_id", "address", "totalvfs", "numvfs", "driver", "autoprobe", "group"}; an
+          NVMe PF also {"virt_mgmt", "vq_flexible", "vi_flexible"} (vfiotest.testing.simnvme).
         others: presets ("host-bridge", "virtio-net", "virtio-blk", "pci-bridge", "nvme-disk",
           "e1000e") or dicts {"id", "class", "address", "driver", "group", "net", "default_route",
           "disk", "mount"}. Devices with the same "group" label share an IOMMU group.
@@ -207,6 +210,12 @@ class SimulatedHost(LocalHost):
                 _write(d + "/sriov_numvfs", "0\n")
                 _write(d + "/sriov_drivers_autoprobe", "1\n" if spec.get("autoprobe", True) else "0\n")
                 st["pfs"][addr] = {"vf_id": spec["vf_id"], "class": spec["class"]}
+                if drv == "nvme":  # the primary controller's char device, with its secondaries (simnvme)
+                    ctrl = simnvme.new_controller(len(st.setdefault("nvme", {})), int(spec["totalvfs"]),
+                                                  vq_flexible=spec.get("vq_flexible", 8),
+                                                  vi_flexible=spec.get("vi_flexible", 4), virt_mgmt=spec.get("virt_mgmt", True))
+                    os.makedirs(f"{d}/nvme/{ctrl['dev']}")
+                    st["nvme"]["/dev/" + ctrl["dev"]] = dict(ctrl, pf=addr)
                 if NATIVE_DRIVERS.get(spec["vf_id"]):
                     self._ensure_driver(st, NATIVE_DRIVERS[spec["vf_id"]])
         mounts += ["proc /proc proc rw 0 0", "sysfs /sys sysfs rw 0 0",
@@ -473,6 +482,9 @@ class SimulatedHost(LocalHost):
                 raise CommandTimeout(f"write of {n} to {path} did not finish in {timeout:.0f} s on {self.name}",
                                      hint="the PF driver is blocking; look at dmesg on the target")
         if n == 0:
+            for ctrl in st.get("nvme", {}).values():
+                if ctrl["pf"] == pf:
+                    simnvme.disable_vfs(ctrl)
             for name in sorted(os.listdir(d)):
                 if name.startswith("virtfn"):
                     vf = os.path.basename(os.readlink(f"{d}/{name}"))
@@ -508,6 +520,14 @@ class SimulatedHost(LocalHost):
             return super()._exec(shlex.join([sys.executable, "-S", *words[1:]]), timeout=timeout, input=input)
         if words and words[0] == "modprobe":
             return self._modprobe(command, words[1:])
+        if words and words[0] == "nvme":
+            with self._locked():
+                st = self._load()
+                ctrls = st.get("nvme", {})
+                numvfs = {dev: int(_rd(self._dev(c["pf"]) + "/sriov_numvfs")) for dev, c in ctrls.items()}
+                rc, out, err = simnvme.run(ctrls, numvfs, words)
+                self._save(st)
+            return CommandResult(command, rc, out, err, self.name)
         if words in (["true"], [":"]):
             return CommandResult(command, 0, "", "", self.name)
         return CommandResult(command, 127, "", f"{words[0] if words else command}: not available on the simulated host\n",

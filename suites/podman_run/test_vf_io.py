@@ -1,0 +1,128 @@
+"""The VF does real work inside the container: NVMe blocks written and read through VFIO.
+
+An NVMe VF (brought up by the device layer: secondary controller online, vfiotest.nvme_virt)
+is passed into a container the way the other podman_run tests pass one (the seed's recipe on
+Kata). Inside, the harness's userspace NVMe driver (vfiotest/podman/nvme_io.py, in the test
+image) identifies the controller and namespace, writes a random pattern to a block range over
+one polled I/O queue pair, reads it back and compares. After the container is gone the runner
+reads the same range through the PF's namespace (the subsystem and its namespace are shared by
+PF and VFs) and compares it with the pattern; the range's original bytes are put back in any case.
+
+VFIOTEST_BREAK words that make this test fail on purpose (fixtures/layers.py reads them):
+`nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
+back after: the driver fails at `enable`), `corrupt-block` (the runner overwrites one block of
+the range after the container wrote it: the runner-side comparison fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from vfiotest import nvme_virt
+from vfiotest.fixtures.allure_report import attach_json, step
+from vfiotest.fixtures.layers import broken
+from vfiotest.pci import read_inventory
+
+pytestmark = [pytest.mark.mutating, pytest.mark.kata, pytest.mark.vm]
+
+NVME_VF = "1b36:0010"  # QEMU's NVMe VF (the emulated runner's)
+SLBA, BLOCKS = 4096, 256  # 128 KiB at 512-byte blocks: one command with a PRP list (32 pages)
+IO_STEPS = ["vfio", "dma-map", "bus-master", "disable", "enable", "identify-ctrl", "identify-ns", "create-io-cq",
+            "create-io-sq", "write", "read", "compare", "teardown"]
+
+
+def _namespace_device(host: Any, pf: str, nsid: int) -> str:
+    dev = nvme_virt.namespace_device(host, pf, nsid)
+    if dev is None:
+        pytest.fail(f"the PF {pf} shows no block device for namespace {nsid} on the runner (is it on the nvme driver?)")
+    return dev
+
+
+def _read_range(host: Any, dev: str, slba: int, blocks: int, lba: int, out: str | None = None) -> str:
+    """sha256 of the range read with O_DIRECT (no page cache between the two sides)."""
+    dd = ["dd", f"if={dev}", "iflag=direct", f"bs={lba}", f"skip={slba}", f"count={blocks}", "status=none"]
+    if out:
+        host.run([*dd, f"of={out}"], timeout=120, check=True, what=f"reading blocks {slba}+{blocks} of {dev}")
+        return str(host.run(["sha256sum", out], timeout=60, check=True).stdout.split()[0])
+    res = host.run(["sh", "-c", " ".join(dd) + " | sha256sum"], timeout=120, check=True,
+                   what=f"reading blocks {slba}+{blocks} of {dev}")
+    return str(res.stdout.split()[0])
+
+
+@contextlib.contextmanager
+def _offline_on_purpose(host: Any, pf: str, vf: str) -> Iterator[None]:
+    """VFIOTEST_BREAK=nvme-offline: the VF's controller Offline for the block, then its
+    resources given back and Online again (as the device layer left it)."""
+    if not broken("nvme-offline"):
+        yield
+        return
+    dev = nvme_virt.primary_device(host, pf)
+    state = nvme_virt.vf_states(host, pf, [d.address for d in read_inventory(host).vfs_of(pf)]).get(vf)
+    assert dev and state and state["online"], f"{vf} has no online secondary controller to break: {state}"
+    cntlid = str(state["cntlid"])
+    host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-a", str(nvme_virt.ACT_OFFLINE)], timeout=60, check=True)
+    try:
+        yield
+    finally:
+        for rt, nr in ((nvme_virt.RT_VQ, state["nvq"]), (nvme_virt.RT_VI, state["nvi"])):
+            host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-r", str(rt), "-a", str(nvme_virt.ACT_ASSIGN), "-n", str(nr)],
+                     timeout=60, check=True)
+        host.run(["nvme", "virt-mgmt", dev, "-c", cntlid, "-a", str(nvme_virt.ACT_ONLINE)], timeout=60, check=True)
+
+
+@pytest.mark.parametrize("vf_lease", [NVME_VF], indirect=True)
+def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container, vfio_group, target_host) -> None:
+    vf = vfio_group
+    host = target_host
+    seed = random.SystemRandom().getrandbits(48)
+    # namespace 1 is the one the emulated runner attaches; the driver reports what it used
+    lba = 512
+    dev = _namespace_device(host, vf.pf, 1)
+    saved = host.run(["mktemp", "/tmp/vfiotest-nvme-range.XXXXXX"], timeout=30, check=True).stdout.strip()
+    original = _read_range(host, dev, SLBA, BLOCKS, lba, out=saved)
+    try:
+        with _offline_on_purpose(host, vf.pf, vf.address):
+            res = container.nvme_io(vf, "--slba", SLBA, "--blocks", BLOCKS, "--seed", seed, "--timeout", 60, timeout=600)
+        try:
+            rep = res.json()
+        except ValueError:
+            pytest.fail(f"the NVMe driver printed no report:\n{res}")
+        attach_json("NVMe Identify (controller, namespace) seen inside the container",
+                    {"identify": rep.get("identify"), "namespace": rep.get("namespace"),
+                     "controller_regs": rep.get("controller_regs")})
+        assert res.exit_code == 0 and rep.get("ok"), f"the driver failed at {rep.get('step')}: {rep.get('error')}\n{res}"
+        assert rep["steps"] == IO_STEPS
+        assert rep["identify"]["model"] and rep["identify"]["serial"], rep["identify"]
+        assert rep["namespace"]["nsid"] == 1 and rep["namespace"]["lba_bytes"] == lba, rep["namespace"]
+        io = rep["io"]
+        nbytes = BLOCKS * lba
+        assert (io["slba"], io["blocks"], io["bytes"], io["compared_bytes"]) == (SLBA, BLOCKS, nbytes, nbytes)
+        assert io["mismatched_bytes"] == 0 and io["read_sha256"] == io["written_sha256"], io
+        pattern = hashlib.sha256(random.Random(seed).randbytes(nbytes)).hexdigest()
+        assert io["written_sha256"] == pattern, "the driver did not write the seed's pattern"
+        if broken("corrupt-block"):
+            with step("VFIOTEST_BREAK=corrupt-block: the runner zeroes one block of the range"):
+                host.run(["dd", "if=/dev/zero", f"of={dev}", "oflag=direct", f"bs={lba}", f"seek={SLBA + BLOCKS // 2}",
+                          "count=1", "conv=notrunc", "status=none"], timeout=60, check=True)
+        with step(f"the runner reads blocks {SLBA}..{SLBA + BLOCKS - 1} of {dev} (the PF's namespace)"):
+            runner_side = _read_range(host, dev, SLBA, BLOCKS, lba)
+        attach_json("block range written in the container and read on the runner",
+                    {"device_in_container": vf.address, "runner_device": dev, "slba": SLBA, "blocks": BLOCKS,
+                     "lba_bytes": lba, "bytes": nbytes, "seed": seed, "pattern_sha256": pattern,
+                     "container_read_sha256": io["read_sha256"], "runner_read_sha256": runner_side,
+                     "original_sha256": original, "write_commands": io["write_commands"],
+                     "read_commands": io["read_commands"]})
+        assert runner_side == pattern, (f"the runner reads {runner_side} from blocks {SLBA}+{BLOCKS} of {dev}, "
+                                        f"the container wrote {pattern}")
+    finally:
+        with step(f"the range's original bytes written back ({original[:12]})"):
+            host.run(["dd", f"if={saved}", f"of={dev}", "oflag=direct", f"bs={lba}", f"seek={SLBA}", f"count={BLOCKS}",
+                      "conv=notrunc", "status=none"], timeout=120, check=True, what=f"restoring blocks {SLBA}+{BLOCKS}")
+            host.run(["rm", "-f", saved], timeout=30)
+    assert _read_range(host, dev, SLBA, BLOCKS, lba) == original, f"blocks {SLBA}+{BLOCKS} of {dev} were not put back"
