@@ -69,7 +69,7 @@ def free_port() -> int:
 class Runner:
     """The runner VM that lives in `state_dir`."""
 
-    def __init__(self, state_dir: str, *, memory_mb: int = 3072, cpus: int | None = None,
+    def __init__(self, state_dir: str, *, memory_mb: int = qemu.DEFAULT_MEMORY_MB, cpus: int | None = None,
                  boot_timeout: float | None = None, qemu_path: str | None = None) -> None:
         self.state_dir = state_dir
         # One vCPU by default: with two, the guest kernel under TCG was seen losing CPU 1's timer
@@ -515,6 +515,9 @@ class Runner:
             v = ".".join(map(str, qemu.qemu_version(qemu_path)))
             say(f"runner: QEMU {v} has no igb device (needs 8.0 or later, bookworm-backports): "
                 f"booting with the NVMe SR-IOV PF only")
+        if igb and self.memory_mb > qemu.VF_BARS_BELOW_4G_MAX_MB:
+            say(f"runner: with {self.memory_mb} MiB (more than {qemu.VF_BARS_BELOW_4G_MAX_MB}) part of the RAM lies above "
+                "4 GiB: the igb VFs' BARs land above 4 GiB, where QEMU 10.0 does not map them (no link, no traffic)")
         if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
             with open(self.nvme_image, "wb") as f:
                 f.truncate(NVME_IMAGE_BYTES)
