@@ -65,6 +65,49 @@ def test_command_line():
     no_igb = qemu.command("/q", kernel="/k", initrd="/i", append="", port=1, console_log="/c", pidfile="/p",
                           nvme_image="/n", igb=False)
     assert not any(d.startswith("igb") for d in _args(no_igb, "-device"))
+    assert not any("wirepeer" in d for d in _args(no_igb, "-device") + _args(no_igb, "-netdev"))
+
+
+def _opts(arg: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in arg.split(",")[1:] if "=" in kv)
+
+
+def test_igb_wire_is_a_hub_with_the_runners_wire_peer() -> None:
+    """The igb PF's netdev is one port of a QEMU hub whose other port is a virtio NIC of the runner
+    (the wire peer, at a fixed PCI address and MAC), not user networking: frames the PF port sends
+    out can be counted in the runner and frames can be sent to it (docs/nic-traffic.md)."""
+    argv = qemu.command("/q", kernel="/k", initrd="/i", append="", port=1, console_log="/c", pidfile="/p",
+                        nvme_image="/n", wire=True)
+    netdevs = {_opts(n)["id"]: n for n in _args(argv, "-netdev")}
+    devices = _args(argv, "-device")
+    igb = [d for d in devices if d.startswith("igb,")]
+    assert len(igb) == 1 and _opts(igb[0])["netdev"] == "igbnet" and _opts(igb[0])["bus"] == "rp1"
+    peer = [d for d in devices if d.startswith("virtio-net-pci,") and _opts(d)["netdev"] == "wirepeer"]
+    assert len(peer) == 1
+    assert _opts(peer[0])["mac"] == qemu.WIRE_PEER_MAC
+    assert qemu.WIRE_PEER_PCI == f"0000:00:{int(_opts(peer[0])['addr'], 16):02x}.0" == "0000:00:06.0"
+    assert netdevs["igbnet"].startswith("hubport,") and netdevs["wirepeer"].startswith("hubport,")
+    assert _opts(netdevs["igbnet"])["hubid"] == _opts(netdevs["wirepeer"])["hubid"]
+    # the management NIC keeps slot 3 (the runner's eth0) and no two devices share a slot
+    addrs = [_opts(d)["addr"] for d in devices if "addr" in _opts(d)]
+    assert len(addrs) == len(set(int(a, 16) for a in addrs))
+    assert any(d.startswith("virtio-net-pci,netdev=mgmt") and _opts(d)["addr"] == "0x3" for d in devices)
+
+
+def test_the_wire_runner_keeps_its_ram_below_4g_for_the_igb_vf_bars(monkeypatch) -> None:
+    """With RAM above 4 GiB SeaBIOS puts the 64-bit windows above 4 GiB and QEMU 10.0 maps the igb
+    VF BARs at the low 32 bits of their address (docs/nic-traffic.md): the wire runner stays below
+    the q35 PCI hole (0xb0000000); without the wire the runner keeps its RAM and user networking."""
+    assert qemu.VF_BARS_BELOW_4G_MAX_MB < 0xB0000000 >> 20
+    monkeypatch.setenv(qemu.WIRE_ENV, "1")
+    wired = Runner("/nonexistent/r")
+    assert wired.wire and wired.memory_mb == qemu.VF_BARS_BELOW_4G_MAX_MB
+    monkeypatch.delenv(qemu.WIRE_ENV)
+    plain = Runner("/nonexistent/r")
+    assert not plain.wire and plain.memory_mb == qemu.DEFAULT_MEMORY_MB
+    argv = qemu.command("/q", kernel="/k", initrd="/i", append="", port=1, console_log="/c", pidfile="/p",
+                        nvme_image="/n")
+    assert [n for n in _args(argv, "-netdev") if n.startswith("user,id=igbnet")], _args(argv, "-netdev")
 
 
 def test_free_port_is_bindable():

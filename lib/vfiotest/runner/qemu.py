@@ -17,6 +17,24 @@ ETC_DEFAULT_TAG = "vfiotest-etc-default"   # the runner's /etc/default, read-wri
 # PCI IDs of the emulated PFs, as the guest sees them
 PF_IDS = {"igb": ("8086", "10c9"), "nvme": ("1b36", "0010")}
 
+#: The runner's RAM. With the wire (WIRE_ENV) it stays below 2816 MiB (0xb0000000, where q35
+#: starts its PCI hole): all of it lies below 4 GiB, so SeaBIOS keeps every PCI window below 4 GiB
+#: too. With RAM above 4 GiB (3072 MiB does that) it moves the 64-bit prefetchable windows above
+#: 4 GiB, the kernel puts the igb VF BARs there, and QEMU 10.0 maps a VF BAR at the low 32 bits of
+#: its address only: the VF's registers are then not where its driver looks and it never gets a
+#: link (docs/nic-traffic.md). Without the wire the runner keeps the 3072 MiB its suites ran with.
+DEFAULT_MEMORY_MB = 3072
+VF_BARS_BELOW_4G_MAX_MB = 2815
+#: VFIOTEST_RUNNER_WIRE=1: boot the runner whose igb VFs pass traffic (RAM below 4 GiB, the wire)
+WIRE_ENV = "VFIOTEST_RUNNER_WIRE"
+
+#: The igb PF's wire: a QEMU hub joining it to a second virtio NIC of the runner itself, the
+#: "wire peer", on which frames the PF port puts on the wire are counted and from which frames
+#: are sent to it (docs/nic-traffic.md). Found in the runner by this MAC or PCI address.
+WIRE_PEER_MAC = "52:54:00:76:66:01"
+WIRE_PEER_SLOT = 0x6
+WIRE_PEER_PCI = f"0000:00:{WIRE_PEER_SLOT:02x}.0"
+
 
 def find_qemu(explicit: str | None = None) -> str:
     import os
@@ -52,8 +70,8 @@ def has_igb(path: str) -> bool:
 
 
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
-            nvme_image: str, memory_mb: int = 3072, cpus: int = 2, igb: bool = True,
-            name: str = "vfiotest-runner", etc_default: str | None = None) -> list[str]:
+            nvme_image: str, memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = 2, igb: bool = True,
+            name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False) -> list[str]:
     """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates.
     `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write."""
     if etc_default and ("," in etc_default or not etc_default.startswith("/")):
@@ -84,7 +102,13 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
         "-drive", f"file={nvme_image},if=none,id=nvm0,format=raw,cache=unsafe",
         "-device", "nvme-ns,drive=nvm0,bus=nvme0,nsid=1",
     ]
-    if igb:
+    if igb and wire:
+        # the PF's wire is a hub with the runner's own wire-peer NIC on its other port
+        argv += ["-netdev", "hubport,id=igbnet,hubid=0",
+                 "-device", "igb,netdev=igbnet,bus=rp1",
+                 "-netdev", "hubport,id=wirepeer,hubid=0",
+                 "-device", f"virtio-net-pci,netdev=wirepeer,mac={WIRE_PEER_MAC},addr={WIRE_PEER_SLOT:#x}"]
+    elif igb:
         argv += ["-netdev", "user,id=igbnet,restrict=on",
                  "-device", "igb,netdev=igbnet,bus=rp1"]
     return argv

@@ -70,9 +70,14 @@ def free_port() -> int:
 class Runner:
     """The runner VM that lives in `state_dir`."""
 
-    def __init__(self, state_dir: str, *, memory_mb: int = 3072, cpus: int | None = None,
-                 boot_timeout: float | None = None, qemu_path: str | None = None) -> None:
+    def __init__(self, state_dir: str, *, memory_mb: int | None = None, cpus: int | None = None,
+                 boot_timeout: float | None = None, qemu_path: str | None = None, wire: bool | None = None) -> None:
         self.state_dir = state_dir
+        #: the igb PF's wire ends in a NIC of the runner, and its RAM stays below 4 GiB, so that its
+        #: VFs pass traffic (qemu.WIRE_ENV; docs/nic-traffic.md)
+        self.wire = wire if wire is not None else os.environ.get(qemu.WIRE_ENV, "").lower() in ("1", "true", "yes", "on")
+        if memory_mb is None:
+            memory_mb = qemu.VF_BARS_BELOW_4G_MAX_MB if self.wire else qemu.DEFAULT_MEMORY_MB
         # One vCPU by default: with two, the guest kernel under TCG was seen losing CPU 1's timer
         # (RCU stalls, "timer wakeup didn't happen", SSH dead) when four SSH sessions started at once.
         self.memory_mb, self.cpus = memory_mb, int(cpus or os.environ.get("VFIOTEST_RUNNER_CPUS") or 1)
@@ -516,6 +521,9 @@ class Runner:
             v = ".".join(map(str, qemu.qemu_version(qemu_path)))
             say(f"runner: QEMU {v} has no igb device (needs 8.0 or later, bookworm-backports): "
                 f"booting with the NVMe SR-IOV PF only")
+        if igb and self.wire and self.memory_mb > qemu.VF_BARS_BELOW_4G_MAX_MB:
+            say(f"runner: with {self.memory_mb} MiB (more than {qemu.VF_BARS_BELOW_4G_MAX_MB}) part of the RAM lies above "
+                "4 GiB: the igb VFs' BARs land above 4 GiB, where QEMU 10.0 does not map them (no link, no traffic)")
         if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
             with open(self.nvme_image, "wb") as f:
                 f.truncate(NVME_IMAGE_BYTES)
@@ -530,7 +538,8 @@ class Runner:
             open(self.console_log, "w").close()
             argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
                                 console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
-                                memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir)
+                                memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir,
+                                wire=self.wire)
             say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
             try:
                 p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
