@@ -107,7 +107,7 @@ class Campaign:
                               env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
     def host(self) -> Any:
-        from .runner import Runner
+        from vfiotest.runner import Runner
 
         if self._host is None:
             self._host = Runner.default().host()
@@ -124,9 +124,9 @@ class Campaign:
 
     def snapshot(self) -> dict[str, Any]:
         """What the harness may change on the runner, and what must be gone after it."""
-        from .journal import JOURNAL_ROOT
-        from .lease import LEASE_ROOT
-        from .pci import read_inventory
+        from vfiotest.journal import JOURNAL_ROOT
+        from vfiotest.lease import LEASE_ROOT
+        from vfiotest.pci import read_inventory
 
         host = self.host()
         inv = read_inventory(host).state()
@@ -171,7 +171,7 @@ class Campaign:
 
     def controller_view(self) -> str:
         """The runner's supervisor log, console size and QEMU processes on this machine (for a note)."""
-        from .runner import Runner
+        from vfiotest.runner import Runner
 
         r = Runner.default()
         out = []
@@ -310,8 +310,8 @@ def rows_kills(c: Campaign, table: Table, s0: dict, durations: dict[str, float],
 
 def bad_inputs(c: Campaign, s0: dict) -> list[tuple[str, list[str], dict, int, str, str]]:
     """(name, argv, env, expected exit, text the message must have, 'cli'|'pytest')."""
-    from .pci import read_inventory
-    from .profiles import get_profile
+    from vfiotest.pci import read_inventory
+    from vfiotest.profiles import get_profile
 
     inv = read_inventory(c.host())
     profile = get_profile("emulated")
@@ -343,7 +343,7 @@ def bad_inputs(c: Campaign, s0: dict) -> list[tuple[str, list[str], dict, int, s
 
 
 def rows_bad_inputs(c: Campaign, table: Table, s0: dict) -> None:
-    from .journal import JOURNAL_ROOT
+    from vfiotest.journal import JOURNAL_ROOT
 
     for name, argv, env, want, text, kind in bad_inputs(c, s0):
         t = time.monotonic()
@@ -358,9 +358,9 @@ def rows_bad_inputs(c: Campaign, table: Table, s0: dict) -> None:
         if not ok:
             note(out.strip()[-600:])
     # a PF with VFs enabled, and a corrupt journal: set up by the campaign, put back after
-    from .journal import Journal
-    from .pci import read_inventory
-    from .sriov import set_numvfs
+    from vfiotest.journal import Journal
+    from vfiotest.pci import read_inventory
+    from vfiotest.sriov import set_numvfs
 
     host = c.host()
     pf = next(d for d in read_inventory(host).devices.values() if d.is_pf and d.vendor_device == "8086:10c9")
@@ -376,7 +376,7 @@ def rows_bad_inputs(c: Campaign, table: Table, s0: dict) -> None:
         if not ok:
             note(p.stderr.strip()[-600:])
         # one of its VFs, leased as a running test holds it: the CLI leaves it alone
-        from .lease import LeasePool
+        from vfiotest.lease import LeasePool
 
         vf = read_inventory(host).vfs_of(pf.address)[0]
         lease = LeasePool(host).acquire(str(vf.iommu_group), test_id="campaign: a test holding this VF",
@@ -484,7 +484,7 @@ def row_rebind_n(c: Campaign, table: Table, s0: dict, n: int) -> None:
 
 
 def row_runner_killed(c: Campaign, table: Table) -> Optional[dict]:
-    from .runner import Runner
+    from vfiotest.runner import Runner
 
     t = time.monotonic()
 
@@ -528,7 +528,7 @@ CUT = 150  # seconds every packet to the runner's sshd is dropped: longer than a
 
 
 def row_ssh_cut(c: Campaign, table: Table, s0: dict) -> None:
-    from .errors import HarnessError
+    from vfiotest.errors import HarnessError
 
     t = time.monotonic()
     rule = "INPUT -p tcp --dport 22 -j DROP"
