@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import VFCreateError
+from .host import Host
 
 SYS_DEV = "/sys/bus/pci/devices"
 NVME_TIMEOUT = 60.0
@@ -104,14 +105,14 @@ class Plan:
     nvi: int
 
 
-def primary_device(host: Any, pf: str) -> str | None:
+def primary_device(host: Host, pf: str) -> str | None:
     """/dev/nvmeN of the NVMe PF `pf` (its primary controller), from sysfs; None when the PF
     has no nvme character device (not NVMe, or not on the nvme driver)."""
     names = sorted(n for n in host.listdir(f"{SYS_DEV}/{pf}/nvme") or [] if n.startswith("nvme") and n[4:].isdigit())
     return f"/dev/{names[0]}" if names else None
 
 
-def _nvme(host: Any, pf: str, args: list[str], what: str, timeout: float = NVME_TIMEOUT) -> Any:
+def _nvme(host: Host, pf: str, args: list[str], what: str, timeout: float = NVME_TIMEOUT) -> Any:
     res = host.run(["nvme", *args], timeout=timeout)
     if res.rc == 127:
         raise VirtMgmtError(f"nvme-cli is not installed on {host.name}; the NVMe PF {pf} needs it to bring its VFs online",
@@ -154,7 +155,7 @@ def parse_caps(doc: dict[str, Any]) -> PrimaryCaps:
     return PrimaryCaps(**{f: int(doc[f]) for f in PrimaryCaps.__dataclass_fields__})
 
 
-def secondaries(host: Any, pf: str, device: str | None = None) -> list[Secondary] | None:
+def secondaries(host: Host, pf: str, device: str | None = None) -> list[Secondary] | None:
     """The secondary controllers of `pf`; None when it has no nvme device, nvme-cli is
     missing, or the controller does not list any (no virtualization management)."""
     device = device or primary_device(host, pf)
@@ -169,7 +170,7 @@ def secondaries(host: Any, pf: str, device: str | None = None) -> list[Secondary
         return None
 
 
-def plan(host: Any, pf: str, n: int) -> Plan | None:
+def plan(host: Host, pf: str, n: int) -> Plan | None:
     """What bring-up of `n` VFs on `pf` needs, or None when it needs none (see the module doc)."""
     if n <= 0:
         return None
@@ -211,7 +212,7 @@ def journal_entry(pf: str, c: Secondary) -> dict[str, Any]:
             "online": c.online, "nvq": c.nvq, "nvi": c.nvi}
 
 
-def assign(host: Any, p: Plan, journal: Any = None) -> None:
+def assign(host: Host, p: Plan, journal: Any = None) -> None:
     """Step 2: journal each controller, then give it its VQ and VI resources (VFs not yet
     enabled, the controller Offline)."""
     for c in p.controllers:
@@ -222,14 +223,14 @@ def assign(host: Any, p: Plan, journal: Any = None) -> None:
                                "-n", str(nr)], f"assigning {nr} {'VI' if rt else 'VQ'} to secondary controller {c.cntlid}")
 
 
-def online(host: Any, p: Plan) -> None:
+def online(host: Host, p: Plan) -> None:
     """Step 4: each controller Online (its VF exists now)."""
     for c in p.controllers:
         _nvme(host, p.pf, ["virt-mgmt", p.device, "-c", str(c.cntlid), "-a", str(ACT_ONLINE)],
               f"putting secondary controller {c.cntlid} (VF {c.vfn}) online")
 
 
-def restore_secondary(host: Any, entry: dict[str, Any]) -> None:
+def restore_secondary(host: Host, entry: dict[str, Any]) -> None:
     """Undo of an "nvme-secondary" entry: the controller Offline (resources returned), then its
     own former resources given back when it had any. A controller that was Online before
     vfiotest touched it is never journaled (bring-up skips it)."""
@@ -253,7 +254,7 @@ def restore_secondary(host: Any, entry: dict[str, Any]) -> None:
                   f"giving secondary controller {cntlid} back its {nr} {'VI' if rt else 'VQ'}")
 
 
-def namespace_device(host: Any, pf: str, nsid: int) -> str | None:
+def namespace_device(host: Host, pf: str, nsid: int) -> str | None:
     """/dev/nvmeXnN through which the target's kernel reaches namespace `nsid` of the PF's
     controller: the multipath head (nvme<subsys>n<nsid>, named from the path's
     nvme<subsys>c<ctrl>n<nsid> in sysfs) or, without multipath, the namespace itself."""
@@ -265,7 +266,7 @@ def namespace_device(host: Any, pf: str, nsid: int) -> str | None:
     return None
 
 
-def vf_states(host: Any, pf: str, vfs: list[str]) -> dict[str, dict[str, Any]]:
+def vf_states(host: Host, pf: str, vfs: list[str]) -> dict[str, dict[str, Any]]:
     """{VF address: its secondary controller (cntlid, online, nvq, nvi)} for an NVMe PF's
     VFs in virtfn order; {} when the PF has no virtualization management."""
     found = {c.vfn: c for c in secondaries(host, pf) or []}

@@ -237,7 +237,7 @@ class Session:
         return host
 
     # -- BASELINED ---------------------------------------------------------------------------
-    def baseline(self, host: Any, progress: Callable[[str], None] = lambda s: None) -> Optional[Inventory]:
+    def baseline(self, host: Host, progress: Callable[[str], None] = lambda s: None) -> Optional[Inventory]:
         """The first process of the session puts back what a crashed session left (journals
         whose owner is gone), then snapshots the inventory; returns it (None in the others).
         JournalError (a corrupt or foreign journal) is for the user to decide."""
@@ -366,7 +366,7 @@ class Session:
         return out
 
     # -- what the session changes once, for all its processes -------------------------------
-    def vf_counts(self, host: Any, profile: Any, leases: Any) -> SessionVfs:
+    def vf_counts(self, host: Host, profile: Any, leases: Any) -> SessionVfs:
         """This process's handle on the session's VF counts (vfiotest.sriov.SessionVfs): the
         first process makes them, journaled in the session journal; finish() puts them back."""
         if self._vf_counts is None:
@@ -386,7 +386,7 @@ class Session:
                 return runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice)).info()
             return provision.register_kata_vfio(host, choice, image, recorder=self, progress=progress)
 
-    def add_kernel_args(self, host: Any, args: list[str], progress: Callable[[str], None] = lambda s: None) -> bool:
+    def add_kernel_args(self, host: Host, args: list[str], progress: Callable[[str], None] = lambda s: None) -> bool:
         """Add the kernel arguments `args` to the target's boot configuration (each file recorded
         in this session first: finish() puts them back) and reboot it, once per session: True
         when this process did it, False when another process of the session already had (the
@@ -494,7 +494,7 @@ class Session:
             journal.close()
         return n
 
-    def _finish_on(self, host: Any, base: Optional[Inventory], records: list, v: Verdict,
+    def _finish_on(self, host: Host, base: Optional[Inventory], records: list, v: Verdict,
                    say: Callable[[str], None]) -> None:
         from .journal import restore_orphans, undo_entry
 
@@ -624,7 +624,7 @@ def orphaned_sessions(root: str, spec: Optional[str] = None, exclude: Optional[s
     return out
 
 
-def restore_orphaned_sessions(host: Any, root: str, spec: Optional[str] = None,
+def restore_orphaned_sessions(host: Host, root: str, spec: Optional[str] = None,
                               exclude: Optional[str] = None) -> list[tuple[str, int]]:
     """Undo, newest first, what each crashed session on `spec` recorded (its registrations, its
     podman drop-in), removing each record once undone, and drop a session's directory when none

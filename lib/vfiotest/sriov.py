@@ -246,7 +246,7 @@ JOURNAL_KINDS: list[dict[str, Any]] = [{"kind": "numvfs", "required": ("address"
 __all__ = ["COUNT_LOCK", "hold_vfs", "pf_lease_name", "set_numvfs", "restore_numvfs", "vfs_in_use", "wait_virtfns", "timed_write"]
 
 
-def shared_counts(host: Any, own: str) -> dict[str, tuple[str, dict[str, Any]]]:
+def shared_counts(host: Host, own: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """{PF: (owner, its numvfs entry)} for the VF counts that live journals on `host` other than
     `own` record: sessions sharing the runner that made VFs. A session using those VFs records
     the same entry in its own journal (the original count), and the last one to end puts it back."""
@@ -281,7 +281,7 @@ class SessionVfs:
 
     CREATED = "sriov-created"     # in the session directory: the first process made the VFs
 
-    def __init__(self, session: Any, host: Any, profile: Any, leases: LeasePool) -> None:
+    def __init__(self, session: Any, host: Host, profile: Any, leases: LeasePool) -> None:
         self.session, self.host, self.profile, self.leases = session, host, profile, leases
         self._journal: Any = None
 
