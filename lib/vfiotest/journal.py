@@ -24,6 +24,8 @@ Kinds (their owners):
   {"kind": "new_id", "driver", "id"}                             an ID we added to new_id  (vfiotest.bind)
   {"kind": "numvfs", "address", "numvfs", "drivers_autoprobe"}   original SR-IOV state     (vfiotest.sriov)
   {"kind": "nvme-secondary", "address", "cntlid", "online", "nvq", "nvi"}  an NVMe VF's controller (vfiotest.nvme_virt)
+  {"kind": "pf-link", "address", "interface"}                    a NIC PF's netdev brought up (vfiotest.nic_vf)
+  {"kind": "vf-mac", "address", "interface", "vf", "mac"}        a VF's MAC set by its PF  (vfiotest.nic_vf)
   {"kind": "file", "path", "existed", "content", "mode"}         a file as it was          (vfiotest.undo_files)
   {"kind": "registration", "runtime", "previous", ...}            a runtime registered      (vfiotest.kata.runtime)
   {"kind": "podman-dropin", "path", "previous", "created_dir"}   podman's base settings    (vfiotest.podman.conf)
@@ -51,7 +53,7 @@ JOURNAL_ROOT = constants.JOURNAL_DIR
 VERSION = 1
 
 #: The modules that own entry kinds (each has a JOURNAL_KINDS list), imported on first use.
-KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.nvme_virt", "vfiotest.undo_files", "vfiotest.kata.runtime",
+KIND_MODULES = ("vfiotest.bind", "vfiotest.sriov", "vfiotest.nvme_virt", "vfiotest.nic_vf", "vfiotest.undo_files", "vfiotest.kata.runtime",
                 "vfiotest.podman.conf", "vfiotest.podman.client")
 
 Entry = dict[str, Any]

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import constants, nvme_virt
+from . import constants, nic_vf, nvme_virt
 from .errors import ENVIRONMENT, CommandTimeout, DeviceNotFound, NotAllowed, UnbindError, VFCreateError
 from .host import Host
 from .lease import Lease, LeasePool, covers
@@ -130,7 +130,8 @@ def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float 
     autoprobe: True/False sets sriov_drivers_autoprobe first (None leaves it).
     An NVMe PF whose secondary controllers need virtualization management gets them brought
     up (vfiotest.nvme_virt: resources, online; autoprobe off while the VFs are made, then as
-    asked, the VFs probed), each controller journaled before it is changed. VFs already there
+    asked, the VFs probed), each controller journaled before it is changed. A NIC PF's netdev
+    is brought up (journaled, vfiotest.nic_vf) before its VFs are made. VFs already there
     (n equal to the count) whose controllers are offline are brought up the same way, in place.
     profile: when given, the PF must be allowed by it and not needed by the host.
     leases: the LeasePool that says whether VFs are in use (default: the host's)."""
@@ -199,6 +200,11 @@ def set_numvfs(host: Host, pf: str, n: int, journal: Any = None, timeout: float 
     if n != cur:
         if bringup is not None:
             nvme_virt.assign(host, bringup, journal)
+        if n:
+            # a NIC VF's driver talks to the PF through a mailbox the PF answers only while its
+            # netdev is up; up before the VFs exist, so that the PF's reset at VF creation
+            # leaves it answering (docs/nic-traffic.md, section 2)
+            nic_vf.link_up(host, pf, journal)
         _write_numvfs(host, pf, n, timeout)
     vfs = wait_virtfns(host, pf, n, settle)
     if bringup is not None:

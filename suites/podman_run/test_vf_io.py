@@ -1,4 +1,5 @@
-"""The VF does real work inside the container: NVMe blocks written and read through VFIO.
+"""The VF does real work inside the container: NVMe blocks written and read, frames received
+and sent, through userspace drivers over VFIO.
 
 An NVMe VF (brought up by the device layer: secondary controller online, vfiotest.nvme_virt)
 is passed into a container the way the other podman_run tests pass one (the seed's recipe on
@@ -8,8 +9,15 @@ one polled I/O queue pair, reads it back and compares. After the container is go
 reads the same range through the PF's namespace (the subsystem and its namespace are shared by
 PF and VFs) and compares it with the pattern; the range's original bytes are put back in any case.
 
-VFIOTEST_BREAK words that make this test fail on purpose (fixtures/layers.py reads them):
-`nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
+A NIC VF (igb's, given a MAC by its PF; the device layer brought the PF's netdev up before it
+made the VFs, vfiotest.nic_vf) is passed the same way into a container of the DPDK image
+(testpmd from the controller's Debian packages). testpmd runs the VF with DPDK's igbvf PMD in
+macswap mode; the runner sends marker frames to the VF's MAC from the other end of the PF's wire
+(the emulated runner's wire peer, docs/nic-traffic.md; elsewhere the PF's own netdev) and counts
+the frames that come back, and testpmd's own forward statistics must show them received and sent.
+
+VFIOTEST_BREAK words that make these tests fail on purpose (fixtures/layers.py reads them):
+`nic-link-down` (the PF's netdev down while the container runs: no frame comes back), `nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
 back after: the driver fails at `enable`), `corrupt-block` (the runner overwrites one block of
 the range after the container wrote it: the runner-side comparison fails).
 """
@@ -19,15 +27,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from vfiotest import nvme_virt
+from vfiotest import nic_vf, nvme_virt, wire
+from vfiotest.errors import TargetError
 from vfiotest.fixtures.allure_report import attach_json, step
 from vfiotest.fixtures.layers import broken
 from vfiotest.pci import read_inventory
+from vfiotest.runner.qemu import WIRE_PEER_MAC
 
 pytestmark = [pytest.mark.mutating, pytest.mark.kata, pytest.mark.vm]
 
@@ -126,3 +138,107 @@ def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container,
                       "conv=notrunc", "status=none"], timeout=120, check=True, what=f"restoring blocks {SLBA}+{BLOCKS}")
             host.run(["rm", "-f", saved], timeout=30)
     assert _read_range(host, dev, SLBA, BLOCKS, lba) == original, f"blocks {SLBA}+{BLOCKS} of {dev} were not put back"
+
+
+# -- NIC VF: frames in and out through DPDK's igbvf PMD in the container ------------------------
+NIC_VF = "8086:10ca"  # QEMU's igb VF (the emulated runner's)
+FRAMES = 64
+#: inside the container: the VFIO group Kata's hook bound, its device's guest address, then
+#: testpmd on it in macswap mode (every frame received is sent back with the MACs swapped) until
+#: SIGINT, printing statistics every few seconds (so that it does not wait for a key)
+TESTPMD_SCRIPT = r"""
+set -e
+g=$(ls /dev/vfio | grep -x '[0-9][0-9]*' | head -n1)
+[ -n "$g" ] || { echo "vfiotest: no VFIO group in /dev/vfio" >&2; exit 3; }
+bdf=$(ls /sys/kernel/iommu_groups/"$g"/devices | head -n1)
+echo "vfiotest: VF $bdf, VFIO group $g"
+exec stdbuf -oL dpdk-testpmd --no-huge -m 128 --lcores=0@0,1@0 -a "$bdf" --no-telemetry -- \
+    --forward-mode=macswap --stats-period=5 --total-num-mbufs=2048
+"""
+FORWARDING = "Start automatic packet forwarding"
+_STATS_RE = re.compile(r"Accumulated forward statistics for all ports.*?RX-packets:\s*(\d+)\s+RX-dropped:\s*(\d+).*?"
+                       r"TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)", re.S)
+
+
+def _peer(host: Any, pf: str) -> tuple[str, str]:
+    """(interface, what it is) on the runner's side of the wire: the emulated runner's wire peer
+    (a NIC of the runner on the PF's wire), else the PF's own netdev (frames between a VF and its
+    PF are switched inside the NIC, as on most SR-IOV NICs)."""
+    try:
+        return wire.interface_by_mac(host, WIRE_PEER_MAC), f"the wire peer ({WIRE_PEER_MAC})"
+    except TargetError:
+        names = nic_vf.interfaces(host, pf)
+        if not names:
+            pytest.fail(f"the PF {pf} has no network interface on the runner and there is no wire peer: "
+                        "nothing on the runner's side can count the VF's frames")
+        return names[0], f"the PF's netdev ({pf})"
+
+
+def _logs(c: Any) -> str:
+    out = c.logs(stdout=True, stderr=True)
+    return out.decode(errors="replace") if isinstance(out, (bytes, bytearray)) else "".join(
+        x.decode(errors="replace") if isinstance(x, (bytes, bytearray)) else str(x) for x in out)
+
+
+def _wait_for(c: Any, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        c.reload()
+        logs = _logs(c)
+        if text in logs:
+            return logs
+        if c.status not in ("running", "created") or time.monotonic() > deadline:
+            pytest.fail(f"testpmd did not start forwarding in the container within {timeout:.0f} s "
+                        f"(container {c.status}):\n{logs[-3000:]}")
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def _link_down_on_purpose(host: Any, pf: str) -> Iterator[None]:
+    """VFIOTEST_BREAK=nic-link-down: the PF's netdev down for the block (the VF's mailbox goes
+    unanswered and the PF port stops passing its VFs' frames), up again after."""
+    names = nic_vf.interfaces(host, pf) if broken("nic-link-down") else []
+    for n in names:
+        host.run(["ip", "link", "set", "dev", n, "down"], timeout=30, check=True)
+    try:
+        yield
+    finally:
+        for n in names:
+            host.run(["ip", "link", "set", "dev", n, "up"], timeout=30, check=True)
+
+
+@pytest.mark.parametrize("vf_lease", [NIC_VF], indirect=True)
+def test_nic_vf_echoes_frames_from_the_runner_through_dpdk_in_the_container(dpdk_container, vfio_group, target_host,
+                                                                          vfiotest_session) -> None:
+    vf, host = vfio_group, target_host
+    index = nic_vf.vf_index(host, vf.pf, vf.address)
+    mac = nic_vf.mac_for(vf.pf, index)
+    with step(f"the PF gives VF {index} ({vf.address}) the MAC {mac}"):
+        nic_vf.set_vf_mac(host, vf.pf, index, mac, journal=vfiotest_session)
+    peer, peer_what = _peer(host, vf.pf)
+    with _link_down_on_purpose(host, vf.pf):
+        c = dpdk_container.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True)
+        try:
+            started = _wait_for(c, FORWARDING, timeout=300)
+            time.sleep(3)  # the port's link comes up after forwarding starts
+            with step(f"the runner sends {FRAMES} marker frames from {peer} to {mac} and counts those coming back"):
+                ex = wire.exchange(host, peer, mac, peer, FRAMES, tag="vfnic", window=60, timeout=180)
+        finally:
+            c.kill(signal="SIGINT")
+            with contextlib.suppress(Exception):
+                c.wait(condition=["exited", "stopped"], timeout=120)
+            logs = _logs(c)
+    stats = _STATS_RE.findall(logs)
+    attach_json("frames: runner to the VF in the container and back", {
+        "vf": vf.address, "vf_index": index, "vf_mac": mac, "runner_side": f"{peer}, {peer_what}", "frames": FRAMES,
+        "sent": ex.sent, "received_back": ex.received, "in_order": ex.in_order, "duplicates": ex.duplicates,
+        "runner_tx_packets": ex.tx_packets, "runner_rx_packets": ex.rx_packets,
+        "testpmd_forward_stats": stats[-1] if stats else None})
+    assert "vfiotest: VF " in started, started[-2000:]
+    assert ex.sent == FRAMES, f"the runner sent {ex.sent} of {FRAMES} frames on {peer}"
+    assert ex.received == FRAMES and ex.in_order, (
+        f"{ex.received} of {FRAMES} frames sent from {peer} to the VF's MAC {mac} came back through testpmd in the "
+        f"container (in order: {ex.in_order}); testpmd's log:\n{logs[-3000:]}")
+    assert stats, f"testpmd printed no forward statistics at SIGINT:\n{logs[-3000:]}"
+    rx, rx_dropped, tx, tx_dropped = map(int, stats[-1])
+    assert rx >= FRAMES and tx >= FRAMES, f"testpmd counted RX {rx}, TX {tx} (dropped {rx_dropped}/{tx_dropped})"

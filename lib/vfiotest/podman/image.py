@@ -11,6 +11,12 @@ On the target it is loaded with `podman import`. The emulated runner sees the
 controller's root read-only at the same paths, so the tarball is imported in
 place; another target gets it over SFTP first.
 
+The DPDK variant (`ImageRecipe(dpdk=True)`, the NIC VF I/O test's) adds DPDK's testpmd from
+the controller's own Debian packages (dpdk-dev, installed by ci/setup): the binary, the
+libraries it links (its `ldd` closure) and only the plugins a NIC VF needs (DPDK_PLUGINS: the
+PCI and vdev buses, the ring mempool, the VF PMDs of igb, ixgbe, i40e/iavf and ice), copied in
+with links resolved; about 20 MB more. Its inputs add the dpdk-dev version and that file list.
+
 A bare-metal runner can bring its own image (`--image`): it needs python3; the
 probe is then passed as `python3 -c <source>` (`Image.probe_command`).
 """
@@ -42,6 +48,36 @@ NVME_IO_SOURCE = Path(__file__).with_name("nvme_io.py")
 LIB_IN_IMAGE = "/usr/local/lib/vfiotest"
 NVME_IO_IN_IMAGE = f"{LIB_IN_IMAGE}/nvme_io.py"
 RECIPE_VERSION = 1
+TESTPMD = "/usr/bin/dpdk-testpmd"
+#: where Debian's DPDK 22.11 loads its plugins from (EAL's default plugin directory: every .so in it)
+DPDK_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
+#: the plugins a NIC VF under testpmd needs; the rest of the directory is left out of the image
+DPDK_PLUGINS = ("librte_bus_pci.so.23", "librte_bus_vdev.so.23", "librte_mempool_ring.so.23",
+                "librte_net_e1000.so.23", "librte_net_ixgbe.so.23", "librte_net_i40e.so.23",
+                "librte_net_iavf.so.23", "librte_net_ice.so.23")
+
+
+def dpdk_files() -> list[str]:
+    """testpmd, the plugins of DPDK_PLUGINS that exist, and every library they link (ldd), as
+    absolute paths on the controller; a ProvisionError when testpmd is not installed."""
+    if not os.path.exists(TESTPMD):
+        raise ProvisionError(f"{TESTPMD} is not installed on the controller (the NIC VF I/O image needs it)",
+                             hint="apt-get install dpdk-dev (ci/setup installs it)")
+    roots = [TESTPMD] + [p for p in (f"{DPDK_PLUGIN_DIR}/{n}" for n in DPDK_PLUGINS) if os.path.exists(p)]
+    files = set(roots)
+    for root in roots:
+        out = subprocess.run(["ldd", root], capture_output=True, text=True, timeout=60, check=True).stdout
+        for line in out.splitlines():
+            parts = line.split("=>")
+            path = (parts[1] if len(parts) > 1 else parts[0]).strip().split(" (")[0].strip()
+            if path.startswith("/") and os.path.exists(path):
+                files.add(path)
+    return sorted(files)
+
+
+def dpdk_version() -> str:
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "unknown"
 REMOTE_UPLOAD_DIR = "/var/tmp/vfiotest/images"
 
 
@@ -58,9 +94,11 @@ class ImageRecipe:
     trim_paths: Tuple[str, ...] = ("/usr/share/perl", "/usr/lib/x86_64-linux-gnu/perl", "/usr/lib/x86_64-linux-gnu/gconv",
                                    "/usr/share/perl5", "/var/cache/debconf/templates.dat-old", "/var/lib/apt/lists")
     mirror: str = ""  # empty: mmdebstrap's default (deb.debian.org), as the machine's own sources use
+    dpdk: bool = False  # testpmd and what it needs, from the controller (dpdk_files)
 
     def inputs(self) -> dict[str, Any]:
-        return {"recipe_version": RECIPE_VERSION, "suite": self.suite, "variant": self.variant,
+        extra = {"dpdk": dpdk_version(), "dpdk_files": dpdk_files()} if self.dpdk else {}
+        return {**extra, "recipe_version": RECIPE_VERSION, "suite": self.suite, "variant": self.variant,
                 "include": list(self.include), "exclude_paths": list(self.exclude_paths), "trim_paths": list(self.trim_paths),
                 "mirror": self.mirror,
                 "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest(),
@@ -78,7 +116,8 @@ class ImageRecipe:
         return f"{IMAGE_REPO}:{self.tag}"
 
     def tarball(self, cache_dir: str | None = None) -> Path:
-        return Path(cache_dir or _cache_dir(CACHE_SUBDIR)) / f"vfiotest-probe-{self.tag}.tar"
+        name = "vfiotest-dpdk" if self.dpdk else "vfiotest-probe"
+        return Path(cache_dir or _cache_dir(CACHE_SUBDIR)) / f"{name}-{self.tag}.tar"
 
     def mmdebstrap_command(self, out: str | Path) -> list[str]:
         cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]
@@ -88,6 +127,10 @@ class ImageRecipe:
                 f'--customize-hook=mkdir -p "$1{LIB_IN_IMAGE}"',
                 f"--customize-hook=upload {PROBE_SOURCE} {LIB_IN_IMAGE}/probe.py",
                 f"--customize-hook=upload {NVME_IO_SOURCE} {NVME_IO_IN_IMAGE}",
+                # files the image has already (its own libc, ...) are kept; links resolved
+                *(['--customize-hook=for f in ' + shlex.join(p.lstrip("/") for p in dpdk_files())
+                   + '; do [ -e "$1/$f" ] || echo "$f"; done | tar -C / -chf - -T - | tar -C "$1" -xf -']
+                  if self.dpdk else []),
                 f'--customize-hook=echo {self.key()} > "$1/etc/vfiotest-image"',
                 "--customize-hook=rm -rf " + " ".join(f'"$1{p}"' for p in self.trim_paths),
                 self.suite, str(out)]
@@ -139,7 +182,8 @@ def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = Non
         tmp = out.with_suffix(f".tmp{os.getpid()}.tar")
         cmd = recipe.mmdebstrap_command(tmp)
         if progress:
-            progress(f"building the test image rootfs with mmdebstrap ({recipe.variant} + {', '.join(recipe.include)}, ~15 s)")
+            progress(f"building the test image rootfs with mmdebstrap ({recipe.variant} + {', '.join(recipe.include)}"
+                     f"{' + testpmd from the controller' if recipe.dpdk else ''}, ~15 s)")
         t0 = time.monotonic()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -22,10 +22,11 @@ PF_IDS = {"igb": ("8086", "10c9"), "nvme": ("1b36", "0010")}
 #: too. With RAM above 4 GiB (3072 MiB does that) it moves the 64-bit prefetchable windows above
 #: 4 GiB, the kernel puts the igb VF BARs there, and QEMU 10.0 maps a VF BAR at the low 32 bits of
 #: its address only: the VF's registers are then not where its driver looks and it never gets a
-#: link (docs/nic-traffic.md). Without the wire the runner keeps the 3072 MiB its suites ran with.
+#: link (docs/nic-traffic.md). Without the wire (VFIOTEST_RUNNER_WIRE=0) the runner has 3072 MiB.
 DEFAULT_MEMORY_MB = 3072
 VF_BARS_BELOW_4G_MAX_MB = 2815
-#: VFIOTEST_RUNNER_WIRE=1: boot the runner whose igb VFs pass traffic (RAM below 4 GiB, the wire)
+#: The runner whose igb VFs pass traffic (RAM below 4 GiB, the wire) is the default;
+#: VFIOTEST_RUNNER_WIRE=0 boots the former one (3072 MiB, the PF on restricted user networking)
 WIRE_ENV = "VFIOTEST_RUNNER_WIRE"
 
 #: The igb PF's wire: a QEMU hub joining it to a second virtio NIC of the runner itself, the

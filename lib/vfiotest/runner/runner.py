@@ -75,7 +75,7 @@ class Runner:
         self.state_dir = state_dir
         #: the igb PF's wire ends in a NIC of the runner, and its RAM stays below 4 GiB, so that its
         #: VFs pass traffic (qemu.WIRE_ENV; docs/nic-traffic.md)
-        self.wire = wire if wire is not None else os.environ.get(qemu.WIRE_ENV, "").lower() in ("1", "true", "yes", "on")
+        self.wire = wire if wire is not None else os.environ.get(qemu.WIRE_ENV, "1").lower() not in ("0", "false", "no", "off")
         if memory_mb is None:
             memory_mb = qemu.VF_BARS_BELOW_4G_MAX_MB if self.wire else qemu.DEFAULT_MEMORY_MB
         # One vCPU by default: with two, the guest kernel under TCG was seen losing CPU 1's timer
