@@ -24,7 +24,7 @@ Kinds (their owners):
   {"kind": "new_id", "driver", "id"}                             an ID we added to new_id  (vfiotest.bind)
   {"kind": "numvfs", "address", "numvfs", "drivers_autoprobe"}   original SR-IOV state     (vfiotest.sriov)
   {"kind": "nvme-secondary", "address", "cntlid", "online", "nvq", "nvi"}  an NVMe VF's controller (vfiotest.nvme_virt)
-  {"kind": "pf-link", "address", "interface"}                    a NIC PF's netdev brought up (vfiotest.nic_vf)
+  {"kind": "link-up", "address", "interface"}                    a netdev brought up (a NIC PF's) (vfiotest.nic_vf)
   {"kind": "vf-mac", "address", "interface", "vf", "mac"}        a VF's MAC set by its PF  (vfiotest.nic_vf)
   {"kind": "file", "path", "existed", "content", "mode"}         a file as it was          (vfiotest.undo_files)
   {"kind": "registration", "runtime", "previous", ...}            a runtime registered      (vfiotest.kata.runtime)

@@ -6,9 +6,10 @@ the PF's netdev is up, and a userspace driver (DPDK's VF PMDs) uses the MAC the 
 (`ip link set <pf> vf N mac ...`); without one the kernel's VF drivers make one up and DPDK's
 may have none.
 
-- `link_up(host, pf, journal)`: the PF's netdev(s) up; done by sriov.set_numvfs before it makes
-  VFs on a NIC PF. Journal kind "pf-link" {address, interface}; undo: that interface down again
-  (only if it still belongs to that PF).
+- `link_up(host, pf, journal)`: the netdev(s) of a PCI function up; done by sriov.set_numvfs
+  for a NIC PF before it makes VFs, and by the NIC I/O test for the emulated runner's wire peer.
+  Journal kind "link-up" {address, interface}; undo: that interface down again (only if it
+  still belongs to that function).
 - `set_vf_mac(host, pf, index, mac, journal)`: VF `index`'s MAC set by the PF. Journal kind
   "vf-mac" {address, interface, vf, mac (the one before)}; undo: the MAC before put back (a VF
   that is gone, because its VFs were removed, has nothing to put back).
@@ -42,7 +43,11 @@ class LinkError(VFCreateError):
 
 def interfaces(host: Host, pf: str) -> list[str]:
     """The network interfaces of the PCI function `pf` (none: not a NIC, or no driver)."""
-    names = host.listdir(f"{SYS_DEV}/{PciAddress(pf)}/net") or []
+    base = f"{SYS_DEV}/{PciAddress(pf)}"
+    names = list(host.listdir(f"{base}/net") or [])
+    for sub in host.listdir(base) or []:      # a virtio NIC's netdev hangs off its virtio device
+        if sub.startswith("virtio") and sub[6:].isdigit():
+            names += host.listdir(f"{base}/{sub}/net") or []
     return sorted(n for n in names if _IFNAME_RE.match(n))
 
 
@@ -62,20 +67,20 @@ def _ip(host: Host, pf: str, args: list[str], what: str) -> str:
 
 
 def link_up(host: Host, pf: str, journal: Any = None) -> list[str]:
-    """Bring the PF's netdevs up, each journaled before; returns those brought up."""
+    """Bring the netdevs of PCI function `pf` up, each journaled before; returns those brought up."""
     done = []
     for ifname in interfaces(host, pf):
         if is_up(host, ifname):
             continue
         if journal is not None:
-            journal.record({"kind": "pf-link", "address": str(PciAddress(pf)), "interface": ifname})
+            journal.record({"kind": "link-up", "address": str(PciAddress(pf)), "interface": ifname})
         _ip(host, pf, ["link", "set", "dev", ifname, "up"], f"bringing {ifname} up")
         done.append(ifname)
     return done
 
 
 def restore_link(host: Host, entry: dict[str, Any]) -> None:
-    """Undo of "pf-link": the interface down again, if it is still the PF's."""
+    """Undo of "link-up": the interface down again, if it is still that function's."""
     pf, ifname = str(entry["address"]), str(entry["interface"])
     if ifname in interfaces(host, pf) and is_up(host, ifname):
         _ip(host, pf, ["link", "set", "dev", ifname, "down"], f"taking {ifname} down")
@@ -135,7 +140,7 @@ def restore_vf_mac(host: Host, entry: dict[str, Any]) -> None:
 
 # The journal entry kinds this module owns; vfiotest.journal registers them (journal.KIND_MODULES).
 JOURNAL_KINDS: list[dict[str, Any]] = [
-    {"kind": "pf-link", "required": ("address", "interface"), "undo": restore_link},
+    {"kind": "link-up", "required": ("address", "interface"), "undo": restore_link},
     {"kind": "vf-mac", "required": ("address", "interface", "vf", "mac"), "undo": restore_vf_mac},
 ]
 

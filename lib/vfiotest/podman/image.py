@@ -15,7 +15,7 @@ The DPDK variant (`ImageRecipe(dpdk=True)`, the NIC VF I/O test's) adds DPDK's t
 the controller's own Debian packages (dpdk-dev, installed by ci/setup): the binary, the
 libraries it links (its `ldd` closure) and only the plugins a NIC VF needs (DPDK_PLUGINS: the
 PCI and vdev buses, the ring mempool, the VF PMDs of igb, ixgbe, i40e/iavf and ice), copied in
-with links resolved; about 20 MB more. Its inputs add the dpdk-dev version and that file list.
+links kept as links; about 20 MB more. Its inputs add the dpdk-dev version and that file list.
 
 A bare-metal runner can bring its own image (`--image`): it needs python3; the
 probe is then passed as `python3 -c <source>` (`Image.probe_command`).
@@ -47,14 +47,15 @@ PROBE_SOURCE = Path(__file__).with_name("probe.py")
 NVME_IO_SOURCE = Path(__file__).with_name("nvme_io.py")
 LIB_IN_IMAGE = "/usr/local/lib/vfiotest"
 NVME_IO_IN_IMAGE = f"{LIB_IN_IMAGE}/nvme_io.py"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TESTPMD = "/usr/bin/dpdk-testpmd"
 #: where Debian's DPDK 22.11 loads its plugins from (EAL's default plugin directory: every .so in it)
 DPDK_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
 #: the plugins a NIC VF under testpmd needs; the rest of the directory is left out of the image
-DPDK_PLUGINS = ("librte_bus_pci.so.23", "librte_bus_vdev.so.23", "librte_mempool_ring.so.23",
-                "librte_net_e1000.so.23", "librte_net_ixgbe.so.23", "librte_net_i40e.so.23",
-                "librte_net_iavf.so.23", "librte_net_ice.so.23")
+#: (by the names EAL loads: it skips a plugin directory's files not ending in .so or .so.<ABI>)
+DPDK_PLUGINS = ("librte_bus_pci.so.23.0", "librte_bus_vdev.so.23.0", "librte_mempool_ring.so.23.0",
+                "librte_net_e1000.so.23.0", "librte_net_ixgbe.so.23.0", "librte_net_i40e.so.23.0",
+                "librte_net_iavf.so.23.0", "librte_net_ice.so.23.0")
 
 
 def dpdk_files() -> list[str]:
@@ -64,14 +65,17 @@ def dpdk_files() -> list[str]:
         raise ProvisionError(f"{TESTPMD} is not installed on the controller (the NIC VF I/O image needs it)",
                              hint="apt-get install dpdk-dev (ci/setup installs it)")
     roots = [TESTPMD] + [p for p in (f"{DPDK_PLUGIN_DIR}/{n}" for n in DPDK_PLUGINS) if os.path.exists(p)]
-    files = set(roots)
+    files = set()
     for root in roots:
         out = subprocess.run(["ldd", root], capture_output=True, text=True, timeout=60, check=True).stdout
-        for line in out.splitlines():
+        for line in [f"x => {root}", *out.splitlines()]:
             parts = line.split("=>")
             path = (parts[1] if len(parts) > 1 else parts[0]).strip().split(" (")[0].strip()
             if path.startswith("/") and os.path.exists(path):
-                files.add(path)
+                # the name as linked (often a link, kept as one: a library that is loaded both by
+                # its soname and as a plugin must be one file) and the file it resolves to
+                files.add(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)))
+                files.add(os.path.realpath(path))
     return sorted(files)
 
 
@@ -127,9 +131,9 @@ class ImageRecipe:
                 f'--customize-hook=mkdir -p "$1{LIB_IN_IMAGE}"',
                 f"--customize-hook=upload {PROBE_SOURCE} {LIB_IN_IMAGE}/probe.py",
                 f"--customize-hook=upload {NVME_IO_SOURCE} {NVME_IO_IN_IMAGE}",
-                # files the image has already (its own libc, ...) are kept; links resolved
+                # files the image has already (its own libc, ...) are kept; links stay links
                 *(['--customize-hook=for f in ' + shlex.join(p.lstrip("/") for p in dpdk_files())
-                   + '; do [ -e "$1/$f" ] || echo "$f"; done | tar -C / -chf - -T - | tar -C "$1" -xf -']
+                   + '; do [ -e "$1/$f" ] || echo "$f"; done | tar -C / -cf - -T - | tar -C "$1" -xf -']
                   if self.dpdk else []),
                 f'--customize-hook=echo {self.key()} > "$1/etc/vfiotest-image"',
                 "--customize-hook=rm -rf " + " ".join(f'"$1{p}"' for p in self.trim_paths),
