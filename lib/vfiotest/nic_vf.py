@@ -122,7 +122,11 @@ def set_vf_mac(host: Host, pf: str, index: int, mac: str, journal: Any = None) -
     if not names:
         raise VFCreateError(f"{pf} has no network interface: its VFs' MACs cannot be set through it",
                             hint="is it a NIC PF on its driver? see `vfiotest devices`", address=pf)
-    before = vf_macs(host, pf).get(index, ZERO_MAC)
+    macs = vf_macs(host, pf)
+    if index not in macs:
+        raise VFCreateError(f"{pf} ({names[0]}) has no VF {index} (it has {len(macs)})",
+                            hint="see `vfiotest devices` for its VFs", address=pf)
+    before = macs[index]
     if before == mac:
         return
     if journal is not None:

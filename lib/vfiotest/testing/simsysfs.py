@@ -301,6 +301,7 @@ class SimulatedHost(LocalHost):
 
     def _make_netdev(self, addr: str, ifname: str) -> None:
         os.makedirs(f"{self._dev(addr)}/net/{ifname}", exist_ok=True)
+        _write(f"{self._dev(addr)}/net/{ifname}/flags", "0x1002\n")   # IFF_BROADCAST|IFF_MULTICAST: down
         os.symlink(f"../../devices/pci0000:00/{addr}/net/{ifname}", f"{self.sysroot}/sys/class/net/{ifname}")
 
     def _ensure_driver(self, st: dict[str, Any], drv: str) -> None:
@@ -528,10 +529,52 @@ class SimulatedHost(LocalHost):
                 rc, out, err = simnvme.run(ctrls, numvfs, words)
                 self._save(st)
             return CommandResult(command, rc, out, err, self.name)
+        if words and words[0] == "ip":
+            return self._ip(command, words[1:])
         if words in (["true"], [":"]):
             return CommandResult(command, 0, "", "", self.name)
         return CommandResult(command, 127, "", f"{words[0] if words else command}: not available on the simulated host\n",
                              self.name)
+
+    def _ip(self, command: str, args: list[str]) -> CommandResult:
+        """`ip link set dev X up|down`, `ip link set dev X vf N mac M`, `ip -j link show dev X`
+        (vfinfo_list of a PF's VFs: their MACs, 00:00:00:00:00:00 until the PF sets one), as
+        iproute2 and the kernel answer them; the VF MACs go away with the VFs."""
+        def fail(msg: str) -> CommandResult:
+            return CommandResult(command, 2, "", msg + "\n", self.name)
+
+        js = args[:1] == ["-j"]
+        args = args[1:] if js else args
+        if len(args) < 4 or args[0] != "link" or args[2] != "dev":
+            return fail(f"ip: simulated: unsupported: {' '.join(args)}")
+        ifname = args[3]
+        flags_path = f"{self.sysroot}/sys/class/net/{ifname}/flags"
+        if not os.path.exists(flags_path):
+            return fail(f'Cannot find device "{ifname}"')
+        pf = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(flags_path)))))
+        with self._locked():
+            st = self._load()
+            macs = st.setdefault("vf_macs", {}).setdefault(pf, {})
+            numvfs = int(_rd(self._dev(pf) + "/sriov_numvfs") or 0) if os.path.exists(self._dev(pf) + "/sriov_numvfs") else 0
+            for k in [k for k in macs if int(k) >= numvfs]:     # VFs removed: their MACs with them
+                del macs[k]
+            if args[1] == "show":
+                out = [{"ifname": ifname, "flags": [],
+                        "vfinfo_list": [{"vf": i, "address": macs.get(str(i), "00:00:00:00:00:00")} for i in range(numvfs)]}]
+                self._save(st)
+                return CommandResult(command, 0, json.dumps(out) if js else "", "", self.name)
+            rest = args[4:]
+            if args[1] == "set" and rest in (["up"], ["down"]):
+                flags = int(_rd(flags_path), 16)
+                _write(flags_path, f"{(flags | 1) if rest == ['up'] else (flags & ~1):#x}\n")
+            elif args[1] == "set" and len(rest) == 4 and rest[0] == "vf" and rest[2] == "mac":
+                if not rest[1].isdigit() or int(rest[1]) >= numvfs:
+                    return fail("RTNETLINK answers: Invalid argument")
+                macs[rest[1]] = rest[3].lower()
+            else:
+                return fail(f"ip: simulated: unsupported: {' '.join(args)}")
+            self._save(st)
+        return CommandResult(command, 0, "", "", self.name)
 
     def _modprobe(self, command: str, args: list[str]) -> CommandResult:
         mods = [a for a in args if not a.startswith("-")]
