@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
     bundle.choose_kata = lambda host, **kw: bundle.KataChoice("installed", "1.12.1", KATA.path, None, KATA,
                                                               "test: Kata 1.12.1 installed")
     provision.guest_image = lambda choice, ids, **kw: None
-    def write_config(host, choice, image):
+    def write_config(host, choice, image, memory_mb=None):
         host.write_atomic(config.KATA_VFIO_CONFIG, "# " + config.MARKER + "\\n", mode=0o644)
         return config.WrittenConfig(config.KATA_VFIO_CONFIG, "test", "")
     provision.write_config = write_config

@@ -3,6 +3,7 @@ configuration-qemu.toml as Kata installs it (bundled sample) and the full commen
 containers.conf that Debian's podman 4.3.1 ships (tests/unit/data)."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -171,3 +172,46 @@ def test_registration_is_idempotent_and_puts_back_what_was_there(tmp_path):
     assert (dropin.read_text(), wrapper.read_text()) == first
     reg.unregister()
     assert dropin.read_text() == "# someone else's\n" and not wrapper.exists()
+
+
+def test_guest_memory_comes_from_the_option_else_the_environment_else_the_default(monkeypatch):
+    from vfiotest.kata import config as kc
+
+    monkeypatch.delenv(kc.GUEST_MEMORY_ENV, raising=False)
+    assert kc.guest_memory_mb() == kc.KATA_GUEST_MEMORY_MB == 384
+    monkeypatch.setenv(kc.GUEST_MEMORY_ENV, "1024")
+    assert kc.guest_memory_mb() == 1024 and kc.guest_memory_mb("512") == 512
+    s = kc.KataVfioSettings.for_kata_guest(kernel="/k", initrd="/i", init=None)
+    assert s.default_memory == 1024
+    assert kc.KataVfioSettings.for_kata_guest(kernel="/k", initrd="/i", init=None, default_memory=640).default_memory == 640
+
+
+@pytest.mark.parametrize("bad", ["abc", "64", "-1", "1.5", "512M"])
+def test_a_bad_guest_memory_names_the_setting_and_the_next_step(monkeypatch, bad):
+    from vfiotest.errors import ProvisionError
+    from vfiotest.kata import config as kc
+
+    monkeypatch.setenv(kc.GUEST_MEMORY_ENV, bad)
+    with pytest.raises(ProvisionError, match=f"{kc.GUEST_MEMORY_ENV}='{re.escape(bad)}' is not a Kata guest memory") as e:
+        kc.guest_memory_mb()
+    assert "at least 128" in e.value.hint
+
+
+def test_kata_config_cli_writes_the_memory_and_refuses_a_bad_one(tmp_path):
+    import subprocess
+    import sys
+
+    base = tmp_path / "base.toml"
+    base.write_text(open(kc_bundled()).read())
+    cmd = [sys.executable, "-m", "vfiotest", "kata", "config", "--base", str(base), "--kernel", "/k", "--initrd", "/i"]
+    p = subprocess.run([*cmd, "--memory", "1536"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert tomlkit.parse(p.stdout)["hypervisor"]["qemu"]["default_memory"] == 1536
+    p = subprocess.run([*cmd, "--memory", "lots"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--memory" in p.stderr and "at least 128" in p.stderr, p.stderr
+
+
+def kc_bundled():
+    from vfiotest.kata import config as kc
+
+    return kc.BUNDLED_CONFIG

@@ -111,3 +111,10 @@ def test_an_unwritable_state_directory_fails_only_the_tests_that_need_a_session(
     assert "1 passed, 1 error" in out, out
     assert f"cannot keep the session's state in {blocker / 'state'}" in out, out
     assert "VFIOTEST_STATE_DIR to a directory you can write" in out, out
+
+
+@pytest.mark.parametrize(("args", "env"), [(["--kata-memory", "lots"], {}), ([], {"VFIOTEST_KATA_MEMORY": "64"})])
+def test_a_bad_kata_memory_is_a_usage_error_naming_it(tmp_path, args, env):
+    p = pytest_child(tmp_path, *args, env=env)
+    said = p.stdout + p.stderr
+    assert p.returncode == 4 and "--kata-memory" in said and "at least 128" in said and "Traceback" not in said, said

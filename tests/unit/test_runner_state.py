@@ -96,13 +96,16 @@ def test_igb_wire_is_a_hub_with_the_runners_wire_peer() -> None:
 
 def test_the_wire_runner_keeps_its_ram_below_4g_for_the_igb_vf_bars(monkeypatch) -> None:
     """With RAM above 4 GiB SeaBIOS puts the 64-bit windows above 4 GiB and QEMU 10.0 maps the igb
-    VF BARs at the low 32 bits of their address (docs/nic-traffic.md): the wire runner stays below
-    the q35 PCI hole (0xb0000000); without the wire the runner keeps its RAM and user networking."""
+    VF BARs at the low 32 bits of their address (docs/nic-traffic.md): the wire runner, the
+    default, stays below the q35 PCI hole (0xb0000000); VFIOTEST_RUNNER_WIRE=0 boots the former
+    runner with its 3072 MiB and user networking."""
     assert qemu.VF_BARS_BELOW_4G_MAX_MB < 0xB0000000 >> 20
-    monkeypatch.setenv(qemu.WIRE_ENV, "1")
+    monkeypatch.delenv(qemu.WIRE_ENV, raising=False)
     wired = Runner("/nonexistent/r")
     assert wired.wire and wired.memory_mb == qemu.VF_BARS_BELOW_4G_MAX_MB
-    monkeypatch.delenv(qemu.WIRE_ENV)
+    monkeypatch.setenv(qemu.WIRE_ENV, "1")
+    assert Runner("/nonexistent/r").wire
+    monkeypatch.setenv(qemu.WIRE_ENV, "0")
     plain = Runner("/nonexistent/r")
     assert not plain.wire and plain.memory_mb == qemu.DEFAULT_MEMORY_MB
     argv = qemu.command("/q", kernel="/k", initrd="/i", append="", port=1, console_log="/c", pidfile="/p",

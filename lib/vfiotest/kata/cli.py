@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..errors import HarnessError
 from . import config as kata_config
 from . import image, initrd, runtime
 
@@ -50,6 +51,14 @@ def _agent(path: str | None) -> str:
                                      hint=f"set {bundle.BUNDLE_ENV} to a Kata 1.x bundle (build one with "
                                           f"{bundle.BUILD_SCRIPT}, see its README.md), or give --agent")
     return found.agent
+
+
+def _memory(text: str) -> int:
+    """--memory: MiB for the Kata guest (an argparse type: a bad one is a usage error, exit 2)."""
+    try:
+        return kata_config.guest_memory_mb(text)
+    except HarnessError as e:
+        raise argparse.ArgumentTypeError(f"{e} ({e.hint})") from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -112,7 +121,8 @@ def cmd_config(args: argparse.Namespace) -> int:
                                     progress=_say)
         kernel, initrd_path = kernel or built.kernel, initrd_path or built.path
     settings = kata_config.KataVfioSettings(kernel=kernel, initrd=initrd_path, guest_hook_path=args.hook_path,
-                                            kata_major=args.kata_major)
+                                            kata_major=args.kata_major,
+                                            default_memory=kata_config.guest_memory_mb(args.memory))
     text = kata_config.derive_config(base, settings, source=base_path)
     if args.out in (None, "-"):
         sys.stdout.write(text)
@@ -164,7 +174,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         # what the registration replaces is recorded in the CLI's journal before anything is
         # written: `vfiotest kata unregister` (or `vfiotest restore`) puts it back, after a crash too
         with cli_journal(host) as journal:
-            info = provision.register_kata_vfio(host, choice, built, recorder=journal, progress=_say)
+            info = provision.register_kata_vfio(host, choice, built, recorder=journal, progress=_say,
+                                                memory_mb=args.memory)
         said = runtime.RuntimeRegistration(host, kata=provision.runtime_install(choice)).verify(image=args.image)
         print(info.describe())
         print(f"podman: {said}")
@@ -260,6 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kata-major", type=int, default=1, help="1: debug console as agent.debug_console; 2+: debug_console_enabled")
     p.add_argument("--profile", default=None, help="IDs the hook binds without an annotation (default emulated)")
     p.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--memory", type=_memory, metavar="MIB",
+                   help=f"the guest's memory, default_memory (default: ${kata_config.GUEST_MEMORY_ENV}, else "
+                        f"{kata_config.KATA_GUEST_MEMORY_MB}; a VF pins all of it)")
     p.set_defaults(func=cmd_config)
 
     p = ks.add_parser("detect", help="which Kata (bundle or installed), version, where from", formatter_class=fmt,
@@ -280,6 +294,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "replace is recorded in the CLI's journal first: `vfiotest kata unregister` (or,\n"
                                   "after a crash, `vfiotest restore`) puts it back.")
     add_target_argument(p, HOOK_PROFILE_HELP)
+    p.add_argument("--memory", type=_memory, metavar="MIB",
+                   help=f"the guest's memory (default: ${kata_config.GUEST_MEMORY_ENV}, else {kata_config.KATA_GUEST_MEMORY_MB})")
     p.add_argument("--image", help="also create (not start) a container with it and check inspect's OCIRuntime")
     p.set_defaults(func=cmd_register)
 

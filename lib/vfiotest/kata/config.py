@@ -52,6 +52,24 @@ KATA_VFIO_CONFIG = f"{STATE_DIR}/configuration.toml"
 MARKER = "vfiotest: derived for the kata-vfio runtime"
 # A VF pins all guest RAM; 384 MiB ran the probe and halved the Kata VM's RSS (measured, facts section 8).
 KATA_GUEST_MEMORY_MB = 384
+#: the Kata guest's memory in MiB for kata-vfio (default_memory); `vfiotest kata config/register --memory` too
+GUEST_MEMORY_ENV = "VFIOTEST_KATA_MEMORY"
+GUEST_MEMORY_MIN_MB = 128
+
+
+def guest_memory_mb(value: str | int | None = None) -> int:
+    """The Kata guest's memory in MiB: `value`, else VFIOTEST_KATA_MEMORY, else KATA_GUEST_MEMORY_MB.
+    A ProvisionError naming the setting when it is not a whole number of at least 128 MiB."""
+    where = "--memory" if value is not None else GUEST_MEMORY_ENV
+    raw = value if value is not None else os.environ.get(GUEST_MEMORY_ENV)
+    if raw is None or raw == "":
+        return KATA_GUEST_MEMORY_MB
+    text = str(raw).strip()
+    if not text.isdigit() or int(text) < GUEST_MEMORY_MIN_MB:
+        raise ProvisionError(f"{where}={raw!r} is not a Kata guest memory size",
+                          hint=f"give MiB as a whole number of at least {GUEST_MEMORY_MIN_MB}, e.g. 1024 "
+                               f"(default {KATA_GUEST_MEMORY_MB}; a VF pins all of it in the runner's RAM)")
+    return int(text)
 
 
 @dataclass
@@ -77,10 +95,11 @@ class KataVfioSettings:
     @classmethod
     def for_kata_guest(cls, *, kernel: str, initrd: str, init: str | None, hypervisor_path: str | None = None,
                        shim_path: str | None = None, proxy_path: str | None = None,
-                       default_memory: int | None = KATA_GUEST_MEMORY_MB, **kw: Any) -> KataVfioSettings:
-        """Settings for the harness's Kata 1.x guest image with a VF hot-plugged (see module doc)."""
+                       default_memory: int | None = None, **kw: Any) -> KataVfioSettings:
+        """Settings for the harness's Kata 1.x guest image with a VF hot-plugged (see module doc);
+        the guest's memory `default_memory` MiB, else guest_memory_mb()."""
         return cls(kernel=kernel, initrd=initrd, init=init, hypervisor_path=hypervisor_path, shim_path=shim_path,
-                   proxy_path=proxy_path, default_memory=default_memory,
+                   proxy_path=proxy_path, default_memory=default_memory or guest_memory_mb(),
                    hypervisor_extra=(("hotplug_vfio_on_root_bus", True), ("pcie_root_port", 2),
                                      ("use_vsock", True), ("disable_block_device_use", True)),
                    runtime_extra=(("internetworking_model", "none"),), **kw)

@@ -44,9 +44,11 @@ def runtime_install(choice: KataChoice) -> runtime.KataInstall:
     return runtime.KataInstall(choice.runtime_path, choice.version, choice.major)
 
 
-def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd) -> kata_config.WrittenConfig:
+def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd,
+                 memory_mb: int | None = None) -> kata_config.WrittenConfig:
     """configuration.toml for kata-vfio on `host`, derived from the bundle's (or the installed)
-    configuration, for `image` (a BuiltInitrd staged for the target)."""
+    configuration, for `image` (a BuiltInitrd staged for the target); the guest's memory
+    `memory_mb`, else kata_config.guest_memory_mb() (VFIOTEST_KATA_MEMORY, else the default)."""
     res = host.run(["sh", "-c", "command -v qemu-system-x86_64"], timeout=15)
     root = choice.target_root
     def in_bundle(role: str) -> str | None:
@@ -55,12 +57,13 @@ def write_config(host: Host, choice: KataChoice, image: initrd.BuiltInitrd) -> k
     settings = kata_config.KataVfioSettings.for_kata_guest(
         kernel=image.target_kernel, initrd=image.target_path, init=image.init,  # type: ignore[arg-type]  # set by guest_image()
         hypervisor_path=res.stdout.strip() or None, shim_path=in_bundle("shim"), proxy_path=in_bundle("proxy"),
-        kata_major=choice.major)
+        kata_major=choice.major, default_memory=memory_mb)
     return kata_config.write_kata_vfio_config(host, settings, base_path=in_bundle("config"))
 
 
 def register_kata_vfio(host: Host, choice: KataChoice, image: initrd.BuiltInitrd, recorder: Any,
-                       progress: Callable[[str], None] = lambda s: None) -> runtime.RuntimeInfo:
+                       progress: Callable[[str], None] = lambda s: None,
+                       memory_mb: int | None = None) -> runtime.RuntimeInfo:
     """The kata-vfio registration, the one way both the session (Session.register_kata_vfio) and
     `vfiotest kata register` make it: what it replaces is recorded in `recorder` (a session's
     records or the CLI's journal) before anything is written, the derived configuration.toml
@@ -70,8 +73,9 @@ def register_kata_vfio(host: Host, choice: KataChoice, image: initrd.BuiltInitrd
     reg = runtime.RuntimeRegistration(host, kata=runtime_install(choice))
     reg.snapshot()
     recorder.record(runtime.registration_record(reg, kata_config.KATA_VFIO_CONFIG))
-    written = write_config(host, choice, image)
-    progress(f"kata-vfio configuration {written.path} derived from {written.source}")
+    written = write_config(host, choice, image, memory_mb)
+    progress(f"kata-vfio configuration {written.path} derived from {written.source} "
+             f"(guest memory {memory_mb or kata_config.guest_memory_mb()} MiB)")
     info = reg.register()
     reg.verify()
     return info
