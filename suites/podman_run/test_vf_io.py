@@ -34,10 +34,11 @@ from typing import Any
 
 import pytest
 
-from vfiotest import nic_vf, nvme_virt, wire
+from vfiotest import io_families, nic_vf, nvme_virt, wire
 from vfiotest.errors import TargetError
 from vfiotest.fixtures.allure_report import attach_json, step
-from vfiotest.fixtures.layers import broken
+from vfiotest.fixtures.layers import broken, layer_unavailable
+from vfiotest.kata.config import guest_memory_mb
 from vfiotest.pci import read_inventory
 from vfiotest.runner.qemu import WIRE_PEER_MAC, WIRE_PEER_PCI
 
@@ -141,7 +142,6 @@ def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container,
 
 
 # -- NIC VF: frames in and out through DPDK's igbvf PMD in the container ------------------------
-NIC_VF = "8086:10ca"  # QEMU's igb VF (the emulated runner's)
 FRAMES = 64
 #: inside the container: the VFIO group Kata's hook bound, its device's guest address, then
 #: testpmd on it in macswap mode (every frame received is sent back with the MACs swapped) until
@@ -152,11 +152,12 @@ g=$(ls /dev/vfio | grep -x '[0-9][0-9]*' | head -n1)
 [ -n "$g" ] || { echo "vfiotest: no VFIO group in /dev/vfio" >&2; exit 3; }
 bdf=$(ls /sys/kernel/iommu_groups/"$g"/devices | head -n1)
 echo "vfiotest: VF $bdf, VFIO group $g"
+grep MemTotal /proc/meminfo
 exec stdbuf -oL dpdk-testpmd --log-level=pmd.net.e1000.*:info --no-huge -m 128 --lcores=0@0,1@0 -a "$bdf" --no-telemetry -- \
     --forward-mode=macswap --stats-period=86400 --total-num-mbufs=2048
 """
 FORWARDING = "packet forwarding - ports="  # testpmd 22.11, once forwarding runs
-TESTPMD_MEMORY = "768m"
+TESTPMD_MEMORY_MB = 768
 _STATS_RE = re.compile(r"Accumulated forward statistics for all ports.*?RX-packets:\s*(\d+)\s+RX-dropped:\s*(\d+).*?"
                        r"TX-packets:\s*(\d+)\s+TX-dropped:\s*(\d+)", re.S)
 
@@ -212,19 +213,43 @@ def _link_down_on_purpose(host: Any, pf: str) -> Iterator[None]:
             host.run(["ip", "link", "set", "dev", n, "up"], timeout=30, check=True)
 
 
-@pytest.mark.parametrize("vf_lease", [NIC_VF], indirect=True)
-def test_nic_vf_echoes_frames_from_the_runner_through_dpdk_in_the_container(dpdk_container, vfio_group, target_host,
+def test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container(request, dpdk_container, vf_leaser,
+                                                                          sriov_pfs, profile, target_host,
                                                                           vfiotest_session) -> None:
-    vf, host = vfio_group, target_host
+    """Every NIC VF family on the target's PFs that has an I/O check (vfiotest.io_families:
+    its DPDK PMD in the image) echoes the runner's frames through testpmd in a Kata container;
+    a family with none (mlx5: not driven over vfio-pci) is named with its reason, never passed."""
+    present = sorted({profile.vf_ids[pf.vendor_device] for pf in sriov_pfs if pf.vfs and pf.vendor_device in profile.vf_ids})
+    fams = [io_families.family_of(v) for v in present]
+    nic = [f for f in fams if f.check == "nic"]
+    unchecked = [f for f in fams if f.check is None]
+    attach_json("VF families on the target and their I/O checks",
+                [{"vf_id": f.vf_id, "family": f.name, "check": f.check or "none", "pmd": f.pmd, "why none": f.reason}
+                 for f in fams])
+    if not nic:
+        if unchecked:
+            pytest.skip("no NIC VF family here has an I/O check: "
+                        + "; ".join(f"{f.name} ({f.vf_id}): {f.reason}" for f in unchecked))
+        layer_unavailable(request, "vfio", f"no NIC VF on the target's PFs ({', '.join(present) or 'none'})")
+    for fam in nic:
+        with vf_leaser.vfio(request.node.nodeid, fam.vf_id) as vf:
+            with step(f"{fam.name}: VF {vf.address} ({fam.vf_id}), DPDK PMD {fam.pmd}"):
+                _echo_frames(dpdk_container, vf, fam, target_host, vfiotest_session)
+    for f in unchecked:     # said in the result, not only in an attachment
+        request.node.add_report_section("call", "VF families without an I/O check", f"{f.name} ({f.vf_id}): {f.reason}")
+
+
+def _echo_frames(factory: Any, vf: Any, fam: io_families.Family, host: Any, session: Any) -> None:
     index = nic_vf.vf_index(host, vf.pf, vf.address)
     mac = nic_vf.mac_for(vf.pf, index)
     with step(f"the PF gives VF {index} ({vf.address}) the MAC {mac}"):
-        nic_vf.set_vf_mac(host, vf.pf, index, mac, journal=vfiotest_session)
-    peer, peer_what = _peer(host, vf.pf, vfiotest_session)
+        nic_vf.set_vf_mac(host, vf.pf, index, mac, journal=session)
+    peer, peer_what = _peer(host, vf.pf, session)
     with _link_down_on_purpose(host, vf.pf):
         # testpmd's 128 MiB (pinned for DMA) does not fit beside the guest's own use in Kata's
-        # 384 MiB (SIGKILLed): the container asks for more, which Kata hot-plugs into the guest
-        c = dpdk_container.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True, mem_limit=TESTPMD_MEMORY)
+        # 384 MiB (SIGKILLed): the container asks for more (podman run --memory), which Kata
+        # hot-plugs into the guest
+        c = factory.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True, mem_limit=f"{TESTPMD_MEMORY_MB}m")
         try:
             started = _wait_for(c, FORWARDING, timeout=300)
             time.sleep(3)  # the port's link comes up after forwarding starts
@@ -238,13 +263,21 @@ def test_nic_vf_echoes_frames_from_the_runner_through_dpdk_in_the_container(dpdk
                 c.wait(condition=["exited", "stopped"], timeout=120)
             logs = _logs(c)
     stats = _STATS_RE.findall(logs)
+    mem = re.search(r"MemTotal:\s*(\d+) kB", logs)
     attach_json("frames: runner to the VF in the container and back", {
-        "vf": vf.address, "vf_index": index, "vf_mac": mac, "runner_side": f"{peer}, {peer_what}", "frames": FRAMES,
-        "sent": ex.sent, "received_back": ex.received, "in_order": ex.in_order, "duplicates": ex.duplicates,
-        "runner_tx_packets": ex.tx_packets, "runner_rx_packets": ex.rx_packets,
-        "testpmd_forward_stats": dict(zip(("rx_packets", "rx_dropped", "tx_packets", "tx_dropped"), map(int, stats[-1]), strict=True))
-        if stats else None})
+        "family": fam.name, "vf": vf.address, "vf_index": index, "vf_mac": mac, "runner_side": f"{peer}, {peer_what}",
+        "frames": FRAMES, "sent": ex.sent, "received_back": ex.received, "in_order": ex.in_order,
+        "duplicates": ex.duplicates, "runner_tx_packets": ex.tx_packets, "runner_rx_packets": ex.rx_packets,
+        "guest_memtotal_kb": int(mem.group(1)) if mem else None,
+        "testpmd_forward_stats": dict(zip(("rx_packets", "rx_dropped", "tx_packets", "tx_dropped"), map(int, stats[-1]),
+                                          strict=True)) if stats else None})
     assert "vfiotest: VF " in started, started[-2000:]
+    # podman run --memory on kata-vfio: the guest has more than Kata's own default_memory
+    base_kb = guest_memory_mb() * 1024
+    assert mem and int(mem.group(1)) > base_kb, (
+        f"the guest's MemTotal {mem.group(1) if mem else '?'} kB is not above its {base_kb} kB default: "
+        f"--memory {TESTPMD_MEMORY_MB}m was not hot-plugged")
+    assert f"Probe PCI driver: {fam.pmd}" in started, f"testpmd did not probe the VF with {fam.pmd}:\n{started[-2000:]}"
     assert ex.sent == FRAMES, f"the runner sent {ex.sent} of {FRAMES} frames on {peer}"
     assert ex.received == FRAMES and ex.in_order, (
         f"{ex.received} of {FRAMES} frames sent from {peer} to the VF's MAC {mac} came back through testpmd in the "
