@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 
 from ..errors import ProvisionError
 
@@ -35,6 +37,54 @@ WIRE_ENV = "VFIOTEST_RUNNER_WIRE"
 WIRE_PEER_MAC = "52:54:00:76:66:01"
 WIRE_PEER_SLOT = 0x6
 WIRE_PEER_PCI = f"0000:00:{WIRE_PEER_SLOT:02x}.0"
+
+
+#: how the runner's CPU is emulated: auto (KVM when /dev/kvm runs a guest, else TCG), kvm, tcg
+ACCEL_ENV = "VFIOTEST_RUNNER_ACCEL"
+ACCELS = ("auto", "kvm", "tcg")
+KVM_DEVICE = "/dev/kvm"
+
+
+def kvm_runs_a_guest(qemu: str, kernel: str, timeout: float = 30.0, device: str = KVM_DEVICE) -> tuple[bool, str]:
+    """Whether QEMU/KVM runs a guest here, found by trying: `kernel` booted under `-accel kvm`
+    without a root file system (it prints its banner and panics; `-no-reboot` ends QEMU).
+    (True, "") or (False, why). /dev/kvm being there is not enough: on some machines (these
+    among them) it refuses to run a vCPU."""
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False, f"{device} is absent or not accessible"
+    argv = [qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "128", "-nodefaults", "-no-user-config",
+            "-display", "none", "-kernel", kernel, "-append", "console=ttyS0 panic=-1", "-serial", "stdio", "-no-reboot"]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        out, err = p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:        # still running: what it printed decides
+        out, err = e.stdout or b"", e.stderr or b""
+    except OSError as e:
+        return False, f"{qemu} did not run: {e}"
+    text = out.decode("utf-8", "replace")
+    if "Linux version" in text:
+        return True, ""
+    why = (err.decode("utf-8", "replace").strip().splitlines() or text.strip().splitlines() or ["no output"])[0]
+    return False, f"a KVM guest did not start: {why[:200]}"
+
+
+def choose_accel(qemu: str, kernel: str, want: str | None = None,
+                 trial: Callable[[str, str], tuple[bool, str]] | None = None) -> tuple[str, str]:
+    """("kvm" or "tcg", why) for the runner: `want` (else VFIOTEST_RUNNER_ACCEL, else auto).
+    auto tries KVM (kvm_runs_a_guest) and falls back to TCG; kvm that does not work is an error."""
+    want = (want or os.environ.get(ACCEL_ENV) or "auto").strip().lower()
+    if want not in ACCELS:
+        raise ProvisionError(f"{ACCEL_ENV}={want!r} is not an accelerator",
+                             hint=f"use one of {', '.join(ACCELS)} (auto: KVM when it runs a guest here, else TCG)")
+    if want == "tcg":
+        return "tcg", f"TCG ({ACCEL_ENV}=tcg)"
+    ok, why = (trial or kvm_runs_a_guest)(qemu, kernel)
+    if ok:
+        return "kvm", "KVM (a trial guest ran under /dev/kvm; nested virtualisation for the Kata VMs)"
+    if want == "kvm":
+        raise ProvisionError(f"{ACCEL_ENV}=kvm, but {why}",
+                             hint=f"unset {ACCEL_ENV} (or set it to tcg) to run the runner under TCG")
+    return "tcg", f"TCG ({why})"
 
 
 def find_qemu(explicit: str | None = None) -> str:
@@ -72,7 +122,8 @@ def has_igb(path: str) -> bool:
 
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
             nvme_image: str, memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = 2, igb: bool = True,
-            name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False) -> list[str]:
+            name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False,
+            accel: str = "tcg") -> list[str]:
     """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates.
     `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write."""
     if etc_default and ("," in etc_default or not etc_default.startswith("/")):
@@ -81,7 +132,8 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
                              hint="set VFIOTEST_STATE_DIR to an absolute path without commas")
     argv = [
         qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-machine", "q35,kernel-irqchip=split",
+        *(["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]),
         "-smp", str(cpus), "-m", str(memory_mb),
         "-device", "intel-iommu,intremap=on,caching-mode=on",
         "-kernel", kernel, "-initrd", initrd, "-append", append,

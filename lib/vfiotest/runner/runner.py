@@ -281,6 +281,7 @@ class Runner:
             "kernel": st.get("kernel") if up else None,
             "cmdline": st.get("cmdline") if up else None,
             "boots": st.get("boots") if up else None,
+            "accel": st.get("accel") if up else None,
             "rebooting": bool(st.get("rebooting")) if up else False,
             "supervisor": self.supervisor_pid(),
             "boot_config": self.grub_path,
@@ -527,6 +528,8 @@ class Runner:
         if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
             with open(self.nvme_image, "wb") as f:
                 f.truncate(NVME_IMAGE_BYTES)
+        accel, why = qemu.choose_accel(qemu_path, kernel.vmlinuz)
+        say(f"runner: {why}")
         base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG)
         append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
@@ -539,7 +542,7 @@ class Runner:
             argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
                                 console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
                                 memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir,
-                                wire=self.wire)
+                                wire=self.wire, accel=accel)
             say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
             try:
                 p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
@@ -566,7 +569,7 @@ class Runner:
         generation = uuid.uuid4().hex
         st: dict[str, Any] = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
               "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me),
-              "generation": generation, "cmdline": append, "boots": 1}
+              "generation": generation, "cmdline": append, "boots": 1, "accel": accel, "accel_why": why}
         self._write_state(st)
         self._add_user(me)
         with open(self.boot_file, "w") as f:

@@ -1,0 +1,63 @@
+"""How the emulated runner's CPU is emulated: KVM when a trial guest runs under /dev/kvm, TCG
+otherwise, VFIOTEST_RUNNER_ACCEL to force one (vfiotest.runner.qemu.choose_accel). The trial
+runs a fake QEMU here: this machine's /dev/kvm cannot run a guest, so KVM is never measured."""
+
+import stat
+
+import pytest
+
+from vfiotest.errors import ProvisionError
+from vfiotest.runner import qemu
+
+
+def fake_qemu(tmp_path, stdout: str, stderr: str = "", rc: int = 0) -> str:
+    path = tmp_path / "qemu"
+    path.write_text(f"#!/bin/sh\nprintf '%s' {stdout!r}\nprintf '%s' {stderr!r} >&2\nexit {rc}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.fixture
+def kvm_device(tmp_path):
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    return str(dev)
+
+
+def test_a_guest_that_prints_its_banner_means_kvm(tmp_path, kvm_device):
+    q = fake_qemu(tmp_path, "[    0.000000] Linux version 6.1.0 ...\nKernel panic - not syncing: VFS\n")
+    assert qemu.kvm_runs_a_guest(q, "/k", device=kvm_device) == (True, "")
+
+
+def test_a_qemu_that_cannot_run_a_vcpu_means_tcg_with_its_words(tmp_path, kvm_device):
+    q = fake_qemu(tmp_path, "", "qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069\n", rc=134)
+    ok, why = qemu.kvm_runs_a_guest(q, "/k", device=kvm_device)
+    assert not ok and "failed to set MSR" in why
+
+
+def test_no_kvm_device_means_tcg(tmp_path):
+    ok, why = qemu.kvm_runs_a_guest("/nonexistent/qemu", "/k", device=str(tmp_path / "none"))
+    assert not ok and "absent or not accessible" in why
+
+
+def test_choose_accel(monkeypatch):
+    monkeypatch.delenv(qemu.ACCEL_ENV, raising=False)
+    works, broken = (lambda q, k: (True, "")), (lambda q, k: (False, "a KVM guest did not start: EPERM"))
+    assert qemu.choose_accel("q", "k", trial=works)[0] == "kvm"
+    accel, why = qemu.choose_accel("q", "k", trial=broken)
+    assert accel == "tcg" and "EPERM" in why                       # said in the progress line
+    assert qemu.choose_accel("q", "k", want="tcg", trial=works)[0] == "tcg"
+    monkeypatch.setenv(qemu.ACCEL_ENV, "kvm")
+    with pytest.raises(ProvisionError, match="EPERM") as e:
+        qemu.choose_accel("q", "k", trial=broken)
+    assert "tcg" in e.value.hint
+    monkeypatch.setenv(qemu.ACCEL_ENV, "hvf")
+    with pytest.raises(ProvisionError, match="not an accelerator"):
+        qemu.choose_accel("q", "k", trial=works)
+
+
+def test_the_command_line_follows_the_choice():
+    kw = dict(kernel="/k", initrd="/i", append="", port=1, console_log="/c", pidfile="/p", nvme_image="/n")
+    tcg, kvm = qemu.command("/q", **kw), qemu.command("/q", accel="kvm", **kw)
+    assert tcg[tcg.index("-accel") + 1].startswith("tcg") and tcg[tcg.index("-cpu") + 1] == "max"
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
