@@ -22,10 +22,11 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9]{1,8}$")
 
-# argv: tx_if dst_mac rx_if count tag window_s; prints one JSON object
+# argv: tx_if dst_mac rx_if count tag window_s gap_s; prints one JSON object
 EXCHANGE_SCRIPT = r"""
 import json, socket, sys, threading, time
 tx_if, dst, rx_if, count, tag, window = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].encode(), float(sys.argv[6])
+gap = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
 ET = 0x88B5
 def stat(i, k):
     with open(f"/sys/class/net/{i}/statistics/{k}") as f:
@@ -46,6 +47,7 @@ with open(f"/sys/class/net/{tx_if}/address") as f:
 head = bytes.fromhex(dst.replace(":", "")) + src + ET.to_bytes(2, "big") + tag.ljust(8, b"\0")
 tx0, rx0 = stat(tx_if, "tx_packets"), stat(rx_if, "rx_packets")
 seen = []
+sent_at, seen_at = {}, {}
 done = threading.Event()
 def receive():
     while not done.is_set():
@@ -54,19 +56,27 @@ def receive():
         except socket.timeout:
             continue
         if addr[2] != socket.PACKET_OUTGOING and data[14:22] == tag.ljust(8, b"\0"):
-            seen.append(int.from_bytes(data[22:26], "big"))
+            n = int.from_bytes(data[22:26], "big")
+            seen.append(n)
+            seen_at.setdefault(n, time.monotonic())
 t = threading.Thread(target=receive)
 t.start()
 sent = 0
+t0 = time.monotonic()
 for n in range(count):
+    sent_at[n] = time.monotonic()
     sent += tx.send(head + n.to_bytes(4, "big") + bytes(34)) > 0
+    if gap:
+        time.sleep(gap)
 deadline = time.monotonic() + window
 while time.monotonic() < deadline and len(set(seen)) < count:
     time.sleep(0.05)
 done.set()
 t.join()
+rtt = sorted((seen_at[n] - sent_at[n]) * 1000 for n in seen_at if n in sent_at)
+last = max(seen_at.values()) if seen_at else t0
 print(json.dumps({"sent": sent, "seen": seen, "tx_packets": stat(tx_if, "tx_packets") - tx0,
-                  "rx_packets": stat(rx_if, "rx_packets") - rx0}))
+                  "rx_packets": stat(rx_if, "rx_packets") - rx0, "rtt_ms": rtt, "span_s": last - t0}))
 """
 
 # argv: mac; prints the names of the interfaces with that MAC, one JSON list
@@ -94,6 +104,8 @@ class Exchange:
     duplicates: int
     tx_packets: int   # change of the sending interface's counter
     rx_packets: int   # change of the receiving interface's counter (all frames, not only ours)
+    rtt_ms: tuple[float, ...] = ()   # per frame seen: its first sighting minus its sending, sorted
+    span_s: float = 0.0              # first frame sent to the last one seen
 
     @property
     def lost(self) -> int:
@@ -126,13 +138,16 @@ def interface_by_mac(host: Host, mac: str, *, timeout: float = 30.0) -> str:
 
 
 def exchange(host: Host, tx_if: str, dst_mac: str, rx_if: str, count: int, *, tag: str = "vfiotest",
-             window: float = 10.0, timeout: float = 120.0) -> Exchange:
-    """Send `count` marker frames from `tx_if` to `dst_mac` and count those arriving on `rx_if`
-    (waiting up to `window` seconds after the last was sent). Needs root on the target."""
+             window: float = 10.0, timeout: float = 120.0, gap: float = 0.0) -> Exchange:
+    """Send `count` marker frames from `tx_if` to `dst_mac` (`gap` seconds apart) and count those
+    arriving on `rx_if` (waiting up to `window` seconds after the last was sent); with their
+    round-trip times when `rx_if` is where they come back. Needs root on the target."""
     tx_if, rx_if, dst_mac = _check_ifname(tx_if), _check_ifname(rx_if), _check_mac(dst_mac)
     if not _TAG_RE.match(tag) or count < 0:
         raise TargetError(f"bad frame tag {tag!r} or count {count}", hint="a tag of 1-8 letters/digits, count >= 0")
-    res = host.python(EXCHANGE_SCRIPT, [tx_if, dst_mac, rx_if, count, tag, window], timeout=timeout, check=True,
+    if gap < 0:
+        raise TargetError(f"bad gap {gap} between frames", hint="give seconds, 0 or more")
+    res = host.python(EXCHANGE_SCRIPT, [tx_if, dst_mac, rx_if, count, tag, window, gap], timeout=timeout, check=True,
                       what=f"sending {count} frames {tx_if} -> {dst_mac}, counting on {rx_if}")
     out = json.loads(res.stdout)
     if "error" in out:
@@ -140,4 +155,5 @@ def exchange(host: Host, tx_if: str, dst_mac: str, rx_if: str, count: int, *, ta
     seen: list[int] = out["seen"]
     distinct = set(seen)
     return Exchange(sent=out["sent"], received=len(distinct), in_order=seen == sorted(distinct),
-                    duplicates=len(seen) - len(distinct), tx_packets=out["tx_packets"], rx_packets=out["rx_packets"])
+                    duplicates=len(seen) - len(distinct), tx_packets=out["tx_packets"], rx_packets=out["rx_packets"],
+                    rtt_ms=tuple(out.get("rtt_ms", ())), span_s=float(out.get("span_s", 0.0)))

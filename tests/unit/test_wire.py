@@ -53,3 +53,16 @@ def test_loopback_found_by_its_mac() -> None:
 def test_what_reaches_the_target_is_validated(args: tuple[str, str, str]) -> None:
     with pytest.raises(TargetError):
         wire.exchange(LocalHost(), args[0], args[1], args[2], 1)
+
+
+@needs_raw
+def test_paced_frames_come_with_one_round_trip_time_each() -> None:
+    ex = wire.exchange(LocalHost(), "lo", "02:00:00:00:00:10", "lo", 20, tag="t5", window=5, gap=0.01)
+    assert ex.received == 20 and len(ex.rtt_ms) == 20
+    assert list(ex.rtt_ms) == sorted(ex.rtt_ms) and ex.rtt_ms[0] >= 0
+    assert ex.span_s >= 19 * 0.01          # the frames were sent `gap` apart
+
+
+def test_a_negative_gap_is_refused() -> None:
+    with pytest.raises(TargetError, match="bad gap"):
+        wire.exchange(LocalHost(), "lo", "02:00:00:00:00:10", "lo", 1, gap=-1)
