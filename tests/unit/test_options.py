@@ -118,3 +118,20 @@ def test_a_bad_kata_memory_is_a_usage_error_naming_it(tmp_path, args, env):
     p = pytest_child(tmp_path, *args, env=env)
     said = p.stdout + p.stderr
     assert p.returncode == 4 and "--kata-memory" in said and "at least 128" in said and "Traceback" not in said, said
+
+
+def test_lf_reruns_only_the_last_failures(tmp_path):
+    """The cache provider is on (pytest.ini): a developer reruns `pytest -k rebind --lf` after a failure."""
+    probe = tmp_path / "test_lf_probe.py"
+    probe.write_text("def test_good():\n    pass\n\n\ndef test_bad():\n    assert False\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VFIOTEST_", "PYTEST_"))}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "--rootdir", ROOT,
+                               "-c", os.path.join(ROOT, "pytest.ini"), "-o", f"cache_dir={tmp_path / 'cache'}",
+                               str(probe), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    first = run()
+    assert first.returncode == 1 and "1 failed, 1 passed" in first.stdout, first.stdout[-2000:]
+    again = run("--lf")
+    assert again.returncode == 1 and "1 failed, 1 deselected" in again.stdout, again.stdout[-2000:]
