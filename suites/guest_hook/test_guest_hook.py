@@ -12,7 +12,7 @@ import pytest
 from vfiotest.kata.console import KATA_BUNDLE_DIR
 from vfiotest.podman.client import VFIO_ANNOTATION
 
-pytestmark = [pytest.mark.kata, pytest.mark.vm, pytest.mark.mutating]
+pytestmark = [pytest.mark.kata, pytest.mark.mutating]   # `vm` at run time, by the target
 
 
 def guest_vfs(guest, vendor_device):

@@ -26,7 +26,7 @@ from vfiotest.lease import OthersLeases
 from vfiotest.pci import read_inventory
 from vfiotest.sriov import hold_vfs, pf_lease_name, set_numvfs
 
-pytestmark = [pytest.mark.mutating, pytest.mark.vm]   # vm: the default target is the emulated runner
+pytestmark = [pytest.mark.mutating]   # `vm` at run time, by the target
 
 
 def driver_of(host, address):
