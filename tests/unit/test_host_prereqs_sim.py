@@ -48,3 +48,26 @@ def test_the_same_checks_pass_when_the_subject_is_fine(tmp_path, selinux):
     p = run(tmp_path, selinux=selinux, cap_eff="000001ffffffffff")
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "3 passed" in p.stdout, p.stdout[-2000:]     # the two checks and the host state guard
+
+
+def test_every_check_attaches_what_it_read(tmp_path):
+    """Evidence for a qualification report (issue 19): each host_prereqs result carries what was
+    read on the target (Allure attachments), whatever its verdict."""
+    import glob
+    import json
+
+    sim = SimulatedHost.build(str(tmp_path / "sim"), pfs=("igb",))
+    os.makedirs(sim.sysroot + "/proc/self")
+    with open(sim.sysroot + "/proc/self/status", "w") as f:
+        f.write(STATUS.format(eff="000001ffffffffff"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
+    env.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
+    alluredir = tmp_path / "allure"
+    subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", SUITE, "-k", "not kata_check",
+                    "--target", f"sim:{sim.sysroot}", f"--alluredir={alluredir}"],
+                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    results = [json.load(open(p)) for p in glob.glob(str(alluredir / "*-result.json"))]
+    mine = [r for r in results if "host_prereqs" in r.get("fullName", "")]
+    assert len(mine) == 8, [r.get("fullName") for r in results]
+    bare = [r["name"] for r in mine if not r.get("attachments")]
+    assert bare == [], f"results without evidence: {bare}"
