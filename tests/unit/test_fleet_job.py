@@ -45,3 +45,21 @@ def test_a_bad_fleet_name_is_refused_before_anything_runs(tmp_path):
     p = subprocess.run([str(tree / "ci" / "fleet-job")], env=dict(os.environ, FLEET_NAME="a b;rm"),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "FLEET_NAME" in p.stderr and not (tree / "reports").exists()
+
+
+def test_the_ci_files_pass_their_schemas_and_a_broken_one_does_not(tmp_path):
+    """What ci/test runs on .github/workflows and .gitlab-ci.yml (check-jsonschema's vendored
+    schemas) accepts ours and refuses a job without `runs-on`."""
+    import glob
+    import sys
+
+    def check(schema, *files):
+        return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, *files],
+                              capture_output=True, text=True, timeout=120)
+
+    assert check("vendor.github-workflows", *glob.glob(os.path.join(ROOT, ".github/workflows/*.yml"))).returncode == 0
+    assert check("vendor.gitlab-ci", os.path.join(ROOT, ".gitlab-ci.yml")).returncode == 0
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  test:\n    steps:\n      - run: ci/test\n")
+    p = check("vendor.github-workflows", str(bad))
+    assert p.returncode != 0 and "runs-on" in p.stdout + p.stderr, p.stdout
