@@ -70,7 +70,7 @@ def run_session(tmp_path, name="run", env=None, timeout=240, args=()):
     reports = root / "reports"
     alluredir, junit = reports / "allure-results", reports / "junit.xml"
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(root),
-                        "--target", f"sim:{sim.sysroot}", "--profile", "emulated", f"--junitxml={junit}",
+                        "--target", f"sim:{sim.sysroot}", "--vfio-profile", "emulated", f"--junitxml={junit}",
                         f"--alluredir={alluredir}", *args, "suites"],
                        cwd=str(root), env=full_env, capture_output=True, text=True, timeout=timeout)
     return p, alluredir, junit

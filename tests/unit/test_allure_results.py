@@ -119,7 +119,7 @@ def test_executor_from_github_and_gitlab_variables():
 
 def test_a_layer_that_is_unavailable_is_a_skipped_step_with_its_reason(tmp_path):
     # the seed profile has no PF on the simulated host (an igb): the prereqs layer is unavailable
-    p, alluredir, _ = run_session(tmp_path, args=("--profile", "seed"))
+    p, alluredir, _ = run_session(tmp_path, args=("--vfio-profile", "seed"))
     assert "1 failed, 1 passed, 2 skipped" in p.stdout, p.stdout + p.stderr   # test_bound_group skipped
     containers = [json.loads(f.read_text()) for f in alluredir.glob("*-container.json")]
     steps = [s for c in containers for b in c.get("befores", []) for s in b.get("steps", [])

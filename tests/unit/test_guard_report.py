@@ -32,7 +32,7 @@ def _session(tmp_path, leak):
     env.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
     junit = tmp_path / "junit.xml"
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(suite),
-                        "--target", f"sim:{sim.sysroot}", "--profile", "emulated", f"--junitxml={junit}",
+                        "--target", f"sim:{sim.sysroot}", "--vfio-profile", "emulated", f"--junitxml={junit}",
                         f"--alluredir={tmp_path / 'allure'}",
                         str(suite / "test_leaky.py")],
                        cwd=str(suite), env=env, capture_output=True, text=True, timeout=180)

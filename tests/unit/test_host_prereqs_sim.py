@@ -28,7 +28,7 @@ def run(tmp_path, selinux, cap_eff):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
     env.update(VFIOTEST_STATE_DIR=str(tmp_path / "state"))
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rf",
-                           "--target", f"sim:{sim.sysroot}", "--profile", "emulated",
+                           "--target", f"sim:{sim.sysroot}", "--vfio-profile", "emulated",
                            *(f"{SUITE}::{t}" for t in TESTS)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 

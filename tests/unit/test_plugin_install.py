@@ -103,3 +103,29 @@ def test_repository_conftest_only_loads_the_plugin():
     with open(os.path.join(ROOT, "conftest.py")) as f:
         code = "\n".join(line for line in f.read().split('"""')[-1].splitlines() if line.strip())
     assert code.strip() == 'pytest_plugins = ["vfiotest.fixtures"]'
+
+
+#: pytest-profiling, a plugin many test trees carry, at a version this was tried with
+PROFILING = ("pytest-profiling==1.8.1", "gprof2dot==2025.4.14", "six==1.17.0")
+
+
+def test_the_plugin_lives_beside_pytest_profiling(tmp_path):
+    """pytest-profiling owns --profile: the harness's device profile is --vfio-profile, its other
+    options are under --vfio-* too, and pytest starts with both plugins installed."""
+    py = _install(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                        "--disable-pip-version-check", "--no-warn-script-location", "--prefix", str(tmp_path / "venv"),
+                        *PROFILING], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_x.py").write_text("def test_x():\n    pass\n")
+    helptext = subprocess.run([str(py), "-m", "pytest", "--help"], cwd=tmp_path / "t", env=_clean_env(),
+                              capture_output=True, text=True, timeout=120)
+    assert helptext.returncode == 0, helptext.stderr[-2000:]
+    out = helptext.stdout
+    assert "--profile " in out and "--vfio-profile=VFIO_PROFILE" in out, out[-3000:]
+    assert "--vfio-target=TARGET, --target=TARGET" in out and "--vfio-numvfs=N, --numvfs=N" in out
+    run = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_x.py", "--profile"],
+                         cwd=tmp_path / "t", env=dict(_clean_env(), VFIOTEST_STATE_DIR=str(tmp_path / "state")),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

@@ -23,7 +23,7 @@ def run(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
     env["VFIOTEST_STATE_DIR"] = str(tmp_path / "state")
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", os.path.join(ROOT, "pytest.ini"),
-                        "--rootdir", str(tmp_path), "--target", f"sim:{sim.sysroot}", "--profile", "emulated",
+                        "--rootdir", str(tmp_path), "--target", f"sim:{sim.sysroot}", "--vfio-profile", "emulated",
                         "-k", "bound", *args, "suites"],
                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and "2 passed" in p.stdout, p.stdout + p.stderr   # the test and the guard
