@@ -135,3 +135,24 @@ def test_lf_reruns_only_the_last_failures(tmp_path):
     assert first.returncode == 1 and "1 failed, 1 passed" in first.stdout, first.stdout[-2000:]
     again = run("--lf")
     assert again.returncode == 1 and "1 failed, 1 deselected" in again.stdout, again.stdout[-2000:]
+
+
+def test_live_logging_only_in_this_projects_runs_or_when_asked(tmp_path):
+    """Another project's tree keeps pytest's own output (no live logging turned on); this
+    project's pytest.ini (vfio_live_log) or VFIOTEST_LIVE_LOG=1 turn it on for the progress lines."""
+    tree = tmp_path / "theirs"
+    tree.mkdir()
+    (tree / "pytest.ini").write_text("[pytest]\n")
+    (tree / "test_level.py").write_text(
+        "def test_level(request):\n    print('LEVEL', request.config.getoption('log_cli_level'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VFIOTEST_", "PYTEST_"))}
+
+    def level(*args, extra=None):
+        p = subprocess.run([sys.executable, "-m", "pytest", "-p", "vfiotest.fixtures", "-s", "-q", "-p",
+                            "no:cacheprovider", *args], cwd=tree, env={**env, **(extra or {})},
+                           capture_output=True, text=True, timeout=120)
+        return next(line.split()[-1] for line in p.stdout.splitlines() if "LEVEL" in line)
+
+    assert level("test_level.py") == "None"
+    assert level("test_level.py", extra={"VFIOTEST_LIVE_LOG": "1"}) == "INFO"
+    assert level("-c", os.path.join(ROOT, "pytest.ini"), "--rootdir", str(tree), str(tree / "test_level.py")) == "INFO"
