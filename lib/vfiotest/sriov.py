@@ -274,8 +274,9 @@ class SriovPf:
     vendor_device: str
     driver: str | None
     vfs: list[PciAddress]
-    #: the PF's network interfaces and their operstate when the VFs were made
-    operstate: dict[str, str]
+    #: the PF's network interfaces and their administrative state ("up"/"down", IFF_UP: what the
+    #: harness sets; the carrier follows the link partner, on its own time) once the VFs were made
+    link: dict[str, str]
 
 
 class SessionVfs:
@@ -326,7 +327,7 @@ class SessionVfs:
                         vfs = set_numvfs(self.host, pf.address, n, journal=journal, profile=self.profile,
                                          leases=self.leases)
                     out.append(SriovPf(pf.address, pf.vendor_device, pf.driver, list(vfs),
-                                       {i: self.host.read_text(f"/sys/class/net/{i}/operstate").strip()
+                                       {i: "up" if nic_vf.is_up(self.host, i) else "down"
                                         for i in pf.net}))
             finally:
                 count_lock.release()
