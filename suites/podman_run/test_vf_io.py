@@ -246,9 +246,9 @@ def _echo_frames(factory: Any, vf: Any, fam: io_families.Family, host: Any, sess
         nic_vf.set_vf_mac(host, vf.pf, index, mac, journal=session)
     peer, peer_what = _peer(host, vf.pf, session)
     with _link_down_on_purpose(host, vf.pf):
-        # testpmd's 128 MiB (pinned for DMA) does not fit beside the guest's own use in Kata's
-        # 384 MiB (SIGKILLed): the container asks for more (podman run --memory), which Kata
-        # hot-plugs into the guest
+        # the container asks for memory (podman run --memory), which Kata hot-plugs into the
+        # guest on top of its default_memory: testpmd (128 MiB, pinned for DMA) was SIGKILLed in
+        # a 384 MiB guest without it; and this covers --memory on kata-vfio
         c = factory.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True, mem_limit=f"{TESTPMD_MEMORY_MB}m")
         try:
             started = _wait_for(c, FORWARDING, timeout=300)

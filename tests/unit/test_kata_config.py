@@ -178,7 +178,7 @@ def test_guest_memory_comes_from_the_option_else_the_environment_else_the_defaul
     from vfiotest.kata import config as kc
 
     monkeypatch.delenv(kc.GUEST_MEMORY_ENV, raising=False)
-    assert kc.guest_memory_mb() == kc.KATA_GUEST_MEMORY_MB == 384
+    assert kc.guest_memory_mb() == kc.KATA_GUEST_MEMORY_MB == 640
     monkeypatch.setenv(kc.GUEST_MEMORY_ENV, "1024")
     assert kc.guest_memory_mb() == 1024 and kc.guest_memory_mb("512") == 512
     s = kc.KataVfioSettings.for_kata_guest(kernel="/k", initrd="/i", init=None)
