@@ -17,7 +17,8 @@ macswap mode; the runner sends marker frames to the VF's MAC from the other end 
 the frames that come back, and testpmd's own forward statistics must show them received and sent.
 
 VFIOTEST_BREAK words that make these tests fail on purpose (fixtures/layers.py reads them):
-`nic-link-down` (the PF's netdev down while the container runs: no frame comes back), `nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
+`nic-link-down` (the PF's netdev down while the runner sends, testpmd forwarding: no frame
+comes back), `nvme-offline` (the VF's secondary controller put Offline before the container starts, brought
 back after: the driver fails at `enable`), `corrupt-block` (the runner overwrites one block of
 the range after the container wrote it: the runner-side comparison fails).
 """
@@ -201,8 +202,10 @@ def _wait_for(c: Any, text: str, timeout: float) -> str:
 
 @contextlib.contextmanager
 def _link_down_on_purpose(host: Any, pf: str) -> Iterator[None]:
-    """VFIOTEST_BREAK=nic-link-down: the PF's netdev down for the block (the VF's mailbox goes
-    unanswered and the PF port stops passing its VFs' frames), up again after."""
+    """VFIOTEST_BREAK=nic-link-down: the PF's netdev down while the runner sends its frames
+    (testpmd already forwarding: the PF port stops passing its VFs' frames), up again after.
+    Taken down before the container starts, the VF's mailbox goes unanswered and Kata's start
+    fails instead, which tests the start, not the frames."""
     names = nic_vf.interfaces(host, pf) if broken("nic-link-down") else []
     for n in names:
         host.run(["ip", "link", "set", "dev", n, "down"], timeout=30, check=True)
@@ -245,23 +248,23 @@ def _echo_frames(factory: Any, vf: Any, fam: io_families.Family, host: Any, sess
     with step(f"the PF gives VF {index} ({vf.address}) the MAC {mac}"):
         nic_vf.set_vf_mac(host, vf.pf, index, mac, journal=session)
     peer, peer_what = _peer(host, vf.pf, session)
-    with _link_down_on_purpose(host, vf.pf):
-        # the container asks for memory (podman run --memory), which Kata hot-plugs into the
-        # guest on top of its default_memory: testpmd (128 MiB, pinned for DMA) was SIGKILLed in
-        # a 384 MiB guest without it; and this covers --memory on kata-vfio
-        c = factory.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True, mem_limit=f"{TESTPMD_MEMORY_MB}m")
-        try:
-            started = _wait_for(c, FORWARDING, timeout=300)
-            time.sleep(3)  # the port's link comes up after forwarding starts
-            with step(f"the runner sends {FRAMES} marker frames from {peer} to {mac} and counts those coming back"):
-                ex = wire.exchange(host, peer, mac, peer, FRAMES, tag="vfnic", window=60, timeout=180)
-        finally:
-            c.reload()
-            if c.status == "running":
-                c.kill(signal="SIGINT")
-            with contextlib.suppress(Exception):
-                c.wait(condition=["exited", "stopped"], timeout=120)
-            logs = _logs(c)
+    # the container asks for memory (podman run --memory), which Kata hot-plugs into the
+    # guest on top of its default_memory: testpmd (128 MiB, pinned for DMA) was SIGKILLed in
+    # a 384 MiB guest without it; and this covers --memory on kata-vfio
+    c = factory.start(["sh", "-c", TESTPMD_SCRIPT], vfio=vf, ipc_lock=True, mem_limit=f"{TESTPMD_MEMORY_MB}m")
+    try:
+        started = _wait_for(c, FORWARDING, timeout=300)
+        time.sleep(3)  # the port's link comes up after forwarding starts
+        with _link_down_on_purpose(host, vf.pf), \
+                step(f"the runner sends {FRAMES} marker frames from {peer} to {mac} and counts those coming back"):
+            ex = wire.exchange(host, peer, mac, peer, FRAMES, tag="vfnic", window=60, timeout=180)
+    finally:
+        c.reload()
+        if c.status == "running":
+            c.kill(signal="SIGINT")
+        with contextlib.suppress(Exception):
+            c.wait(condition=["exited", "stopped"], timeout=120)
+        logs = _logs(c)
     stats = _STATS_RE.findall(logs)
     mem = re.search(r"MemTotal:\s*(\d+) kB", logs)
     attach_json("frames: runner to the VF in the container and back", {
