@@ -226,6 +226,67 @@ def outcomes_from_allure(results_dir: str, run: str = "", runs: Optional[dict[st
     return out
 
 
+@dataclass
+class Evidence:
+    """One result and the attachments a reader finds on its page in the report."""
+
+    suite: str
+    test: str
+    attachments: int
+
+
+def _attachments_in(node: dict[str, Any]) -> int:
+    return len(node.get("attachments") or []) + sum(_attachments_in(s) for s in node.get("steps") or [])
+
+
+def evidence_of(results_dir: str) -> list[Evidence]:
+    """Every result of an Allure results directory with its attachments: its own and its steps',
+    and those of the fixtures it used (the set-up and tear-down of each *-container.json that
+    names it as a child), which Allure shows on the result's page."""
+    results: dict[str, dict[str, Any]] = {}
+    containers: list[dict[str, Any]] = []
+    for name in sorted(os.listdir(results_dir)):
+        if name.endswith(("-result.json", "-container.json")):
+            with open(os.path.join(results_dir, name), encoding="utf-8") as f:
+                data = json.load(f)
+            if name.endswith("-result.json"):
+                results[data.get("uuid") or name] = data
+            else:
+                containers.append(data)
+    counts = {uuid: _attachments_in(r) for uuid, r in results.items()}
+    for c in containers:
+        n = sum(_attachments_in(fx) for fx in (c.get("befores") or []) + (c.get("afters") or []))
+        for child in c.get("children") or []:
+            if child in counts:
+                counts[child] += n
+    out = []
+    for uuid, r in results.items():
+        labels = {lab.get("name"): lab.get("value") for lab in r.get("labels", [])}
+        out.append(Evidence(labels.get("suite") or "?", r.get("fullName") or r.get("name") or "?", counts[uuid]))
+    return sorted(out, key=lambda e: (e.suite, e.test))
+
+
+def evidence_line(ev: list[Evidence]) -> str:
+    have = sum(1 for e in ev if e.attachments)
+    return f"{have} of {len(ev)} results carry an attachment ({100 * have // max(len(ev), 1)} %)"
+
+
+def render_evidence(ev: list[Evidence], limit: int = 40) -> str:
+    """The summary's evidence section: per suite, how many results carry an attachment (what
+    was read or compared), and the results that carry none."""
+    out = ["## Evidence", "", evidence_line(ev) + ".", "", "| suite | results | with an attachment |", "|---|---|---|"]
+    by: dict[str, list[Evidence]] = collections.OrderedDict()
+    for e in ev:
+        by.setdefault(e.suite, []).append(e)
+    out += [f"| {_cell(s)} | {len(g)} | {sum(1 for e in g if e.attachments)} |" for s, g in by.items()]
+    bare = [e for e in ev if not e.attachments]
+    if bare:
+        out += ["", "Without one:", ""] + [f"- `{e.test}`" for e in bare[:limit]]
+        if len(bare) > limit:
+            out.append(f"- and {len(bare) - limit} more")
+    return "\n".join(out) + "\n"
+
+
 def _counts(outcomes: Iterable[Outcome]) -> collections.Counter:
     c: collections.Counter = collections.Counter()
     for o in outcomes:
@@ -238,7 +299,7 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(outcomes: list[Outcome], runs: dict[str, dict[str, str]], report_command: str,
-                    title: str = "vfiotest qualification summary") -> str:
+                    title: str = "vfiotest qualification summary", evidence: Optional[list[Evidence]] = None) -> str:
     """The qualification summary: pass/fail/skip by suite x device x lane (x run when several),
     the versions and the exact command and commit of each run, the failures and their kind."""
     several = len(runs) > 1
@@ -285,6 +346,8 @@ def render_markdown(outcomes: list[Outcome], runs: dict[str, dict[str, str]], re
         out.append("")
         out += [f"- {n} x {_cell(reason) or '(no reason given)'}" for reason, n in skipped.most_common()]
         out.append("")
+    if evidence:
+        out.append(render_evidence(evidence))
     out.append(f"Made by `{report_command}`.")
     return "\n".join(out) + "\n"
 
@@ -485,9 +548,12 @@ def run(a: argparse.Namespace, argv_text: str) -> int:
         summary = a.summary or os.path.join(base, "summary.md")
         html_dir = a.html or os.path.join(base, "html")
         title, group_by = "vfiotest qualification summary", ["suite"]
+    ev = evidence_of(merged) if os.path.isdir(merged) else []
+    if ev:
+        print(f"evidence: {evidence_line(ev)} (summary.md lists those without)")
     os.makedirs(os.path.dirname(os.path.abspath(summary)), exist_ok=True)
     with open(summary, "w", encoding="utf-8") as f:
-        f.write(render_markdown(outcomes, runs, argv_text, title=title))
+        f.write(render_markdown(outcomes, runs, argv_text, title=title, evidence=ev))
     print(f"summary: {summary}")
     if not a.no_html:
         index = write_html([merged], html_dir, group_by=tuple(group_by), attachments=(summary,),

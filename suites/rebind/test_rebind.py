@@ -20,6 +20,7 @@ from vfiotest.errors import (
     NotAllowed,
     VFCreateError,
 )
+from vfiotest.fixtures.allure_report import attach_json, attach_text
 from vfiotest.fixtures.layers import failure_text
 from vfiotest.journal import JOURNAL_ROOT, restore_orphans
 from vfiotest.lease import OthersLeases
@@ -28,6 +29,10 @@ from vfiotest.pci import read_inventory
 from vfiotest.sriov import hold_vfs, pf_lease_name, set_numvfs
 
 pytestmark = [pytest.mark.mutating]   # `vm` at run time, by the target
+
+
+def _drivers(host, *addresses):
+    return {a: {"driver": driver_of(host, a), "driver_override": override_of(host, a)} for a in addresses}
 
 
 def driver_of(host, address):
@@ -90,8 +95,12 @@ def test_two_vfs_with_the_same_id_bind_independently(request, target_host, vf_le
     with vf_leaser.lease(request.node.nodeid) as first, \
             vf_leaser.lease(request.node.nodeid, first.vendor_device) as second:
         try:
+            before = _drivers(target_host, first.address, second.address)
             device_manager.bind_group(first.address)
             device_manager.bind_group(second.address)
+            attach_json("two VFs of one ID: drivers before and after both were bound",
+                        {"vendor_device": [first.vendor_device, second.vendor_device], "before": before,
+                         "after": _drivers(target_host, first.address, second.address)})
             assert first.vendor_device == second.vendor_device
             assert driver_of(target_host, first.address) == "vfio-pci"
             assert driver_of(target_host, second.address) == "vfio-pci"
@@ -145,10 +154,13 @@ def test_numvfs_n_to_m_and_back(target_host, whole_pf, profile):
     pf, leases = whole_pf
     n = len(pf.vfs)
     assert n >= 2, f"{pf.address} has {n} VFs; the runner needs at least 2 (--numvfs)"
+    seen = {"pf": pf.address, f"{n} (before)": pf.vfs}
     try:
         vfs = set_numvfs(target_host, pf.address, n - 1, profile=profile, leases=leases)  # N -> M: 0 first
+        seen[f"{n - 1}"] = vfs
         assert len(vfs) == n - 1
         inv = read_inventory(target_host)
+        seen[f"{n - 1}: IOMMU groups"] = {v: inv.device(v).iommu_group for v in vfs}
         assert inv.device(pf.address).sriov.numvfs == n - 1
         groups = [inv.device(v).iommu_group for v in vfs]
         assert len(set(groups)) == len(groups), f"VFs share IOMMU groups: {groups}"
@@ -157,6 +169,8 @@ def test_numvfs_n_to_m_and_back(target_host, whole_pf, profile):
         assert read_inventory(target_host).device(pf.address).virtfns == {}
     finally:
         vfs = set_numvfs(target_host, pf.address, n, profile=profile, leases=leases)
+        seen[f"{n} (after)"] = vfs
+        attach_json("the PF's VFs at each count", seen)
     assert vfs == pf.vfs, "VF addresses must come back the same"
 
 
@@ -164,6 +178,11 @@ def test_pf_driver_and_link_untouched(target_host, sriov_pfs, vfio_group):
     inv = read_inventory(target_host)
     pf = inv.device(vfio_group.pf)
     expected = next(p for p in sriov_pfs if p.address == vfio_group.pf)
+    attach_json("the PF before VFs were bound (the sriov layer's record) and now", {
+        "pf": pf.address,
+        "before": {"driver": expected.driver, "links": expected.link},
+        "now": {"driver": pf.driver, "driver_override": pf.driver_override,
+                "links": {i: "up" if is_up(target_host, i) else "down" for i in pf.net}}})
     assert pf.driver == expected.driver, f"PF {pf.address} driver {pf.driver}, was {expected.driver}"
     assert pf.driver_override is None
     assert sorted(pf.net) == sorted(expected.link), f"PF interfaces {pf.net}, were {sorted(expected.link)}"
@@ -195,10 +214,13 @@ def _state(host, lease_pool, mine=()):
 def _unchanged(before, after):
     """Devices and /dev/vfio nodes that no other test held in either snapshot are the same."""
     held = before["held"] | after["held"]
-    common = set(before["devices"]) & set(after["devices"])
-    vfio = lambda st: {g for g in st["vfio"] if g not in held}  # noqa: E731
-    return ({a: before["devices"][a] for a in common} == {a: after["devices"][a] for a in common}
-            and vfio(before) == vfio(after))
+    common = sorted(set(before["devices"]) & set(after["devices"]))
+    vfio = lambda st: sorted((g for g in st["vfio"] if g not in held), key=str)  # noqa: E731
+    changed = [a for a in common if before["devices"][a] != after["devices"][a]]
+    attach_json("host state before and after (devices and /dev/vfio no other test held)", {
+        "changed": changed, "vfio_before": vfio(before), "vfio_after": vfio(after), "left_out_held": sorted(held, key=str),
+        "before": {a: before["devices"][a] for a in common}, "after": {a: after["devices"][a] for a in common}})
+    return not changed and vfio(before) == vfio(after)
 
 
 def test_bad_address_malformed(target_host, device_manager, lease_pool, sriov_pfs):
@@ -264,6 +286,7 @@ def test_pf_with_enabled_vfs_refused_and_keeps_them(target_host, device_manager,
     # outside the allowlist instead, which is not what this test is about
     p = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", target_spec, "--profile", profile.name,
                         pf.address], capture_output=True, text=True, timeout=120)
+    attach_text("vfiotest bind on the PF: exit code and stderr", f"exit {p.returncode}\n{p.stderr}")
     assert p.returncode == 3 and "VFs enabled" in p.stderr and "next step" in p.stderr, (p.returncode, p.stderr)
     assert _unchanged(before, _state(target_host, lease_pool, mine))
     assert read_inventory(target_host).device(pf.address).sriov.numvfs == len(pf.vfs)
@@ -314,5 +337,6 @@ def test_journal_from_another_host_refused(target_host, prereqs_met, lease_pool,
 def test_cli_bad_address_exits_non_zero_with_next_step(target_spec, prereqs_met):
     p = subprocess.run([sys.executable, "-m", "vfiotest", "bind", "--target", target_spec, "0000:zz:00.0"],
                        capture_output=True, text=True, timeout=120)
+    attach_text("vfiotest bind 0000:zz:00.0: exit code and stderr", f"exit {p.returncode}\n{p.stderr}")
     assert p.returncode != 0
     assert "not a PCI address" in p.stderr and "next step" in p.stderr, p.stderr

@@ -104,3 +104,42 @@ def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 4 and "not Allure results (notes.txt)" in p.stderr, p.stderr
     assert (out / "allure-results" / "notes.txt").read_text() == "keep me"
+
+
+def _result(d, uuid, test, suite, attachments=(), steps=()):
+    import json
+    (d / f"{uuid}-result.json").write_text(json.dumps({
+        "uuid": uuid, "fullName": test, "status": "passed", "labels": [{"name": "suite", "value": suite}],
+        "attachments": [{"name": a, "source": f"{a}-attachment.txt"} for a in attachments],
+        "steps": [{"name": "a step", "attachments": [{"name": a, "source": f"{a}-attachment.json"}]} for a in steps]}))
+
+
+def test_the_evidence_each_result_carries_its_own_its_steps_and_its_fixtures(tmp_path):
+    """Attachments are counted where Allure shows them on a result's page: the result's own, its
+    steps' (nested), and those of the fixtures it used (a container naming it as a child); a
+    result with none is listed by name in summary.md, and `vfiotest report` prints the share."""
+    import json
+
+    from vfiotest.report import evidence_of, render_evidence
+
+    reports = write_run(tmp_path)
+    res = reports / "allure-results"
+    _result(res, "a", "host_prereqs#test_iommu", "host_prereqs", attachments=["what was read"])
+    _result(res, "b", "podman_run#test_probe", "podman_run", steps=["probe JSON"])
+    _result(res, "c", "guest_hook#test_hook_log", "guest_hook")
+    _result(res, "d", "rebind#test_bind_vf", "rebind")
+    (res / "x-container.json").write_text(json.dumps({
+        "uuid": "x", "children": ["c"], "befores": [{"name": "guest", "attachments": [{"name": "hook log"}]}],
+        "afters": []}))
+    ev = {e.test: e.attachments for e in evidence_of(str(res))}
+    assert ev == {"host_prereqs#test_iommu": 1, "podman_run#test_probe": 1, "guest_hook#test_hook_log": 1,
+                  "rebind#test_bind_vf": 0}
+    md = render_evidence(evidence_of(str(res)))
+    assert "3 of 4 results carry an attachment (75 %)." in md
+    assert "| rebind | 1 | 0 |" in md and "| guest_hook | 1 | 1 |" in md
+    assert md.count("\n- `") == 1 and "- `rebind#test_bind_vf`" in md
+    p = subprocess.run([sys.executable, "-m", "vfiotest.report", str(reports / "junit.xml"), "--no-html"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "evidence: 3 of 4 results carry an attachment (75 %)" in p.stdout
+    assert "## Evidence" in (reports / "summary.md").read_text()
