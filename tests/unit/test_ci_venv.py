@@ -96,3 +96,22 @@ def test_restore_without_a_venv_changes_nothing_and_says_so(tmp_path):
     p = subprocess.run([str(co / "ci" / "fleet-job"), "restore"], cwd=co, env=_env(missing),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and f"no virtual environment at {missing}" in p.stderr and "nothing was changed" in p.stderr
+
+
+def test_setup_has_a_bare_metal_runners_part_without_the_emulated_runner_or_the_report():
+    """VFIOTEST_SETUP=runner: what a bare-metal runner needs, not QEMU, chromium, an sshd or Node.js;
+    `--print` says it without changing anything (and without root); a bad part is refused."""
+    def plan(**env):
+        p = subprocess.run([os.path.join(ROOT, "ci", "setup"), "--print"], env=dict(_env("/v"), **env),
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout, p.stderr
+
+    rc, out, _ = plan(VFIOTEST_SETUP="runner")
+    pkgs = next(line for line in out.splitlines() if line.startswith("packages: ")).split()[1:]
+    assert rc == 0 and {"podman", "runc", "dracut-core", "python3-venv", "dpdk", "nvme-cli"} <= set(pkgs)
+    assert not {"qemu-system-x86", "chromium", "openssh-server", "nodejs"} & set(pkgs)
+    assert "backports" not in out and "venv: /v" in out
+    rc, out, _ = plan()
+    assert rc == 0 and {"qemu-system-x86", "chromium", "openssh-server"} <= set(out.split()) and "backports" in out
+    rc, _, err = plan(VFIOTEST_SETUP="fleet")
+    assert rc == 2 and "VFIOTEST_SETUP=fleet: use all (the default) or runner" in err
