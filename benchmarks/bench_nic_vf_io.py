@@ -24,10 +24,11 @@ import sys
 import time
 from typing import Any
 
+from _held_pf import held_pf
+
 from vfiotest import nic_vf, sriov, targets, wire
 from vfiotest.bind import DeviceManager
 from vfiotest.journal import Journal
-from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.runner.qemu import PF_IDS, WIRE_PEER_MAC, WIRE_PEER_PCI
 
@@ -58,19 +59,9 @@ def main() -> int:
         if pf is None:
             print(f"no igb SR-IOV PF ({igb}) on its driver on the target")
             return 1
-        pool = LeasePool(host)
-        held = sriov.hold_vfs(host, pool, pf.address, test_id="bench_nic_vf_io")
-        if held is None:
-            print(f"{pf.address}: its VF count is held by another user; try again later")
-            return 1
-        with Journal.open(host) as journal:
-            try:
-                return run(host, a, pf.address, journal)
-            finally:
-                sh(host, "pkill -INT -f '^dpdk-testpmd .*vfiotest-bench' || true")
-                journal.restore_all()
-                for lease in held:
-                    lease.release()
+        stop = lambda: sh(host, "pkill -INT -f '^dpdk-testpmd .*vfiotest-bench' || true")  # noqa: E731
+        with held_pf(host, pf.address, "bench_nic_vf_io", before_restore=stop) as journal:
+            return run(host, a, pf.address, journal)
     finally:
         close()
 

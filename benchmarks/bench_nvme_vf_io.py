@@ -25,10 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _held_pf import held_pf
+
 from vfiotest import nvme_virt, sriov, targets
 from vfiotest.bind import DeviceManager
 from vfiotest.journal import Journal
-from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 
 DRIVER = Path(__file__).resolve().parents[1] / "lib" / "vfiotest" / "podman" / "nvme_io.py"
@@ -53,18 +54,8 @@ def main() -> int:
         if pf is None:
             print("no NVMe SR-IOV PF on the nvme driver on the target")
             return 1
-        pool = LeasePool(host)
-        held = sriov.hold_vfs(host, pool, pf.address, test_id="bench_nvme_vf_io")
-        if held is None:
-            print(f"{pf.address}: its VF count is held by another user; try again later")
-            return 1
-        with Journal.open(host) as journal:
-            try:
-                return run(host, a, pf.address, journal)
-            finally:
-                journal.restore_all()
-                for lease in held:
-                    lease.release()
+        with held_pf(host, pf.address, "bench_nvme_vf_io") as journal:
+            return run(host, a, pf.address, journal)
     finally:
         close()
 
