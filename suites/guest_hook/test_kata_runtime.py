@@ -3,12 +3,14 @@ the wrapper podman runs answers as Kata 1.x with the harness's configuration."""
 
 import json
 
+from vfiotest.fixtures.allure_report import attach_json, attach_text
 from vfiotest.kata import runtime
 
 
 def test_podman_resolves_kata_vfio_to_the_wrapper(target_host, kata_runtime):
     res = target_host.run(["podman", "--runtime", "kata-vfio", "info", "--format",
                            "{{.Host.OCIRuntime.Name}} {{.Host.OCIRuntime.Path}}"], timeout=60)
+    attach_text("podman --runtime kata-vfio info: runtime name and path", res.stdout + res.stderr)
     assert res.ok, res.stderr
     assert res.stdout.split() == ["kata-vfio", kata_runtime.wrapper]
 
@@ -16,6 +18,7 @@ def test_podman_resolves_kata_vfio_to_the_wrapper(target_host, kata_runtime):
 def test_registration_is_a_dropin_not_the_distro_file(target_host, kata_runtime):
     assert kata_runtime.dropin.startswith("/etc/containers/containers.conf.d/")
     text = target_host.read_text(kata_runtime.dropin)
+    attach_text(f"the drop-in {kata_runtime.dropin}", text)
     assert runtime.runtimes_of(text) == {"kata-vfio": [kata_runtime.wrapper]}
     distro = "/usr/share/containers/containers.conf"
     if target_host.exists(distro):
@@ -43,6 +46,7 @@ def test_the_wrapper_podman_runs_is_kata_1x_with_our_configuration(target_host, 
     res = target_host.run([wrapper, "kata-env", "--json"], timeout=120)
     assert res.ok, f"{wrapper} kata-env failed (exit {res.rc}):\n{res.stdout}{res.stderr}"
     env = json.loads(res.stdout)
+    attach_json(f"{wrapper} kata-env --json", env)
     rt = env["Runtime"]
     assert rt["Config"]["Path"] == kata_runtime.config, rt["Config"]
     assert rt["Version"]["Version"]["Major"] == 1 and rt["Version"]["Version"]["Semver"] == kata_runtime.kata.version

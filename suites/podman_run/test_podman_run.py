@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from vfiotest.fixtures.allure_report import attach_json
+from vfiotest.fixtures.allure_report import attach_json, attach_text, attach_vfio_group
 from vfiotest.kata.runtime import RUNTIME_NAME, kata_leftovers
 from vfiotest.pci import read_inventory
 
@@ -50,6 +50,9 @@ def vf_run(request, vf_leaser, container_factory):
 
 def test_container_runs_on_the_kata_vfio_runtime(vf_run):
     vf, res = vf_run
+    attach_json("the container's runtime and Kata's VFIO annotation", {
+        "exit_code": res.exit_code, "oci_runtime": res.oci_runtime, "vf_vendor_device": vf.vendor_device,
+        "annotation": res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio")})
     assert res.exit_code == 0, str(res)
     assert res.oci_runtime == RUNTIME_NAME, f"podman ran the container on {res.oci_runtime!r}"
     # the VF's vendor:device: the guest's PCI addresses are not the host's
@@ -59,6 +62,7 @@ def test_container_runs_on_the_kata_vfio_runtime(vf_run):
 def test_vfio_nodes_are_inside(vf_run):
     vf, res = vf_run
     listing = res.stdout.split(NODES_END)[0] if NODES_END in res.stdout else ""
+    attach_text("/dev/vfio in the container (stat)", listing or f"(no listing)\n{res}")
     nodes = dict(line.rsplit(" ", 1)[::-1] for line in listing.strip().splitlines() if " " in line)
     assert nodes.get("/dev/vfio/vfio") == "character special file", f"no /dev/vfio/vfio in the container: {res}"
     groups = {p: kind for p, kind in nodes.items() if p.rsplit("/", 1)[-1].isdigit()}
@@ -68,6 +72,7 @@ def test_vfio_nodes_are_inside(vf_run):
 def test_probe_maps_dma_with_cap_ipc_lock(vf_run):
     vf, res = vf_run
     rep = _report(res)
+    attach_json("the probe's report", rep)
     assert res.exit_code == 0 and rep["ok"], f"probe failed at {rep.get('step')}: {rep.get('error')}"
     assert rep["steps"] == ALL_STEPS
     assert rep["vendor_device"] == vf.vendor_device
@@ -188,5 +193,6 @@ def test_host_driver_state_after_teardown_equals_start(request, target_host, vf_
         res = container.probe(vf)
         assert res.exit_code == 0, str(res)
         podman_client.cleanup()
+    attach_vfio_group(vf)
     assert vf.changes() == [], "the VF's group is not as it was before the container"
     assert not podman_client.leftovers()

@@ -9,6 +9,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from vfiotest.report import evidence_of, render_evidence
+
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2500)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +49,12 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
             and '"action": "bind"' in open(os.path.join(results, f)).read()]
     assert logs, "no guest hook log among the Allure attachments"
     assert os.listdir(os.path.join(reports, "allure-results")), "no Allure results"
+    # evidence: every host_prereqs check attaches what it read; at least 80 % of all results carry
+    # an attachment (their own, their steps' or their fixtures'), as the summary counts them
+    ev = evidence_of(results)
+    assert [e.test for e in ev if e.suite == "host_prereqs" and not e.attachments] == []
+    assert sum(1 for e in ev if e.attachments) >= 0.8 * len(ev), render_evidence(ev)
+    assert "evidence: " in out and "## Evidence" in open(os.path.join(reports, "summary.md")).read()
     assert "suite             passed" in out and "rebind" in out  # the summary table
     # the qualification summary and the single-file HTML report (vfiotest report, Allure 3)
     summary = open(os.path.join(reports, "summary.md")).read()
