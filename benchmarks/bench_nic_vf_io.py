@@ -101,7 +101,7 @@ def run(host: Any, a: argparse.Namespace, pf: str, journal: Journal) -> int:
     m = STATS.findall(sh(host, f"cat {LOG}"))
     print(f"testpmd forward statistics: RX {m[-1][0] if m else '?'}, TX {m[-1][1] if m else '?'}")
     if rtts:
-        q = statistics.quantiles(rtts, n=100) if len(rtts) > 1 else rtts * 99
+        q = statistics.quantiles(rtts, n=100, method="inclusive") if len(rtts) > 1 else rtts * 99
         print(f"echo frames/s  median {statistics.median(rates):8.1f}  min {min(rates):8.1f}  max {max(rates):8.1f}")
         print(f"RTT ms         median {statistics.median(rtts):8.2f}  p99 {q[98]:8.2f}  max {max(rtts):8.2f}")
     return 0 if ok else 1
