@@ -106,6 +106,45 @@ log = logging.getLogger(__name__)
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 LOGIN_RETRY = 60.0   # s a login that fails before authentication is tried again (SshTransport.connect)
 LOGIN_PAUSE = 5.0
+LINK_PROBE_EVERY = 15.0   # s between keepalive requests that want an answer (OpenSSH's ServerAliveInterval)
+LINK_SILENCE = 60.0       # s without that answer after which the link is taken for dead and closed
+
+
+class LinkWatch:
+    """What OpenSSH's ServerAliveInterval/ServerAliveCountMax do, for a paramiko transport: every
+    `every` s a keepalive@openssh.com request that wants an answer (sshd answers it, if only with
+    a refusal); no answer in `silence` s and the transport is closed, so that whatever waits on
+    the link (a command, the podman API relay, a long poll) fails now with `reason`, instead of
+    when TCP or the caller's own timeout gives up (podman-py's read timeout: 120 s)."""
+
+    def __init__(self, transport: paramiko.Transport, name: str, every: float = LINK_PROBE_EVERY,
+                 silence: float = LINK_SILENCE) -> None:
+        self.transport, self.name, self.every, self.silence = transport, name, every, silence
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name=f"ssh-link-watch {name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every) and self.transport.is_active():
+            answered = threading.Event()
+
+            def ask(answered: threading.Event = answered) -> None:
+                try:
+                    self.transport.global_request("keepalive@openssh.com", wait=True)
+                except Exception:  # noqa: BLE001 - a closed transport: the loop ends on is_active()
+                    pass
+                answered.set()
+
+            threading.Thread(target=ask, name=f"ssh-keepalive {self.name}", daemon=True).start()
+            if not answered.wait(self.silence) and self.transport.is_active() and not self._stop.is_set():
+                self.reason = (f"lost the connection to {self.name}: no answer to an SSH keepalive "
+                               f"in {self.silence:.0f} s")
+                log.warning("ssh %s; closing the link so that what waits on it fails now", self.reason)
+                self.transport.close()
+                return
 
 
 class _TransientLogin(Exception):
@@ -131,6 +170,7 @@ class SshTransport(Transport):
         self._agent: paramiko.Channel | None = None
         self._agent_buf = b""
         self._agent_lock = threading.RLock()
+        self._watch: LinkWatch | None = None
 
     # -- connection ----------------------------------------------------------
     def connect(self) -> paramiko.SSHClient:
@@ -159,7 +199,9 @@ class SshTransport(Transport):
                 log.info("ssh %s: login failed before authentication (%s); again in %.3g s",
                          self.name, e.cause, min(LOGIN_PAUSE, left))
                 time.sleep(min(LOGIN_PAUSE, left))
-        client.get_transport().set_keepalive(15)
+        if self._watch is not None:
+            self._watch.stop()
+        self._watch = LinkWatch(client.get_transport(), self.name)
         self._client = client
         return client
 
@@ -198,6 +240,9 @@ class SshTransport(Transport):
 
     def close(self) -> None:
         self._drop_agent()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -229,6 +274,12 @@ class SshTransport(Transport):
                 if not got:
                     time.sleep(0.002)
             rc = chan.recv_exit_status()
+            if rc == -1 and not chan.get_transport().is_active():
+                # the transport went away under the command (LinkWatch, or the TCP connection): no exit status
+                why = self._watch.reason if self._watch is not None and self._watch.reason else \
+                    f"lost the connection to {self.name}"
+                raise TargetError(f"{why}, while running {command[:120]!r}",
+                                  hint="is the target still up? `vfiotest runner status`, or its console")
         finally:
             chan.close()
         return CommandResult(command, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), self.name)

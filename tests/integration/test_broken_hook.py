@@ -11,7 +11,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from _runner_env import runner_env
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400), pytest.mark.xdist_group("broken-hook"),
+              pytest.mark.duration(310)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # one test that reads the guest (guest_boot: a Kata container read over its console) and one

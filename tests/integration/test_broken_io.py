@@ -12,7 +12,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from _runner_env import runner_env
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400), pytest.mark.xdist_group("broken-io"),
+              pytest.mark.duration(440)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NVME = "test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads"

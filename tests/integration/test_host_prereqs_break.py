@@ -14,7 +14,8 @@ from _runner_env import runner_env
 
 from vfiotest.runner import Runner
 
-pytestmark = [pytest.mark.vm, pytest.mark.mutating, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.vm, pytest.mark.mutating, pytest.mark.timeout(1800),
+              pytest.mark.xdist_group("host-prereqs-break"), pytest.mark.duration(90)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE = "suites/host_prereqs/test_host_prereqs.py"

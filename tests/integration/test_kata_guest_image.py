@@ -16,7 +16,7 @@ from vfiotest.host import LocalHost
 from vfiotest.kata import bundle, initrd
 from vfiotest.kata.console import GuestReport, KataConsole
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("kata-guest-image"), pytest.mark.duration(30)]
 
 BOOT_TIMEOUT = 240.0     # TCG on 2 shared cores: the agent's console answers after about 30 s
 

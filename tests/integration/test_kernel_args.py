@@ -21,7 +21,9 @@ from _runner_env import runner_env
 
 from vfiotest.runner import Runner, bootcfg
 
-pytestmark = [pytest.mark.vm, pytest.mark.mutating, pytest.mark.timeout(1800)]
+# the tests run in order on one runner: one xdist group
+pytestmark = [pytest.mark.vm, pytest.mark.mutating, pytest.mark.timeout(1800), pytest.mark.xdist_group("kernel-args"),
+              pytest.mark.duration(155)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE = "suites/host_prereqs/test_host_prereqs.py"

@@ -11,7 +11,7 @@ import pytest
 
 from vfiotest.report import evidence_of, render_evidence
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(2500)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2500), pytest.mark.duration(920)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

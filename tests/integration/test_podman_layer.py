@@ -11,8 +11,9 @@ import pytest
 from vfiotest.host import LocalHost
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image
 
-pytestmark = pytest.mark.skipif(shutil.which("podman") is None or shutil.which("mmdebstrap") is None,
-                                reason="podman and mmdebstrap needed")
+pytestmark = [pytest.mark.skipif(shutil.which("podman") is None or shutil.which("mmdebstrap") is None,
+                                 reason="podman and mmdebstrap needed"),
+              pytest.mark.xdist_group("podman-layer"), pytest.mark.duration(95)]
 
 
 def _exercise(host):

@@ -23,7 +23,7 @@ from vfiotest.runner import Runner, assets
 from vfiotest.runner import runner as runner_mod
 from vfiotest.sshhost import SshHost
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("runner"), pytest.mark.duration(90)]
 
 
 def _no_qemu_left(r):

@@ -12,7 +12,7 @@ from _runner_env import no_process_refers_to
 from vfiotest.errors import TargetError
 from vfiotest.runner import Runner, bootcfg
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.duration(65)]
 
 
 def _cmdline(r):
