@@ -11,7 +11,7 @@
   memory      the runner's QEMU RSS here, and the Kata VM's QEMU RSS in the runner while a
               container holds a VF
 
-    .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB]
+    .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB] [--quiet-guest]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
 What it changes on the target (VFs, binding, registration, podman settings) is undone.
@@ -92,6 +92,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--memory", type=int, default=None,
                     help=f"the Kata VM's default_memory in MiB (default {kata_config.KATA_GUEST_MEMORY_MB})")
+    ap.add_argument("--quiet-guest", action="store_true",
+                    help="the hypervisor's enable_debug off: Kata boots the guest kernel with `quiet` instead "
+                         "of `debug` (every kernel message on the console)")
     a = ap.parse_args()
     say = lambda s: print("  ..", s, flush=True)  # noqa: E731
 
@@ -111,9 +114,15 @@ def main():
         t_image = time.monotonic() - t
         t = time.monotonic()
         written = provision.write_config(host, choice, image)
-        if a.memory:
-            text = written.text.replace(f"default_memory = {kata_config.KATA_GUEST_MEMORY_MB}",
-                                        f"default_memory = {a.memory}")
+        if a.memory or a.quiet_guest:
+            text = written.text
+            if a.memory:
+                text = text.replace(f"default_memory = {kata_config.KATA_GUEST_MEMORY_MB}", f"default_memory = {a.memory}")
+            if a.quiet_guest:
+                text = text.replace("\nenable_debug = true\n", "\nenable_debug = false\n", 1)
+                if "\nenable_debug = false\n" not in text:
+                    print(f"--quiet-guest: no `enable_debug = true` line in {written.path}")
+                    return 2
             host.write_atomic(written.path, text, mode=0o644)
         reg = RuntimeRegistration(host, kata=provision.runtime_install(choice))
         reg.register()
