@@ -60,3 +60,5 @@ def test_a_broken_hook_fails_the_tests_it_breaks(env, tmp_path, what):
         # say that Kata's agent went away)
         msg = verdicts["test_container_runs_on_the_kata_vfio_runtime"][1]
         assert "ffff:fffe" in msg and "exit status 5" in msg, msg
+        # with what the target logged about the refused container: Kata's own lines (the runner's syslog)
+        assert "--- the runtime's log lines for" in out and "kata-runtime[" in out, out[-5000:]

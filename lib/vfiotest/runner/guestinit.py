@@ -54,6 +54,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,rw,cache=none vfiotest-etc-default 
 # busybox's reboot/poweroff/halt (the controller's are systemctl links; there is no systemd here)
 mkdir -p $R/usr/local/sbin
 for c in reboot poweroff halt; do ln -sf /run/vfiotest/busybox $R/usr/local/sbin/$c; done
+# a syslog for the programs that log there (Kata's runtime): busybox syslogd's 1 MiB ring, read with logread
+ln -sf /run/vfiotest/busybox $R/usr/local/sbin/logread
 mkdir -p $R/usr/lib/modules/$KVER
 mount --bind $R$KMODS $R/usr/lib/modules/$KVER || die "bind the kernel modules from $KMODS"
 
@@ -73,6 +75,7 @@ cp /bin/busybox $R/run/vfiotest/busybox
 chmod 0755 $R/run/vfiotest/stage2
 cat > $R/etc/inittab <<'EOF'
 ::sysinit:/run/vfiotest/busybox sh /run/vfiotest/stage2
+::respawn:/run/vfiotest/busybox syslogd -n -C1024
 ::respawn:/usr/sbin/sshd -D -e -f /run/vfiotest/sshd_config
 EOF
 
