@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shlex
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..constants import VFIO_ANNOTATION
 from ..errors import ENVIRONMENT, PRODUCT, HarnessError
+from .diagnose import start_failure_details
 from .service import PodmanService, service_entry, undo_service, wait_for_ping
 
 if TYPE_CHECKING:
@@ -34,6 +36,42 @@ OWNER_LABEL = "vfiotest.owner"
 VFIO_CONTAINER_DEV = "/dev/vfio/vfio"
 # podman-py's run() returns None with the k8s-file driver (../shared/notes/facts.md §4); json-file works.
 LOG_CONFIG = {"Type": "json-file", "Config": {}}
+
+
+#: Kata 1.x's words when its agent did not answer the first gRPC call to a new VM
+AGENT_CHECK_FAILED = "Failed to check if grpc server is working"
+RETRIES_ENV = "VFIOTEST_KATA_START_RETRIES"
+MAX_RETRIES = 3
+
+
+def agent_check_retries(virtual: bool) -> int:
+    """How often a container start that Kata refused with AGENT_CHECK_FAILED is tried again:
+    $VFIOTEST_KATA_START_RETRIES (0 to 3), else 1 on the emulated runner (`virtual`) and 0
+    elsewhere. In the emulated runner the Kata VM is nested inside a TCG-emulated machine
+    and, on a loaded controller, was seen (about 1 start in 100) to lose the agent's
+    connection before its first answer; on bare metal that error is the product's."""
+    raw = os.environ.get(RETRIES_ENV, "").strip()
+    if not raw:
+        return 1 if virtual else 0
+    if not raw.isdigit() or int(raw) > MAX_RETRIES:
+        err = HarnessError(f"{RETRIES_ENV}={raw!r} is not a count from 0 to {MAX_RETRIES}",
+                           hint=f"unset it (1 on the emulated runner, 0 elsewhere) or set 0..{MAX_RETRIES}",
+                           category=ENVIRONMENT)
+        err.exit_code = 2
+        raise err
+    return int(raw)
+
+
+@dataclass
+class StartRetry:
+    """A container start Kata refused because its agent did not answer, and that was tried again."""
+
+    id: str
+    name: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"container {self.name} ({self.id[:12]}) did not start and was started again: {self.error}"
 
 
 class ContainerError(HarnessError):
@@ -146,6 +184,10 @@ class RuntimeClient:
         self._recorded = False
         #: the kata-vfio registration (vfiotest.kata.runtime.RuntimeInfo) the client was opened for, if any
         self.runtime_info: Any = None
+        #: how often a start refused with AGENT_CHECK_FAILED is tried again (agent_check_retries)
+        self.agent_check_retries = 0
+        #: the starts that were tried again, in order (reported with the test that made them)
+        self.retried: List[StartRetry] = []
 
     @classmethod
     def open(cls, host: Host, runtime: str, *, ping_timeout: float = 60.0, owner: str | None = None,
@@ -203,21 +245,44 @@ class RuntimeClient:
         except Exception:  # noqa: BLE001 - cleanup() will look by label anyway
             pass
 
-    def start(self, image: str, command: Iterable[str], **kw: Any) -> Any:
-        """Create and start a container; it keeps running. Raises ContainerError if start fails."""
+    def _start_error(self, c: Any, e: Exception) -> str:
+        """What to say when `c` did not start: the API's words, the service log's tail (the API's
+        message is often just "exit status 1"), the runtime's and the kernel's log lines."""
+        why = str(getattr(e, "explanation", None) or e)
+        tail = self.service.log_tail(8)
+        if tail:
+            why += "\n--- podman service log (tail)\n" + tail
+        return why + start_failure_details(self.service.host, c.id)
+
+    def _started(self, image: str, command: list[str], kw: dict[str, Any]) -> tuple[Any, str | None]:
+        """Create and start a container: (container, None), or (container, why) when it did not
+        start. A start Kata refused with AGENT_CHECK_FAILED is tried again, with a new container,
+        up to `agent_check_retries` times; each is logged and kept in `retried`."""
         from podman.errors import APIError
 
-        c = self.create(image, command, **kw)
-        try:
-            c.start()
-        except APIError as e:
-            why = str(e.explanation or e)
-            # the API's message is often just "POST operation failed": the service log has the runtime's words
-            tail = self.service.log_tail(8)
-            if tail:
-                why += "\n--- podman service log (tail)\n" + tail
+        for attempt in range(self.agent_check_retries + 1):
+            c = self.create(image, command, **kw)
+            try:
+                c.start()
+                return c, None
+            except APIError as e:
+                why = self._start_error(c, e)
+            if AGENT_CHECK_FAILED not in why or attempt == self.agent_check_retries:
+                return c, why
+            first = why.splitlines()[0]
+            self.retried.append(StartRetry(c.id, c.name, why))
+            log.warning("[vfiotest] %s: the Kata agent did not answer in container %s (%s); starting it again "
+                        "(%s, %d of %d)", self.runtime, c.name, first, RETRIES_ENV, attempt + 1,
+                        self.agent_check_retries)
+            self.remove(c.id)
+        raise AssertionError("unreachable")
+
+    def start(self, image: str, command: Iterable[str], **kw: Any) -> Any:
+        """Create and start a container; it keeps running. Raises ContainerError if start fails."""
+        c, why = self._started(image, list(command), kw)
+        if why is not None:
             raise ContainerError(f"container {c.name} did not start on runtime {self.runtime}: {why}",
-                                 hint="the runtime's error is above; run the same with `podman --runtime ... run` on the target") from e
+                                 hint="the runtime's error is above; run the same with `podman --runtime ... run` on the target")
         c.reload()
         return c
 
@@ -228,17 +293,8 @@ class RuntimeClient:
         from podman.errors import APIError
 
         t0 = time.monotonic()
-        c = self.create(image, command, **kw)
-        start_error = None
+        c, start_error = self._started(image, list(command), kw)
         try:
-            try:
-                c.start()
-            except APIError as e:
-                start_error = str(e.explanation or e)
-                # the API's message is often just "exit status 1": the service log has the runtime's words
-                tail = self.service.log_tail(8)
-                if tail:
-                    start_error += "\n--- podman service log (tail)\n" + tail
             exit_code = None
             if start_error is None:
                 try:
