@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from vfiotest.podman import RuntimeClient, ensure_image
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -29,3 +31,30 @@ def no_process_refers_to(state_dir):
                     assert state_dir.encode() not in f.read(), f"pid {name} still refers to {state_dir}"
             except OSError:
                 pass
+
+
+def exercise_podman(host):
+    """The podman layer on `host`: an API service for runc, containers run, failed, not started,
+    probed and left running; then closed: no socket, no container left."""
+    img = ensure_image(host)
+    client = RuntimeClient.open(host, "runc")
+    sock = client.service.socket_path
+    try:
+        ok = client.run(img.ref, ["sh", "-c", "echo hi; ulimit -n"], annotations={"io.katacontainers.x.vfio": "0000:01:10.0"})
+        assert (ok.exit_code, ok.stdout.split()) == (0, ["hi", "20000"]), str(ok)
+        assert ok.oci_runtime == "runc"
+        assert ok.inspect["Config"]["Annotations"]["io.katacontainers.x.vfio"] == "0000:01:10.0"
+        bad = client.run(img.ref, ["sh", "-c", "exit 7"])
+        assert bad.exit_code == 7
+        nostart = client.run(img.ref, ["/no/such/binary"])
+        assert nostart.exit_code is None and "no/such/binary" in nostart.stderr
+        probe = client.run(img.ref, img.probe_command)
+        assert probe.exit_code == 1 and probe.json()["step"] == "open-container"
+        running = client.start(img.ref, ["sleep", "300"])
+        assert running.status == "running"
+        assert [c.id for c in client.leftovers()] == [running.id]
+    finally:
+        client.close()
+    assert not host.exists(sock), "the service socket is left behind"
+    res = host.run(["podman", "ps", "-a", "--filter", f"label=vfiotest.owner={client.owner}", "--format", "{{.ID}}"], timeout=60)
+    assert res.stdout.strip() == "", f"containers left: {res.stdout}"

@@ -16,14 +16,15 @@ import textwrap
 
 import paramiko
 import pytest
-from _runner_env import no_process_refers_to
+from _runner_env import exercise_podman, no_process_refers_to
 
 from vfiotest.errors import ProvisionError, TargetError
+from vfiotest.podman import PodmanBaseSettings
 from vfiotest.runner import Runner, assets
 from vfiotest.runner import runner as runner_mod
 from vfiotest.sshhost import SshHost
 
-pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("runner"), pytest.mark.duration(90)]
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("runner"), pytest.mark.duration(165)]
 
 
 def _no_qemu_left(r):
@@ -144,6 +145,15 @@ def test_podman_runc_runs_a_container(vm):
                  timeout=300)
     assert res.rc == 0, res.stderr
     assert "in-container" in res.stdout
+
+
+def test_podman_service_over_the_ssh_relay_and_its_dropin(vm):
+    """The podman layer in the runner, reached through the SSH socket relay, with the settings
+    drop-in written for the run and removed after."""
+    with PodmanBaseSettings(vm) as s:
+        assert vm.read_text(s.path).startswith("# written by vfiotest")
+        exercise_podman(vm)
+    assert not vm.exists(s.path)
 
 
 @pytest.mark.mutating
