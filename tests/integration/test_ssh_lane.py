@@ -1,6 +1,6 @@
 """The ssh:// lane, set up as a user reaching a bare-metal runner sets it up: the emulated
 runner's host key in ~/.ssh/known_hosts and a login key in ~/.ssh/ (a HOME of this test's own),
-then `ci/main-job --target ssh://root@127.0.0.1:PORT --profile emulated`. What runs: the
+then `ci/main-job --target ssh://root@127.0.0.1:PORT --vfio-profile emulated`. What runs: the
 host_prereqs and rebind suites whole (the PF-with-VFs refusal among them, which runs the CLI with
 the session's --target and --profile) and a Kata container holding a VF on real Kata 1.12.1,
 whose bundle, guest image and kernel the harness copies over SSH (an ssh:// target does not share
@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from _runner_env import runner_env
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800), pytest.mark.duration(300)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800), pytest.mark.duration(240)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KATA_TEST = "test_container_runs_on_the_kata_vfio_runtime"
@@ -40,7 +40,7 @@ def test_suites_over_ssh_with_the_users_known_hosts_and_key(tmp_path):
         user_env.update(HOME=str(home), VFIOTEST_SKIP_SETUP="1", VFIOTEST_REPORTS=str(reports),
                         VFIOTEST_STATE_DIR=str(tmp_path / "controller"))   # another controller's records
         target = f"ssh://root@127.0.0.1:{port}"
-        p = subprocess.run(["ci/main-job", "--target", target, "--profile", "emulated", "-p", "no:cacheprovider",
+        p = subprocess.run(["ci/main-job", "--target", target, "--vfio-profile", "emulated", "-p", "no:cacheprovider",
                             "-k", SUBSET], cwd=ROOT, env=user_env, capture_output=True, text=True, timeout=1700)
         out = p.stdout + p.stderr
         assert p.returncode == 0, out[-5000:]
