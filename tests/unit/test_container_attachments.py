@@ -11,7 +11,7 @@ import textwrap
 CONFTEST = '''
 import pytest
 
-from vfiotest.podman.client import RunResult
+from vfiotest.podman.client import RunResult, StartRetry
 
 
 class FakeContainer:
@@ -31,6 +31,7 @@ class FakeClient:
 
     def __init__(self):
         self.made, self.removed, self.client = [], [], type("Api", (), {"containers": FakeContainers()})()
+        self.retried = [StartRetry("c99", "other-test", "not this test's")]
 
     def run(self, image, command, timeout=180.0, **kw):
         cid = "c%d" % len(self.made)
@@ -40,7 +41,9 @@ class FakeClient:
                                                                    "HostConfig": {"Devices": ["/dev/vfio/7"]}})
 
     def start(self, image, command, **kw):
-        self.made.append("k1")
+        # the first start was refused (the Kata agent did not answer) and tried again
+        self.made += ["gone", "k1"]
+        self.retried.append(StartRetry("gone", "refused-0", "Failed to check if grpc server is working"))
 
     def cleanup(self):
         self.removed = list(self.made)
@@ -62,7 +65,6 @@ def test_runs_and_starts(container, podman_client):
     container.probe(None)
     container.run(["echo", "hello"])
     container.start(["sleep", "60"])
-    podman_client.made.append("gone")
 '''
 
 
@@ -86,4 +88,7 @@ def test_inspect_and_probe_json_are_attached(tmp_path):
     assert "podman inspect run-c1" in attached and "output of run-c1 (JSON)" not in attached   # printed no JSON
     assert json.loads(attached["podman inspect kept-k1"])["State"]["Status"] == "running"
     assert attached["podman inspect gone"].startswith("not available: no such container")
+    # a start that was tried again is shown with the test that made it (and only there)
+    assert "refused-0" in attached["start retried: refused-0"] and "grpc server" in attached["start retried: refused-0"]
+    assert "start retried: other-test" not in attached
     assert [st["name"] for st in result["steps"]] == ["podman run probe", "podman run echo hello", "podman start sleep 60"]
