@@ -274,7 +274,10 @@ class RuntimeClient:
             log.warning("[vfiotest] %s: the Kata agent did not answer in container %s (%s); starting it again "
                         "(%s, %d of %d)", self.runtime, c.name, first, RETRIES_ENV, attempt + 1,
                         self.agent_check_retries)
-            self.remove(c.id)
+            try:
+                self.remove(c.id)
+            except Exception as e:  # noqa: BLE001 - cleanup() tries again at the end; the start goes on
+                log.warning("removing the refused container %s: %s", c.name, e)
         raise AssertionError("unreachable")
 
     def start(self, image: str, command: Iterable[str], **kw: Any) -> Any:
