@@ -101,6 +101,24 @@ def test_without_retries_the_first_refusal_is_the_result():
     assert rc.retried == [] and api.started == []
 
 
+def test_a_start_the_api_client_gave_up_on_says_so_and_is_not_retried():
+    import requests
+
+    rc, api = client([], retries=1)
+    c = api.create("img", ["true"])
+
+    def slow():
+        try:
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=600)")
+        except OSError as e:
+            raise APIError("/containers/x/start", explanation="POST operation failed") from e
+    c.start = slow
+    api.create = lambda *a, **kw: c
+    with pytest.raises(ContainerError, match=r"POST operation failed \(podman's API did not answer within 600 s"):
+        rc.start("img", ["true"])
+    assert rc.retried == []
+
+
 def test_another_start_failure_is_never_retried():
     hook = "kata-vfio: rpc error: code = Internal desc = guest hook failed: exit status 5: OCI runtime error"
     rc, api = client([hook], retries=3)

@@ -41,6 +41,11 @@ LOG_CONFIG = {"Type": "json-file", "Config": {}}
 #: Kata 1.x's words when its agent did not answer the first gRPC call to a new VM
 AGENT_CHECK_FAILED = "Failed to check if grpc server is working"
 RETRIES_ENV = "VFIOTEST_KATA_START_RETRIES"
+#: seconds podman-py waits for an answer from the API: longer than a Kata 1.x start can take
+#: (the bundle's VM start, agent dial and check timeouts are 120 s each), so that a slow start
+#: ends with Kata's own words, not with the HTTP client giving up half-way (seen in the
+#: emulated runner under load: "POST operation failed" 120 s after the agent dial began)
+API_TIMEOUT = 600
 MAX_RETRIES = 3
 
 
@@ -202,7 +207,7 @@ class RuntimeClient:
             recorder.record(service_entry(service))
         service.start()
         try:
-            client = podman.PodmanClient(base_url=service.url, timeout=120)
+            client = podman.PodmanClient(base_url=service.url, timeout=API_TIMEOUT)
             wait_for_ping(client, ping_timeout, service)
         except BaseException:
             service.stop()
@@ -249,6 +254,8 @@ class RuntimeClient:
         """What to say when `c` did not start: the API's words, the service log's tail (the API's
         message is often just "exit status 1"), the runtime's and the kernel's log lines."""
         why = str(getattr(e, "explanation", None) or e)
+        if isinstance(e.__cause__, OSError) and "timed out" in str(e.__cause__).lower():
+            why += f" (podman's API did not answer within {API_TIMEOUT} s: {e.__cause__})"
         tail = self.service.log_tail(8)
         if tail:
             why += "\n--- podman service log (tail)\n" + tail
