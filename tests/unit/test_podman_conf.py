@@ -1,5 +1,8 @@
 """The containers.conf drop-in editor and the client's option mapping (no podman needed)."""
 
+import subprocess
+import sys
+
 import pytest
 
 from vfiotest.host import LocalHost
@@ -81,4 +84,25 @@ def test_image_key_follows_its_inputs():
     assert a.ref.startswith("localhost/vfiotest-probe:") and a.tag in str(a.tarball("/x"))
     cmd = a.mmdebstrap_command("/tmp/out.tar")
     assert cmd[0] == "mmdebstrap" and "--variant=essential" in cmd and cmd[-1] == "/tmp/out.tar"
-    assert any(c.startswith("--customize-hook=upload ") and c.endswith("/usr/local/bin/vfio-probe") for c in cmd)
+    assert any(c.startswith("--customize-hook=upload ") and c.endswith("/usr/local/lib/vfiotest/probe.py") for c in cmd)
+    # the launcher is written to /usr/local/bin/vfio-probe and made executable after the probe is byte-compiled
+    hooks = [c for c in cmd if c.startswith("--customize-hook=")]
+    compiled = next(i for i, c in enumerate(hooks) if "compileall" in c)
+    launcher = next(i for i, c in enumerate(hooks) if c.endswith('> "$1/usr/local/bin/vfio-probe"'))
+    assert compiled < launcher and 'chmod 0755 "$1/usr/local/bin/vfio-probe"' in hooks[launcher + 1]
+
+
+def test_the_image_launcher_runs_the_probe_from_its_library_without_site(tmp_path):
+    """PROBE_LAUNCHER as the image has it, its library directory pointed at the probe's source."""
+    from vfiotest.podman.image import LIB_IN_IMAGE, PROBE_LAUNCHER, PROBE_SOURCE
+
+    assert PROBE_LAUNCHER.startswith("#!/usr/bin/python3 -IS\n")
+    launcher = tmp_path / "vfio-probe"
+    launcher.write_text(PROBE_LAUNCHER.replace(repr(LIB_IN_IMAGE), repr(str(PROBE_SOURCE.parent))))
+    p = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--help"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.startswith("usage: vfio-probe"), p
+    p = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--vfio-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and '"step": "open-container"' in p.stdout, p
+    p = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--dma-rounds", "two"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--dma-rounds" in p.stderr, p

@@ -2,10 +2,12 @@
 
 Built on the controller with mmdebstrap (the `essential` variant plus
 python3-minimal: smaller than minbase, no apt in it; docs, man pages and
-locales left out, full perl removed: about 75 MB, 15-20 s), the probe copied to PROBE_IN_IMAGE.
+locales left out, full perl removed: about 75 MB, 15-20 s). The probe and the NVMe driver
+(nvme_io.py, which imports the probe) sit byte-compiled in LIB_IN_IMAGE; PROBE_IN_IMAGE is a
+launcher that imports the probe from there with `python3 -I -S` (its .pyc used, no site:
+every file Python opens in a Kata container is read over 9p, docs/measurements.md).
 The tarball is cached under /var/cache/vfiotest/images by a hash of its inputs
 (recipe, packages, the probe's and the NVMe driver's sources): the same inputs never build twice.
-The NVMe driver (nvme_io.py) sits with a copy of the probe, which it imports, in LIB_IN_IMAGE.
 
 On the target it is loaded with `podman import`. The emulated runner sees the
 controller's root read-only at the same paths, so the tarball is imported in
@@ -47,7 +49,14 @@ PROBE_SOURCE = Path(__file__).with_name("probe.py")
 NVME_IO_SOURCE = Path(__file__).with_name("nvme_io.py")
 LIB_IN_IMAGE = "/usr/local/lib/vfiotest"
 NVME_IO_IN_IMAGE = f"{LIB_IN_IMAGE}/nvme_io.py"
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: the probe runs from its .pyc through PROBE_LAUNCHER
+#: /usr/local/bin/vfio-probe in the image: python3 without site (-S) or the environment (-I),
+#: the probe imported from LIB_IN_IMAGE so that its byte-compiled file is used
+PROBE_LAUNCHER = (f"#!/usr/bin/python3 -IS\n"
+                  "import sys\n"
+                  f"sys.path.insert(0, {LIB_IN_IMAGE!r})\n"
+                  "from probe import main\n"
+                  "sys.exit(main())\n")
 TESTPMD = "/usr/bin/dpdk-testpmd"
 #: where Debian's DPDK 22.11 loads its plugins from (EAL's default plugin directory: every .so in it)
 DPDK_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
@@ -106,7 +115,8 @@ class ImageRecipe:
                 "include": list(self.include), "exclude_paths": list(self.exclude_paths), "trim_paths": list(self.trim_paths),
                 "mirror": self.mirror,
                 "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest(),
-                "nvme_io_sha256": hashlib.sha256(NVME_IO_SOURCE.read_bytes()).hexdigest()}
+                "nvme_io_sha256": hashlib.sha256(NVME_IO_SOURCE.read_bytes()).hexdigest(),
+                "probe_launcher": PROBE_LAUNCHER}
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
@@ -126,11 +136,16 @@ class ImageRecipe:
     def mmdebstrap_command(self, out: str | Path) -> list[str]:
         cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in self.exclude_paths]
-        cmd += [f"--customize-hook=upload {PROBE_SOURCE} {PROBE_IN_IMAGE}",
-                f'--customize-hook=chmod 0755 "$1{PROBE_IN_IMAGE}"',
-                f'--customize-hook=mkdir -p "$1{LIB_IN_IMAGE}"',
+        cmd += [f'--customize-hook=mkdir -p "$1{LIB_IN_IMAGE}"',
                 f"--customize-hook=upload {PROBE_SOURCE} {LIB_IN_IMAGE}/probe.py",
                 f"--customize-hook=upload {NVME_IO_SOURCE} {NVME_IO_IN_IMAGE}",
+                # byte-compiled in the image (unchecked-hash: the image is keyed by the sources'
+                # hashes, so they cannot change under it), and the probe started from its .pyc by
+                # a launcher, python with -I -S: no site, no sitecustomize
+                f'--customize-hook=chroot "$1" python3 -m compileall -q --invalidation-mode unchecked-hash {LIB_IN_IMAGE}',
+                "--customize-hook=printf '%s\\n' " + " ".join(shlex.quote(line) for line in PROBE_LAUNCHER.splitlines())
+                + f' > "$1{PROBE_IN_IMAGE}"',
+                f'--customize-hook=chmod 0755 "$1{PROBE_IN_IMAGE}"',
                 # files the image has already (its own libc, ...) are kept; links stay links
                 *(['--customize-hook=for f in ' + shlex.join(p.lstrip("/") for p in dpdk_files())
                    + '; do [ -e "$1/$f" ] || echo "$f"; done | tar -C / -cf - -T - | tar -C "$1" -xf -']

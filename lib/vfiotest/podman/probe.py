@@ -31,13 +31,23 @@ Output: one JSON object on stdout. Exit 0 when every step passed; exit 1 with
 exit 2 on bad arguments.
 """
 
-import argparse
+from __future__ import annotations
+
 import errno as errno_mod
 import fcntl
+import getopt
 import os
 import struct
 import sys
-from typing import Any, Callable, Optional
+
+# The probe starts in every container the suites run, where each module imported is a file
+# read over the container's 9p rootfs under nested emulation: argparse (with re, enum,
+# gettext...) and typing cost about 2 s there (measured: `--help` 4.2 s with them; docs/
+# measurements.md). getopt imports only os (gettext is absent from python3-minimal), and the
+# annotations below are never evaluated (mypy reads a TYPE_CHECKING guard by its name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional
 
 try:
     import json
@@ -397,23 +407,84 @@ def _encode(o: Any) -> str:
     raise TypeError(f"cannot encode {type(o).__name__}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="vfio-probe", description="Exercise a VFIO group from inside a container; JSON on stdout.")
-    p.add_argument("--vfio-dir", default="/dev/vfio", help="where the VFIO nodes are (default /dev/vfio)")
-    p.add_argument("--group", help="group number (default: the only numeric node in --vfio-dir)")
-    p.add_argument("--device", help="PCI address to open (default: first device of the group in /sys)")
-    p.add_argument("--dma-size", type=lambda s: int(s, 0), default=1 << 20, help="bytes to map (page multiple; default 1 MiB)")
-    p.add_argument("--iova", type=lambda s: int(s, 0), default=0x10000000, help="IO virtual address to map at")
-    p.add_argument("--dma-stress", type=lambda s: int(s, 0), default=0, metavar="BYTES",
-                   help="also map BYTES one page per mapping (at most 65535), then unmap them (default: off)")
-    p.add_argument("--dma-rounds", type=int, default=1, metavar="N", help="rounds of --dma-stress (default 1)")
-    p.add_argument("--hold", type=float, default=0, metavar="SECONDS",
-                   help="after the steps, print the report and keep the group open this long (to test exclusivity)")
-    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
+USAGE = """usage: vfio-probe [--vfio-dir DIR] [--group N] [--device ADDR] [--dma-size BYTES] [--iova ADDR]
+                  [--dma-stress BYTES] [--dma-rounds N] [--hold SECONDS]
+
+Exercise a VFIO group from inside a container; JSON on stdout.
+
+  --vfio-dir DIR       where the VFIO nodes are (default /dev/vfio)
+  --group N            group number (default: the only numeric node in --vfio-dir)
+  --device ADDR        PCI address to open (default: first device of the group in /sys)
+  --dma-size BYTES     bytes to map (page multiple; default 1 MiB; 0x.. accepted)
+  --iova ADDR          IO virtual address to map at (default 0x10000000)
+  --dma-stress BYTES   also map BYTES one page per mapping (at most 65535), then unmap
+                       them (default: off)
+  --dma-rounds N       rounds of --dma-stress (default 1)
+  --hold SECONDS       after the steps, print the report and keep the group open this
+                       long (to test exclusivity)
+  -h, --help           this text
+
+Exit status: 0 every step passed, 1 a step failed (named in the JSON), 2 bad arguments.
+"""
+#: option -> (attribute, conversion, default); --sysfs is for tests (a simulated /sys)
+OPTIONS: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    "--vfio-dir": ("vfio_dir", str, "/dev/vfio"),
+    "--group": ("group", str, None),
+    "--device": ("device", str, None),
+    "--dma-size": ("dma_size", lambda s: int(s, 0), 1 << 20),
+    "--iova": ("iova", lambda s: int(s, 0), 0x10000000),
+    "--dma-stress": ("dma_stress", lambda s: int(s, 0), 0),
+    "--dma-rounds": ("dma_rounds", int, 1),
+    "--hold": ("hold", float, 0.0),
+    "--sysfs": ("sysfs", str, "/sys"),
+}
+
+
+class Args:
+    vfio_dir: str
+    group: Optional[str]
+    device: Optional[str]
+    dma_size: int
+    iova: int
+    dma_stress: int
+    dma_rounds: int
+    hold: float
+    sysfs: str
+
+
+def parse_args(argv: list[str]) -> Optional[Args]:
+    """The options of `argv` (getopt, long options and unambiguous prefixes); None after --help.
+    ValueError names a bad option or value."""
     try:
-        a = p.parse_args(argv)
-    except SystemExit as e:
-        return 2 if e.code else 0
+        opts, rest = getopt.gnu_getopt(argv, "h", ["help"] + [o[2:] + "=" for o in OPTIONS])
+    except getopt.GetoptError as e:
+        raise ValueError(str(e)) from None
+    if rest:
+        raise ValueError(f"unexpected argument {rest[0]!r}")
+    a = Args()
+    for attr, _conv, default in OPTIONS.values():
+        setattr(a, attr, default)
+    for opt, value in opts:
+        if opt in ("-h", "--help"):
+            return None
+        attr, conv, _default = OPTIONS[opt]
+        try:
+            setattr(a, attr, conv(value))
+        except ValueError:
+            raise ValueError(f"option {opt}: invalid value {value!r}") from None
+    return a
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"vfio-probe: {e}\n{USAGE.splitlines()[0]}\n(--help for more)", file=sys.stderr)
+        return 2
+    if parsed is None:
+        print(USAGE, end="")
+        return 0
+    a = parsed
     report: dict[str, Any] = {"ok": False}
     held: list[bool] = []
 
