@@ -7,9 +7,12 @@ vfio-pci there, and the container (with the seed's `-v /dev:/dev`) sees the gues
 `/dev/vfio`, whose group number is the guest's own and is never compared with the host's.
 """
 
+import contextlib
 import os
 import shlex
 import time
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import pytest
 
@@ -35,21 +38,40 @@ def _report(res):
 NODES_END = "--- end of /dev/vfio ---"
 
 
+@dataclass
+class VfRun:
+    vf: Any                      # the VfioGroup (vfiotest.vfio), re-read after it was put back
+    res: Any                     # the container's RunResult
+    during: Any                  # the target's inventory while the group was bound, before the container
+    leftovers: Any               # podman_client.leftovers() after the container was removed
+    restore_error: Optional[BaseException] = None   # putting the group back failed
+
+
 @pytest.fixture(scope="module")
-def vf_run(request, vf_leaser, container_factory):
-    """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe.
-    The three tests below read its result instead of booting a Kata VM each (about 30 s apiece);
-    each still checks its own thing. Yields (VfioGroup, RunResult)."""
+def vf_run(request, target_host, vf_leaser, container_factory, podman_client):
+    """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe;
+    then the container is removed and the VF's group put back on its driver. The tests below read
+    this one run instead of booting a Kata VM each (about 30-40 s apiece); each still checks its
+    own thing, the last one the host's driver state after the teardown."""
     factory = container_factory(kata=True)
-    with vf_leaser.vfio(request.node.nodeid) as vf:
+    with contextlib.ExitStack() as stack:
+        vf = stack.enter_context(vf_leaser.vfio(request.node.nodeid))
+        during = read_inventory(target_host)
         script = (f"for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done; echo {shlex.quote(NODES_END)}; "
                   f"exec {shlex.join(factory.probe_command())}")
         res = factory.run(["sh", "-c", script], vfio=vf, ipc_lock=True)
-        yield vf, res
+        podman_client.cleanup()
+        put_back = stack.pop_all()     # closed below, outside: its failure is one test's verdict
+    restore_error = None
+    try:
+        put_back.close()
+    except Exception as e:  # noqa: BLE001 -- test_host_driver_state_after_teardown_equals_start raises it
+        restore_error = e
+    yield VfRun(vf, res, during, podman_client.leftovers(), restore_error)
 
 
 def test_container_runs_on_the_kata_vfio_runtime(vf_run):
-    vf, res = vf_run
+    vf, res = vf_run.vf, vf_run.res
     attach_json("the container's runtime and Kata's VFIO annotation", {
         "exit_code": res.exit_code, "oci_runtime": res.oci_runtime, "vf_vendor_device": vf.vendor_device,
         "annotation": res.inspect["Config"]["Annotations"].get("io.katacontainers.x.vfio")})
@@ -60,7 +82,7 @@ def test_container_runs_on_the_kata_vfio_runtime(vf_run):
 
 
 def test_vfio_nodes_are_inside(vf_run):
-    vf, res = vf_run
+    res = vf_run.res
     listing = res.stdout.split(NODES_END)[0] if NODES_END in res.stdout else ""
     attach_text("/dev/vfio in the container (stat)", listing or f"(no listing)\n{res}")
     nodes = dict(line.rsplit(" ", 1)[::-1] for line in listing.strip().splitlines() if " " in line)
@@ -70,7 +92,7 @@ def test_vfio_nodes_are_inside(vf_run):
 
 
 def test_probe_maps_dma_with_cap_ipc_lock(vf_run):
-    vf, res = vf_run
+    vf, res = vf_run.vf, vf_run.res
     rep = _report(res)
     attach_json("the probe's report", rep)
     assert res.exit_code == 0 and rep["ok"], f"probe failed at {rep.get('step')}: {rep.get('error')}"
@@ -184,15 +206,16 @@ def test_crashing_container_leaves_no_lease_and_no_container(request, target_hos
     assert vf.changes() == [], "the VF's group is not as it was before the container"
 
 
-def test_host_driver_state_after_teardown_equals_start(request, target_host, vf_leaser, podman_client, container):
-    with vf_leaser.vfio(request.node.nodeid) as vf:
-        during = read_inventory(target_host)
-        endpoints = [during.devices[a] for a in vf.before.devices if not during.devices[a].is_bridge]
-        assert endpoints and all(d.driver == "vfio-pci" for d in endpoints), \
-            {d.address: d.driver for d in endpoints}
-        res = container.probe(vf)
-        assert res.exit_code == 0, str(res)
-        podman_client.cleanup()
+def test_host_driver_state_after_teardown_equals_start(vf_run):
+    """The VF's group was on vfio-pci while the container ran; after the container is removed and
+    the group put back, the host's driver state is as before (the module's one run, vf_run)."""
+    vf, during = vf_run.vf, vf_run.during
+    endpoints = [during.devices[a] for a in vf.before.devices if not during.devices[a].is_bridge]
+    assert endpoints and all(d.driver == "vfio-pci" for d in endpoints), \
+        {d.address: d.driver for d in endpoints}
+    assert vf_run.res.exit_code == 0, str(vf_run.res)
+    if vf_run.restore_error is not None:
+        raise vf_run.restore_error
     attach_vfio_group(vf)
     assert vf.changes() == [], "the VF's group is not as it was before the container"
-    assert not podman_client.leftovers()
+    assert not vf_run.leftovers
