@@ -14,7 +14,9 @@
     .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB] [--quiet-guest]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
-What it changes on the target (VFs, binding, registration, podman settings) is undone.
+What it changes on the target (VFs, binding, registration, podman settings) is undone; the VF
+count and the binding are journaled on the target first, so `vfiotest restore` puts them back
+after a kill.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import time
 
 from vfiotest import targets
 from vfiotest.bind import DeviceManager
+from vfiotest.journal import Journal
 from vfiotest.kata import bundle, provision
 from vfiotest.kata import config as kata_config
 from vfiotest.kata.runtime import RuntimeRegistration
@@ -101,7 +104,7 @@ def main():
     host, close = targets.open_host(a.target, progress=say)
     shares = targets.shares_controller_fs(a.target)
     settings = PodmanBaseSettings(host)
-    reg = None
+    reg = journal = None
     try:
         t = time.monotonic()
         choice = bundle.choose_kata(host, progress=say, shares_controller_fs=shares)
@@ -133,11 +136,12 @@ def main():
               f"config + registration {t_reg:.2f} s")
         img = ensure_image(host)
         client = RuntimeClient.open(host, reg.name)
-        dm, pool = DeviceManager(host, "emulated"), LeasePool(host)
+        # the device changes go to a durable journal: `vfiotest restore` puts them back after a kill
+        journal = Journal.open(host)
+        dm, pool = DeviceManager(host, "emulated", journal), LeasePool(host)
         pf = next(d for d in read_inventory(host).devices.values() if d.vendor_device == "8086:10c9" and d.sriov)
-        made = None
         if not pf.sriov.numvfs:
-            made = set_numvfs(host, pf.address, 1)
+            set_numvfs(host, pf.address, 1, journal)
         lease = vf = None
         try:
             for d in read_inventory(host).devices.values():
@@ -200,14 +204,15 @@ def main():
                 dm.restore_group(vf.address)
             if lease:
                 lease.release()
-            if made is not None:
-                set_numvfs(host, pf.address, 0)
+            journal.restore_all()   # what is left: the VF count, as found
             client.close()
     finally:
         if reg is not None:
             reg.unregister()
             host.remove(kata_config.KATA_VFIO_CONFIG)
         settings.restore()
+        if journal is not None:
+            journal.close()     # removed when empty; kept for `vfiotest restore` when an undo failed
         close()
     return 0
 

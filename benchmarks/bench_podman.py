@@ -17,6 +17,7 @@ import time
 from vfiotest import targets
 from vfiotest.bind import DeviceManager
 from vfiotest.errors import HarnessError
+from vfiotest.journal import Journal
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image, vfio_devices
@@ -36,6 +37,7 @@ def main():
 
     host, close = targets.open_host(a.target, progress=lambda s: print("  ..", s))
     settings = PodmanBaseSettings(host)
+    journal = None
     settings.apply()
     try:
         t = time.monotonic()
@@ -48,13 +50,13 @@ def main():
         try:
             inv = read_inventory(host)
             pool = LeasePool(host)
-            dm = DeviceManager(host, "emulated")
+            journal = Journal.open(host)   # durable: `vfiotest restore` puts the devices back after a kill
+            dm = DeviceManager(host, "emulated", journal)
             vf = lease = None
             nvme = next(d for d in inv.devices.values() if d.vendor_device == "1b36:0010" and d.sriov)
-            vfs = None
             if not nvme.sriov.numvfs:
                 try:
-                    vfs = set_numvfs(host, nvme.address, 2)
+                    set_numvfs(host, nvme.address, 2, journal)
                 except HarnessError as e:  # another session made VFs meanwhile: use theirs when free
                     print(f"  .. {e.message}")
             inv = read_inventory(host)
@@ -84,8 +86,7 @@ def main():
                 client.run(img.ref, ["true"])
                 bare_t.append(time.monotonic() - t)
             lease.release()
-            if vfs is not None:
-                set_numvfs(host, nvme.address, 0)
+            journal.restore_all()   # what is left: the VF count, as found
             print(f"probe            create -> probe JSON -> removed: {stats(probe_t)}")
             print(f"no-device        create -> `true` -> removed:      {stats(bare_t)}")
             print(f"fixture overhead bind group + restore per test:    {stats(overhead)}")
@@ -94,6 +95,8 @@ def main():
             client.close()
     finally:
         settings.restore()
+        if journal is not None:
+            journal.close()     # removed when empty; kept for `vfiotest restore` when an undo failed
         close()
     return 0
 
