@@ -70,7 +70,7 @@ def test_a_users_own_image_gets_the_driver_as_source(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-S", "-I", "-c", cmd[2], "--vfio-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and json.loads(res.stdout)["step"] == "vfio", res.stderr
-    assert image.Image("localhost/x:1").nvme_command == ["python3", image.NVME_IO_IN_IMAGE]
+    assert image.Image("localhost/x:1").nvme_command == [image.NVME_IN_IMAGE]
 
 
 def test_the_image_recipe_ships_both_files_and_hashes_the_driver() -> None:

@@ -85,11 +85,12 @@ def test_image_key_follows_its_inputs():
     cmd = a.mmdebstrap_command("/tmp/out.tar")
     assert cmd[0] == "mmdebstrap" and "--variant=essential" in cmd and cmd[-1] == "/tmp/out.tar"
     assert any(c.startswith("--customize-hook=upload ") and c.endswith("/usr/local/lib/vfiotest/probe.py") for c in cmd)
-    # the launcher is written to /usr/local/bin/vfio-probe and made executable after the probe is byte-compiled
+    # each launcher is written to /usr/local/bin and made executable after the library is byte-compiled
     hooks = [c for c in cmd if c.startswith("--customize-hook=")]
     compiled = next(i for i, c in enumerate(hooks) if "compileall" in c)
-    launcher = next(i for i, c in enumerate(hooks) if c.endswith('> "$1/usr/local/bin/vfio-probe"'))
-    assert compiled < launcher and 'chmod 0755 "$1/usr/local/bin/vfio-probe"' in hooks[launcher + 1]
+    for name in ("vfio-probe", "vfio-nvme"):
+        launcher = next(i for i, c in enumerate(hooks) if c.endswith(f'> "$1/usr/local/bin/{name}"'))
+        assert compiled < launcher and f'chmod 0755 "$1/usr/local/bin/{name}"' in hooks[launcher + 1]
 
 
 def test_the_image_launcher_runs_the_probe_from_its_library_without_site(tmp_path):
@@ -106,3 +107,24 @@ def test_the_image_launcher_runs_the_probe_from_its_library_without_site(tmp_pat
     assert p.returncode == 1 and '"step": "open-container"' in p.stdout, p
     p = subprocess.run([sys.executable, "-I", "-S", str(launcher), "--dma-rounds", "two"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--dma-rounds" in p.stderr, p
+
+
+def test_the_image_launcher_runs_the_nvme_driver_from_its_library_without_site(tmp_path):
+    """NVME_LAUNCHER as the image has it: --help, a bad value (exit 2, naming the option), and the
+    driver failing at its first step on a directory with no VFIO nodes (exit 1, JSON naming it);
+    nothing beyond the standard library's small modules imported (no argparse, no typing)."""
+    from vfiotest.podman.image import LIB_IN_IMAGE, NVME_IO_SOURCE, NVME_LAUNCHER
+
+    assert NVME_LAUNCHER.startswith("#!/usr/bin/python3 -IS\n") and "from nvme_io import main" in NVME_LAUNCHER
+    launcher = tmp_path / "vfio-nvme"
+    launcher.write_text(NVME_LAUNCHER.replace(repr(LIB_IN_IMAGE), repr(str(NVME_IO_SOURCE.parent))))
+    py = [sys.executable, "-I", "-S"]
+    p = subprocess.run([*py, str(launcher), "--help"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.startswith("usage: vfio-nvme") and "--read-only" in p.stdout, p
+    p = subprocess.run([*py, str(launcher), "--read-only", "--vfio-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and '"step": "vfio"' in p.stdout, p
+    p = subprocess.run([*py, str(launcher), "--blocks", "many"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--blocks" in p.stderr, p
+    p = subprocess.run([*py, "-c", f"import sys; sys.path.insert(0, {str(NVME_IO_SOURCE.parent)!r}); import nvme_io;"
+                        "print(sorted({'argparse', 'typing'} & set(sys.modules)))"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p

@@ -3,9 +3,9 @@
 Built on the controller with mmdebstrap (the `essential` variant plus
 python3-minimal: smaller than minbase, no apt in it; docs, man pages and
 locales left out, full perl removed: about 75 MB, 15-20 s). The probe and the NVMe driver
-(nvme_io.py, which imports the probe) sit byte-compiled in LIB_IN_IMAGE; PROBE_IN_IMAGE is a
-launcher that imports the probe from there with `python3 -I -S` (its .pyc used, no site:
-every file Python opens in a Kata container is read over 9p, docs/measurements.md).
+(nvme_io.py, which imports the probe) sit byte-compiled in LIB_IN_IMAGE; PROBE_IN_IMAGE and
+NVME_IN_IMAGE are launchers that import them from there with `python3 -I -S` (their .pyc used, no
+site: every file Python opens in a Kata container is read over 9p, docs/measurements.md).
 The tarball is cached under /var/cache/vfiotest/images by a hash of its inputs
 (recipe, packages, the probe's and the NVMe driver's sources): the same inputs never build twice.
 
@@ -49,14 +49,26 @@ PROBE_SOURCE = Path(__file__).with_name("probe.py")
 NVME_IO_SOURCE = Path(__file__).with_name("nvme_io.py")
 LIB_IN_IMAGE = "/usr/local/lib/vfiotest"
 NVME_IO_IN_IMAGE = f"{LIB_IN_IMAGE}/nvme_io.py"
-RECIPE_VERSION = 3  # 3: the probe runs from its .pyc through PROBE_LAUNCHER
-#: /usr/local/bin/vfio-probe in the image: python3 without site (-S) or the environment (-I),
-#: the probe imported from LIB_IN_IMAGE so that its byte-compiled file is used
-PROBE_LAUNCHER = (f"#!/usr/bin/python3 -IS\n"
-                  "import sys\n"
-                  f"sys.path.insert(0, {LIB_IN_IMAGE!r})\n"
-                  "from probe import main\n"
-                  "sys.exit(main())\n")
+#: /usr/local/bin/vfio-nvme in the image: the NVMe driver started as the probe is (NVME_LAUNCHER)
+NVME_IN_IMAGE = "/usr/local/bin/vfio-nvme"
+RECIPE_VERSION = 4  # 3: the probe runs from its .pyc through PROBE_LAUNCHER; 4: the NVMe driver too
+
+
+def launcher(module: str) -> str:
+    """An executable that runs `module`'s main() from LIB_IN_IMAGE with python3 -I -S (no site,
+    no environment), so that its byte-compiled file and its neighbours' are used."""
+    return (f"#!/usr/bin/python3 -IS\n"
+            "import sys\n"
+            f"sys.path.insert(0, {LIB_IN_IMAGE!r})\n"
+            f"from {module} import main\n"
+            "sys.exit(main())\n")
+
+
+#: /usr/local/bin/vfio-probe in the image
+PROBE_LAUNCHER = launcher("probe")
+NVME_LAUNCHER = launcher("nvme_io")
+#: (path in the image, its text): the launchers the image has
+LAUNCHERS = ((PROBE_IN_IMAGE, PROBE_LAUNCHER), (NVME_IN_IMAGE, NVME_LAUNCHER))
 TESTPMD = "/usr/bin/dpdk-testpmd"
 #: where Debian's DPDK 22.11 loads its plugins from (EAL's default plugin directory: every .so in it)
 DPDK_PLUGIN_DIR = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0"
@@ -116,7 +128,7 @@ class ImageRecipe:
                 "mirror": self.mirror,
                 "probe_sha256": hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest(),
                 "nvme_io_sha256": hashlib.sha256(NVME_IO_SOURCE.read_bytes()).hexdigest(),
-                "probe_launcher": PROBE_LAUNCHER}
+                "launchers": [list(x) for x in LAUNCHERS]}
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
@@ -140,12 +152,13 @@ class ImageRecipe:
                 f"--customize-hook=upload {PROBE_SOURCE} {LIB_IN_IMAGE}/probe.py",
                 f"--customize-hook=upload {NVME_IO_SOURCE} {NVME_IO_IN_IMAGE}",
                 # byte-compiled in the image (unchecked-hash: the image is keyed by the sources'
-                # hashes, so they cannot change under it), and the probe started from its .pyc by
-                # a launcher, python with -I -S: no site, no sitecustomize
+                # hashes, so they cannot change under it), and the probe and the NVMe driver
+                # started from their .pyc by launchers, python with -I -S: no site, no sitecustomize
                 f'--customize-hook=chroot "$1" python3 -m compileall -q --invalidation-mode unchecked-hash {LIB_IN_IMAGE}',
-                "--customize-hook=printf '%s\\n' " + " ".join(shlex.quote(line) for line in PROBE_LAUNCHER.splitlines())
-                + f' > "$1{PROBE_IN_IMAGE}"',
-                f'--customize-hook=chmod 0755 "$1{PROBE_IN_IMAGE}"',
+                *(hook for path, text in LAUNCHERS for hook in (
+                    "--customize-hook=printf '%s\\n' " + " ".join(shlex.quote(line) for line in text.splitlines())
+                    + f' > "$1{path}"',
+                    f'--customize-hook=chmod 0755 "$1{path}"')),
                 # files the image has already (its own libc, ...) are kept; links stay links
                 *(['--customize-hook=for f in ' + shlex.join(p.lstrip("/") for p in dpdk_files())
                    + '; do [ -e "$1/$f" ] || echo "$f"; done | tar -C / -cf - -T - | tar -C "$1" -xf -']
@@ -178,7 +191,7 @@ class Image:
         """The userspace NVMe driver (nvme_io.py): from the image, or for the user's own image
         passed as source with the probe loaded as the module it imports."""
         if self.built:
-            return ["python3", NVME_IO_IN_IMAGE]
+            return [NVME_IN_IMAGE]
         boot = ("import sys, types\n"
                 "probe = types.ModuleType('probe')\n"
                 f"exec(compile({PROBE_SOURCE.read_text()!r}, 'probe.py', 'exec'), probe.__dict__)\n"

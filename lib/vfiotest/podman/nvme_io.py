@@ -31,14 +31,18 @@ read and its sha256 reported), 1 naming the failing step, 2 on bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import random
 import struct
 import sys
 import time
-from typing import Any
+
+# started in a Kata container, where every module is read over 9p: getopt (the probe's
+# parse_options), not argparse, and typing only for mypy (as in probe.py)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 try:
     from . import probe as vfio  # as part of the vfiotest package
@@ -399,23 +403,65 @@ def run(vfio_dir: str = "/dev/vfio", group: str | None = None, device: str | Non
                 pass
 
 
+USAGE = """usage: vfio-nvme [--vfio-dir DIR] [--group N] [--device ADDR] [--nsid N] [--slba LBA] [--blocks N]
+                 [--seed N] [--read-only] [--timeout SECONDS] [--iova ADDR]
+
+Userspace NVMe I/O through VFIO (polled): a block range written with a pattern and read back;
+JSON on stdout.
+
+  --vfio-dir DIR       where the VFIO nodes are (default /dev/vfio)
+  --group N            group number (default: the only numeric node in --vfio-dir)
+  --device ADDR        PCI address of the NVMe function (default: first device of the group in /sys)
+  --nsid N             namespace (default: the first active one)
+  --slba LBA           first block of the range (default 2048)
+  --blocks N           blocks in the range (default 64)
+  --seed N             seed of the pattern (random.Random(seed).randbytes; default: random)
+  --read-only          only read the range and print its sha256
+  --timeout SECONDS    seconds any one command or state change may take (default 30)
+  --iova ADDR          IO virtual address of the DMA buffer (default 0x10000000; 0x.. accepted)
+  -h, --help           this text
+
+Exit status: 0 every step passed, 1 a step failed (named in the JSON), 2 bad arguments.
+"""
+#: option -> (attribute, conversion, default); --sysfs is for tests (a simulated /sys)
+OPTIONS: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    "--vfio-dir": ("vfio_dir", str, "/dev/vfio"),
+    "--group": ("group", str, None),
+    "--device": ("device", str, None),
+    "--nsid": ("nsid", int, None),
+    "--slba": ("slba", int, 2048),
+    "--blocks": ("blocks", int, 64),
+    "--seed": ("seed", int, None),
+    "--timeout": ("timeout", float, 30.0),
+    "--iova": ("iova", lambda s: int(s, 0), 0x10000000),
+    "--sysfs": ("sysfs", str, "/sys"),
+}
+FLAGS = {"--read-only": "read_only"}
+
+
+class Args:
+    vfio_dir: str
+    group: str | None
+    device: str | None
+    nsid: int | None
+    slba: int
+    blocks: int
+    seed: int | None
+    read_only: bool
+    timeout: float
+    iova: int
+    sysfs: str
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vfio-nvme", description="Userspace NVMe I/O through VFIO (polled); JSON on stdout.")
-    p.add_argument("--vfio-dir", default="/dev/vfio", help="where the VFIO nodes are (default /dev/vfio)")
-    p.add_argument("--group", help="group number (default: the only numeric node in --vfio-dir)")
-    p.add_argument("--device", help="PCI address of the NVMe function (default: first device of the group in /sys)")
-    p.add_argument("--nsid", type=int, help="namespace (default: the first active one)")
-    p.add_argument("--slba", type=int, default=2048, help="first block of the range (default 2048)")
-    p.add_argument("--blocks", type=int, default=64, help="blocks in the range (default 64)")
-    p.add_argument("--seed", type=int, help="seed of the pattern (random.Random(seed).randbytes; default: random)")
-    p.add_argument("--read-only", action="store_true", help="only read the range and print its sha256")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds any one command or state change may take")
-    p.add_argument("--iova", type=lambda s: int(s, 0), default=0x10000000, help="IO virtual address of the DMA buffer")
-    p.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)
     try:
-        a = p.parse_args(argv)
-    except SystemExit as e:
-        return 2 if e.code else 0
+        a: Args | None = vfio.parse_options(sys.argv[1:] if argv is None else argv, OPTIONS, Args(), FLAGS)
+    except ValueError as e:
+        print(f"vfio-nvme: {e}\n{USAGE.splitlines()[0]}\n(--help for more)", file=sys.stderr)
+        return 2
+    if a is None:
+        print(USAGE, end="")
+        return 0
     report: dict[str, Any] = {"ok": False}
     try:
         run(a.vfio_dir, a.group, a.device, a.nsid, a.slba, a.blocks, a.seed, a.read_only, a.iova, a.timeout, a.sysfs,
