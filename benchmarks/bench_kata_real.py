@@ -14,9 +14,10 @@
     .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB] [--quiet-guest]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
-What it changes on the target (VFs, binding, registration, podman settings) is undone; the VF
-count and the binding are journaled on the target first, so `vfiotest restore` puts them back
-after a kill.
+Everything it changes on the target (the kata-vfio registration and its configuration.toml,
+podman's drop-in, the API service, the containers, the VF count and binding) is recorded in a
+journal on the target before it is made and undone at the end; after a kill, `vfiotest restore`
+replays that journal.
 """
 
 import argparse
@@ -32,11 +33,12 @@ from vfiotest.bind import DeviceManager
 from vfiotest.journal import Journal
 from vfiotest.kata import bundle, provision
 from vfiotest.kata import config as kata_config
-from vfiotest.kata.runtime import RuntimeRegistration
+from vfiotest.kata.runtime import RUNTIME_NAME
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image
 from vfiotest.podman.client import vfio_recipe
+from vfiotest.podman.conf import dropin_record
 from vfiotest.sriov import set_numvfs
 
 IGB_VF = "8086:10ca"
@@ -103,8 +105,10 @@ def main():
 
     host, close = targets.open_host(a.target, progress=say)
     shares = targets.shares_controller_fs(a.target)
-    settings = PodmanBaseSettings(host)
-    reg = journal = None
+    # one journal on the target for everything below, each change recorded before it is made:
+    # the end replays it, and after a kill `vfiotest restore` does
+    journal = Journal.open(host)
+    client = None
     try:
         t = time.monotonic()
         choice = bundle.choose_kata(host, progress=say, shares_controller_fs=shares)
@@ -116,28 +120,25 @@ def main():
         image = provision.guest_image(choice, (IGB_VF,), host=host, shares_controller_fs=shares, progress=say)
         t_image = time.monotonic() - t
         t = time.monotonic()
-        written = provision.write_config(host, choice, image)
-        if a.memory or a.quiet_guest:
-            text = written.text
-            if a.memory:
-                text = text.replace(f"default_memory = {kata_config.KATA_GUEST_MEMORY_MB}", f"default_memory = {a.memory}")
-            if a.quiet_guest:
-                text = text.replace("\nenable_debug = true\n", "\nenable_debug = false\n", 1)
-                if "\nenable_debug = false\n" not in text:
-                    print(f"--quiet-guest: no `enable_debug = true` line in {written.path}")
-                    return 2
-            host.write_atomic(written.path, text, mode=0o644)
-        reg = RuntimeRegistration(host, kata=provision.runtime_install(choice))
-        reg.register()
+        # podman's drop-in first (the directory it may create is removed last), as a session does
+        settings = PodmanBaseSettings(host)
+        settings.snapshot()
+        journal.record(dropin_record(settings))
         settings.apply()
+        provision.register_kata_vfio(host, choice, image, journal, progress=say, memory_mb=a.memory)
+        if a.quiet_guest:
+            path = kata_config.KATA_VFIO_CONFIG
+            text = host.read_text(path)
+            if "\nenable_debug = true\n" not in text:
+                print(f"--quiet-guest: no `enable_debug = true` line in {path}")
+                return 2
+            host.write_atomic(path, text.replace("\nenable_debug = true\n", "\nenable_debug = false\n", 1), mode=0o644)
         t_reg = time.monotonic() - t
         print(f"provision        Kata {choice.version} ({choice.kind}) {t_choice:.2f} s, guest image "
               f"{image.size / 1e6:.1f} MB {'cached' if image.cached else 'built'} {t_image:.2f} s, "
               f"config + registration {t_reg:.2f} s")
         img = ensure_image(host)
-        client = RuntimeClient.open(host, reg.name)
-        # the device changes go to a durable journal: `vfiotest restore` puts them back after a kill
-        journal = Journal.open(host)
+        client = RuntimeClient.open(host, RUNTIME_NAME, recorder=journal)
         dm, pool = DeviceManager(host, "emulated", journal), LeasePool(host)
         pf = next(d for d in read_inventory(host).devices.values() if d.vendor_device == "8086:10c9" and d.sriov)
         if not pf.sriov.numvfs:
@@ -204,16 +205,14 @@ def main():
                 dm.restore_group(vf.address)
             if lease:
                 lease.release()
-            journal.restore_all()   # what is left: the VF count, as found
-            client.close()
     finally:
-        if reg is not None:
-            reg.unregister()
-            host.remove(kata_config.KATA_VFIO_CONFIG)
-        settings.restore()
-        if journal is not None:
-            journal.close()     # removed when empty; kept for `vfiotest restore` when an undo failed
-        close()
+        try:
+            if client is not None:
+                client.close()
+            journal.restore_all()   # newest first: containers, service, VF count, drop-in, registration
+            journal.close()         # removed when empty; kept for `vfiotest restore` when an undo failed
+        finally:
+            close()
     return 0
 
 
