@@ -8,6 +8,10 @@
   fixture overhead lease + bind group + restore + release per test (the vfio_group layer's cost)
 
     .venv/bin/python benchmarks/bench_podman.py [--runs 3] [--runtime runc] [--target virtual]
+
+What it changes on the target (podman's drop-in, the API service, the containers, the VF count and
+binding) is recorded in a journal on the target before it is made and undone at the end; after
+a kill, `vfiotest restore` replays that journal.
 """
 
 import argparse
@@ -21,6 +25,7 @@ from vfiotest.journal import Journal
 from vfiotest.lease import LeasePool
 from vfiotest.pci import read_inventory
 from vfiotest.podman import PodmanBaseSettings, RuntimeClient, ensure_image, vfio_devices
+from vfiotest.podman.conf import dropin_record
 from vfiotest.sriov import set_numvfs
 
 
@@ -36,23 +41,27 @@ def main():
     a = ap.parse_args()
 
     host, close = targets.open_host(a.target, progress=lambda s: print("  ..", s))
-    settings = PodmanBaseSettings(host)
-    journal = None
-    settings.apply()
+    # one journal on the target, each change recorded before it is made: the end replays it,
+    # and after a kill `vfiotest restore` does
+    journal = Journal.open(host)
+    client = None
     try:
+        settings = PodmanBaseSettings(host)
+        settings.snapshot()
+        journal.record(dropin_record(settings))
+        settings.apply()
         t = time.monotonic()
         img = ensure_image(host)
         print(f"image            build {img.timings['build_s']:.1f} s, import {img.timings['import_s']:.1f} s "
               f"(total {time.monotonic() - t:.1f} s)")
         t = time.monotonic()
-        client = RuntimeClient.open(host, a.runtime)
+        client = RuntimeClient.open(host, a.runtime, recorder=journal)
         print(f"service          start to ping {time.monotonic() - t:.2f} s ({a.runtime})")
+        vf = lease = None
         try:
             inv = read_inventory(host)
             pool = LeasePool(host)
-            journal = Journal.open(host)   # durable: `vfiotest restore` puts the devices back after a kill
             dm = DeviceManager(host, "emulated", journal)
-            vf = lease = None
             nvme = next(d for d in inv.devices.values() if d.vendor_device == "1b36:0010" and d.sriov)
             if not nvme.sriov.numvfs:
                 try:
@@ -85,19 +94,21 @@ def main():
                 t = time.monotonic()
                 client.run(img.ref, ["true"])
                 bare_t.append(time.monotonic() - t)
-            lease.release()
-            journal.restore_all()   # what is left: the VF count, as found
             print(f"probe            create -> probe JSON -> removed: {stats(probe_t)}")
             print(f"no-device        create -> `true` -> removed:      {stats(bare_t)}")
             print(f"fixture overhead bind group + restore per test:    {stats(overhead)}")
             print(f"relay channels   {getattr(client.service._forward, 'channels_opened', 0)} SSH channels for the whole run")
         finally:
-            client.close()
+            if lease is not None:
+                lease.release()
     finally:
-        settings.restore()
-        if journal is not None:
-            journal.close()     # removed when empty; kept for `vfiotest restore` when an undo failed
-        close()
+        try:
+            if client is not None:
+                client.close()
+            journal.restore_all()   # newest first: containers, service, VF binding and count, drop-in
+            journal.close()         # removed when empty; kept for `vfiotest restore` when an undo failed
+        finally:
+            close()
     return 0
 
 
