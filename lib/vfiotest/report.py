@@ -63,7 +63,7 @@ CATEGORIES: list[dict[str, Any]] = [
 
 # environment.properties keys shown as the versions of a run, in this order
 VERSION_KEYS = ("target", "profile", "target.kernel", "target.cmdline", "target.podman", "podman.runtime",
-                "lane", "kata.version", "kata.source", "kata.bundle.sha256", "kata.qemu", "runner.qemu", "runner.accel",
+                "lane", "kata.version", "kata.source", "kata.bundle.sha256", "kata.guest_kernel", "kata.qemu", "runner.qemu", "runner.accel",
                 "device.pf", "device.vf_ids", "device.numvfs", "podman.image", "controller")
 
 ALLURE_ENV = "VFIOTEST_ALLURE"

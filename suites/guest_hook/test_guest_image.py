@@ -5,7 +5,7 @@ import os
 from vfiotest.fixtures.allure_report import attach_json
 from vfiotest.kata import initrd
 from vfiotest.kata.image import read_initrd, verify_guest_image
-from vfiotest.kata.kernel import debian_kernel
+from vfiotest.kata.kernel import guest_kernel
 
 
 def test_hook_is_a_regular_executable_file_under_guest_hook_path(guest_image):
@@ -19,7 +19,7 @@ def test_hook_is_a_regular_executable_file_under_guest_hook_path(guest_image):
     assert hook is not None, f"{guest_image.hook_path} missing from {guest_image.path}"
     assert hook.kind == "file"                      # the agent skips symlinks
     assert hook.perms == 0o755
-    assert hook.data.startswith(b"#!/usr/bin/python3\n")
+    assert hook.data.startswith(b"#!/usr/bin/python3 -IS\n")  # no site, no environment: one option cluster
 
 
 def test_hook_ships_with_the_device_layer_it_shares(guest_image):
@@ -33,7 +33,7 @@ def test_hook_ships_with_the_device_layer_it_shares(guest_image):
 
 
 def test_image_has_the_vfio_modules_its_kernel_has(guest_image):
-    kernel = debian_kernel()
+    kernel = guest_kernel()
     wanted = initrd.vfio_modules_for(kernel)
     assert {"vfio", "vfio_iommu_type1", "vfio-pci"} <= set(wanted)
     # vfio_virqfd is asked for only where the kernel has it (a module before 6.2)

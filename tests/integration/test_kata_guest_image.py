@@ -6,6 +6,7 @@ the hook installed under <guest_hook_path>/prestart runs as the agent runs it. T
 suites/guest_hook (a Kata VM in the runner)."""
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -96,3 +97,17 @@ def test_the_images_hook_runs_as_the_agent_runs_it(built, console):
     errors = [e for e in rep.hook_log if e["action"] == "state" and e["result"] == "error"]
     assert len(errors) == 1 and "not JSON" in errors[0]["error"]
     assert set(rep.dev_vfio) <= {"vfio"}
+
+
+def test_the_hook_compiles_nothing_in_the_guest(built, console):
+    """The hook starts as the agent starts it (`python3 -IS`, its shebang) and every module it
+    imports, its own library and the standard library's, loads from a .pyc in the image: Python's
+    -v says `code object from '<...pyc>'` for each and never `code object from <...py>` (a
+    compile, which costs seconds in a nested guest at every container start)."""
+    lib = built.hook_path.rsplit("/prestart/", 1)[0] + "/lib"
+    out = console.check(f"python3 -IS -v -c 'import sys; sys.path.insert(0, \"{lib}\"); import vfiotest.kata.hook' 2>&1")
+    compiled = [line for line in out.splitlines() if re.match(r"^# code object from /", line)]
+    loaded = [line for line in out.splitlines() if line.startswith("# code object from '")]
+    assert not compiled, "compiled from source in the guest:\n" + "\n".join(compiled)
+    assert any(f"'{lib}/vfiotest/kata/__pycache__/hook." in line for line in loaded), out[-2000:]
+    assert any("'/usr/lib/python3" in line and "/json/__pycache__/" in line for line in loaded), out[-2000:]

@@ -56,7 +56,7 @@ HOOK_NAME = "vfio-hook"
 HOOK_LOG = "/tmp/vfio-hook.log"
 GUEST_PYTHON = "/usr/bin/python3"
 SYSTEM_DRACUT = "/usr/lib/dracut"
-BUILD_FORMAT = 2  # bump when the layout of the image changes
+BUILD_FORMAT = 3  # bump when the layout of the image changes
 
 # The VFIO set, in load order. vfio_virqfd is its own module before 6.2 only.
 VFIO_MODULES = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio-pci-core", "vfio-pci")
@@ -120,7 +120,9 @@ def vfio_modules_for(kernel: GuestKernel) -> list[str]:
 
 def _hook_launcher(spec: InitrdSpec) -> str:
     lib = f"{spec.guest_hook_path.rstrip('/')}/lib"
-    return (f"#!{GUEST_PYTHON}\n"
+    # -IS: no site, no environment (a hook's start costs seconds in a nested guest); one option
+    # cluster, as the kernel passes a shebang's arguments as one
+    return (f"#!{GUEST_PYTHON} -IS\n"
             "# vfiotest guest hook: rebinds the container's devices to vfio-pci (see vfiotest.kata.hook)\n"
             "import sys\n"
             f"sys.path.insert(0, {lib!r})\n"
@@ -151,6 +153,12 @@ install() {{
 }}
 """
 
+LOAD_MODULES = """# one modprobe for all (a process per module costs about 0.1 s each in a nested guest); when
+# one fails, each again to say which
+modprobe -a -q {modules} 2>/dev/null ||
+    for m in {modules}; do modprobe -q "$m" || echo "vfiotest-kata-init: modprobe $m failed" > /dev/kmsg; done"""
+NO_MODULES = "# the guest kernel has every driver built in: nothing to load"
+
 KATA_INIT = """#!/bin/sh
 # vfiotest: the Kata guest's init (rdinit=). Mount, load what the agent and the hook need,
 # then hand PID 1 to kata-agent (AGENT_INIT=yes in osbuilder terms).
@@ -159,10 +167,7 @@ mkdir -p /proc /sys /dev /tmp /run
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-# one modprobe for all (a process per module costs about 0.1 s each in a nested guest); when
-# one fails, each again to say which
-modprobe -a -q {modules} 2>/dev/null ||
-    for m in {modules}; do modprobe -q "$m" || echo "vfiotest-kata-init: modprobe $m failed" > /dev/kmsg; done
+{load}
 exec </dev/console >/dev/console 2>&1
 exec {agent}
 """
@@ -185,8 +190,11 @@ def _python_files(lib_dir: str, timeout: float = 60) -> list[str]:
         "for m in list(sys.modules.values()):\n"
         "    f = getattr(m, '__file__', None)\n"
         "    if f and not f.startswith(sys.path[0]): files.add(f)\n"
-        "import os\n"
+        "import os, importlib.util\n"
         "files.add(os.__file__)\n"
+        # the interpreter's own byte-compiled files beside them (Debian compiles the stdlib at
+        # install time): the guest then compiles nothing at each start
+        "files |= {importlib.util.cache_from_source(f) for f in list(files) if f.endswith('.py')}\n"
         "print('\\n'.join(sorted(files)))\n")
     try:
         p = subprocess.run([GUEST_PYTHON, "-S", "-c", probe], capture_output=True, text=True, timeout=timeout)
@@ -215,6 +223,16 @@ def _stage_library(dest: str) -> str:
     with open(os.path.join(pkg, "kata", "__init__.py"), "w") as f:
         f.write('"""vfiotest.kata, as shipped into the guest image: the hook."""\n')
     return pkg
+
+
+def _compile_library(lib_dir: str, timeout: float = 60) -> None:
+    """Byte-compile the staged library with the guest's python3 (unchecked-hash .pyc: valid
+    whatever timestamps the image gives the sources), so the hook compiles nothing in the guest."""
+    p = subprocess.run([GUEST_PYTHON, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", lib_dir],
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise ProvisionError(f"byte-compiling the hook's library failed: {(p.stdout + p.stderr).strip()[-400:]}",
+                             hint=f"the hook's modules must compile with {GUEST_PYTHON}")
 
 
 def input_key(spec: InitrdSpec, kernel: GuestKernel) -> str:
@@ -259,10 +277,10 @@ def build_initrd(spec: InitrdSpec | None = None, kernel: GuestKernel | None = No
     """Build (or take from the cache) the guest initrd for `spec`; returns a `BuiltInitrd`."""
     import filelock
 
-    from .kernel import debian_kernel
+    from .kernel import guest_kernel
 
     spec = spec or InitrdSpec()
-    kernel = kernel or debian_kernel(progress=progress)
+    kernel = kernel or guest_kernel(progress=progress)
     key = input_key(spec, kernel)
     out_dir = cache_dir()
     os.makedirs(out_dir, exist_ok=True)
@@ -293,6 +311,7 @@ def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str,
     hook_dir = spec.guest_hook_path.rstrip("/")
     lib = os.path.join(work, "lib")
     _stage_library(lib)
+    _compile_library(lib, timeout)
     files: list[tuple[str, str, str]] = []  # (src, dst in guest, mode)
     for root, _, names in os.walk(lib):
         for n in names:
@@ -316,10 +335,13 @@ def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str,
                                  hint="give the path of a built kata-agent binary, or leave --agent out")
         files.append((os.path.realpath(spec.agent), GUEST_AGENT_PATH, "0755"))
         init = os.path.join(work, "vfiotest-kata-init")
-        load = guest_modules + [m for m in VFIO_MODULES if kernel.has_module(m) and not kernel.module_is_builtin(m)] \
-            + [d for d in spec.extra_drivers if kernel.has_module(d)]
+        # what the init loads: the modules among them, not what the kernel has built in
+        load = [m for m in guest_modules + list(VFIO_MODULES) + list(spec.extra_drivers)
+                if kernel.has_module(m) and not kernel.module_is_builtin(m)]
         with open(init, "w") as f:
-            f.write(KATA_INIT.format(modules=" ".join(m.replace("-", "_") for m in load), agent=GUEST_AGENT_PATH))
+            to_load = " ".join(m.replace("-", "_") for m in load)
+            f.write(KATA_INIT.format(load=LOAD_MODULES.format(modules=to_load) if load else NO_MODULES,
+                                     agent=GUEST_AGENT_PATH))
         files.append((init, KATA_INIT_PATH, "0755"))
 
     module_dir = os.path.join(work, "95vfiotest")
@@ -368,7 +390,8 @@ def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str,
         problems += image_mod.verify_kata_guest(listing, init=KATA_INIT_PATH, agent=GUEST_AGENT_PATH,
                                                 modules=guest_modules).problems
     for d in spec.extra_drivers:
-        if kernel.has_module(d) and d.replace("-", "_") not in listing.modules():
+        if kernel.has_module(d) and d.replace("-", "_") not in listing.modules() \
+                and not kernel.module_is_builtin(d):
             problems.append(f"driver {d} is not in the image")
     if problems:
         os.remove(tmp_out)

@@ -1,17 +1,41 @@
-"""The guest kernel: Debian's 6.1 kernel, the same unpacked package the runner boots.
+"""The guest kernel of the Kata VMs.
 
-`debian_kernel()` returns a `GuestKernel` (vmlinuz, kernel version, the module
-tree that dracut's `--kmoddir` reads) and tells which modules the kernel has,
-so the guest image asks only for modules that exist (`vfio_virqfd` is built
-into `vfio` from 6.2 on).
+Two kinds, each a `GuestKernel` (vmlinuz, kernel version, the module tree that
+dracut's `--kmoddir` reads, and which modules the kernel has, so the guest image
+asks only for modules that exist):
+
+- `kata_kernel()` (the default): built for Kata from Debian's `linux-source-6.1`
+  with the fragment `data/kata/guest-kernel.config` over `allnoconfig`: everything
+  the agent, the hook and the VFs' drivers need built in, little else, so the guest
+  loads no modules at boot. Cached by its inputs (the source package's version, the
+  fragment, `KERNEL_BUILD_FORMAT`) under CACHE/guest-kernel/; built once, with progress.
+- `debian_kernel()`: Debian's generic 6.1 kernel, the same unpacked package the runner
+  boots; the guest's init then loads the virtio, vsock, 9p and VFIO modules.
+
+`guest_kernel()` picks one by `VFIOTEST_GUEST_KERNEL` (`kata`, `debian`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .. import constants
+from ..errors import ProvisionError
+
+GUEST_KERNEL_ENV = "VFIOTEST_GUEST_KERNEL"
+GUEST_KERNELS = ("kata", "debian")
+SOURCE_PACKAGE = "linux-source-6.1"
+KERNEL_BUILD_FORMAT = 1    # bump when how the kernel is built or laid out changes
+FRAGMENT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "kata", "guest-kernel.config")
+BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc")   # and libelf's headers (objtool)
 
 
 @dataclass(frozen=True)
@@ -69,3 +93,201 @@ def debian_kernel(progress: Callable[[str], None] | None = None) -> GuestKernel:
 
 
 _RESOLVED: GuestKernel | None = None
+
+
+def guest_kernel_choice() -> str:
+    """`VFIOTEST_GUEST_KERNEL`: `kata` (the default) or `debian`; a ProvisionError naming it otherwise."""
+    raw = os.environ.get(GUEST_KERNEL_ENV, "")
+    choice = raw.strip() or "kata"
+    if choice not in GUEST_KERNELS:
+        raise ProvisionError(f"{GUEST_KERNEL_ENV}={raw!r} is not a guest kernel",
+                             hint="kata (built for Kata from Debian's linux-source-6.1, the default) "
+                                  "or debian (Debian's generic kernel, its modules loaded at boot)")
+    return choice
+
+
+def guest_kernel(progress: Callable[[str], None] | None = None) -> GuestKernel:
+    """The guest kernel `VFIOTEST_GUEST_KERNEL` names (`guest_kernel_choice`)."""
+    if guest_kernel_choice() == "debian":
+        return debian_kernel(progress=progress)
+    return kata_kernel(progress=progress)
+
+
+def fragment_lines(path: str = FRAGMENT) -> dict[str, str]:
+    """The fragment's settings: CONFIG_X -> value, `# CONFIG_X is not set` as "n"."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            m = re.match(r"^# (CONFIG_\w+) is not set$", line)
+            if m:
+                out[m.group(1)] = "n"
+            elif line.startswith("CONFIG_"):
+                k, _, v = line.partition("=")
+                out[k] = v
+    return out
+
+
+def config_mismatches(want: dict[str, str], config_text: str) -> list[str]:
+    """Settings of `want` that a `.config` did not keep (Kconfig drops what it cannot satisfy)."""
+    have: dict[str, str] = {}
+    for line in config_text.splitlines():
+        m = re.match(r"^# (CONFIG_\w+) is not set$", line)
+        if m:
+            have[m.group(1)] = "n"
+        elif line.startswith("CONFIG_"):
+            k, _, v = line.partition("=")
+            have[k] = v
+    return [f"{k}={v} (got {have.get(k, 'nothing')})" for k, v in want.items() if have.get(k, "n") != v]
+
+
+def source_version() -> str:
+    """The version of Debian's linux-source-6.1 the apt sources offer."""
+    try:
+        p = subprocess.run(["apt-cache", "policy", SOURCE_PACKAGE], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise ProvisionError("apt-cache is not installed: the Kata guest kernel is built from Debian's "
+                             f"{SOURCE_PACKAGE}", hint=f"on a Debian 12 controller, or {GUEST_KERNEL_ENV}=debian") from None
+    m = re.search(r"Candidate:\s*(\S+)", p.stdout)
+    if not m or m.group(1) == "(none)":
+        raise ProvisionError(f"{SOURCE_PACKAGE} is not in the apt sources",
+                             hint=f"run `apt-get update` (ci/setup does), or set {GUEST_KERNEL_ENV}=debian")
+    return m.group(1)
+
+
+def kata_kernel_key(version: str, fragment: str = FRAGMENT) -> str:
+    h = hashlib.sha256()
+    h.update(f"{SOURCE_PACKAGE}={version}\nformat={KERNEL_BUILD_FORMAT}\n".encode())
+    with open(fragment, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _cached_kata_kernels(base: str) -> list[str]:
+    if not os.path.isdir(base):
+        return []
+    return sorted((os.path.join(base, n) for n in os.listdir(base) if os.path.exists(os.path.join(base, n, ".complete"))),
+                  key=os.path.getmtime)
+
+
+def _from_tree(root: str) -> GuestKernel:
+    with open(os.path.join(root, ".complete")) as f:
+        package, kver = f.read().split()
+    return GuestKernel(package=package, kver=kver, root=root)
+
+
+def kata_kernel(progress: Callable[[str], None] | None = None, *, jobs: int | None = None,
+                timeout: float = 3600) -> GuestKernel:
+    """The kernel built for Kata (module docstring), from the cache or built now."""
+    import filelock
+
+    base = constants.cache_dir("guest-kernel")
+    try:
+        version = source_version()
+    except ProvisionError:
+        cached = _cached_kata_kernels(base)
+        if cached:                      # offline: the newest one built
+            return _from_tree(cached[-1])
+        raise
+    key = kata_kernel_key(version)
+    root = os.path.join(base, key)
+    if os.path.exists(os.path.join(root, ".complete")):
+        return _from_tree(root)
+    os.makedirs(base, exist_ok=True)
+    with filelock.FileLock(os.path.join(base, ".lock"), timeout=timeout + 60):
+        if os.path.exists(os.path.join(root, ".complete")):
+            return _from_tree(root)
+        missing = [t for t in BUILD_TOOLS if shutil.which(t) is None]
+        if missing:
+            raise ProvisionError(f"building the Kata guest kernel needs {', '.join(missing)}",
+                                 hint="run ci/setup (it installs make gcc flex bison bc libelf-dev), "
+                                      f"or set {GUEST_KERNEL_ENV}=debian")
+        work = tempfile.mkdtemp(prefix=".build-", dir=base)
+        try:
+            tree = _build_kata_kernel(version, work, progress, jobs or os.cpu_count() or 1, timeout)
+            os.rename(tree, root)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _from_tree(root)
+
+
+def _say(progress: Callable[[str], None] | None, text: str) -> None:
+    if progress:
+        progress(text)
+
+
+def _run(cmd: list[str], what: str, cwd: str, timeout: float = 600) -> str:
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-6:])
+        raise ProvisionError(f"{what}: `{' '.join(cmd)}` failed (exit {p.returncode}): {tail}",
+                             hint=f"run it by hand in {cwd} to see the whole output")
+    return p.stdout
+
+
+def _build_kata_kernel(version: str, work: str, progress: Callable[[str], None] | None, jobs: int,
+                       timeout: float) -> str:
+    _say(progress, f"guest kernel: downloading {SOURCE_PACKAGE} {version} (about 140 MB)")
+    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{SOURCE_PACKAGE}={version}"],
+         f"downloading {SOURCE_PACKAGE}", work)
+    deb = next((n for n in os.listdir(work) if n.endswith(".deb")), None)
+    if deb is None:
+        raise ProvisionError(f"apt-get download {SOURCE_PACKAGE} left no .deb", hint="check the apt sources")
+    _run(["dpkg-deb", "-x", deb, "pkg"], f"unpacking {deb}", work)
+    os.remove(os.path.join(work, deb))
+    tarball = os.path.join(work, "pkg", "usr", "src", f"{SOURCE_PACKAGE}.tar.xz")
+    _say(progress, f"guest kernel: unpacking {os.path.basename(tarball)}")
+    _run(["tar", "-xJf", tarball], f"unpacking {tarball}", work)
+    shutil.rmtree(os.path.join(work, "pkg"))
+    src = os.path.join(work, SOURCE_PACKAGE)
+    make = ["make", "-s", "ARCH=x86_64"]
+    _run(make + ["allnoconfig"], "configuring the guest kernel (allnoconfig)", src)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", FRAGMENT], "merging the guest kernel's fragment", src)
+    _run(make + ["olddefconfig"], "configuring the guest kernel (olddefconfig)", src)
+    with open(os.path.join(src, ".config")) as f:
+        bad = config_mismatches(fragment_lines(), f.read())
+    if bad:
+        raise ProvisionError("the guest kernel's configuration did not keep: " + ", ".join(bad),
+                             hint=f"a setting of {FRAGMENT} depends on one the fragment lacks: add it")
+    _say(progress, f"guest kernel: compiling on {jobs} job(s) (about 5 min on 2 cores, once)")
+    t0 = time.monotonic()
+    log = os.path.join(work, "build.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["make", f"-j{jobs}", "ARCH=x86_64", "bzImage", "modules"], cwd=src,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        units, said = 0, t0
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith("  CC "):
+                units += 1
+            if time.monotonic() - said >= 60:
+                said = time.monotonic()
+                _say(progress, f"guest kernel: {units} files compiled, {said - t0:.0f} s")
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+        rc = proc.wait()
+    if rc != 0:
+        with open(log) as f:
+            tail = " | ".join(f.read().strip().splitlines()[-8:])
+        raise ProvisionError(f"building the guest kernel failed (exit {rc}): {tail}",
+                             hint=f"{GUEST_KERNEL_ENV}=debian boots Debian's kernel instead")
+    kver = _run(make + ["kernelrelease"], "the guest kernel's release", src).strip()
+    tree = os.path.join(work, "tree")
+    os.makedirs(os.path.join(tree, "boot"))
+    shutil.copy(os.path.join(src, "arch", "x86", "boot", "bzImage"), os.path.join(tree, "boot", f"vmlinuz-{kver}"))
+    shutil.copy(os.path.join(src, ".config"), os.path.join(tree, "boot", f"config-{kver}"))
+    _run(make + [f"INSTALL_MOD_PATH={tree}", "modules_install"], "installing the guest kernel's module lists", src)
+    with open(os.path.join(tree, "lib", "modules", kver, "modules.order")) as f:
+        loadable = [os.path.basename(line.strip()) for line in f if line.strip()]
+    if loadable:        # the guest's init loads nothing: a module here would never be loaded
+        raise ProvisionError(f"the guest kernel came out with loadable modules: {', '.join(loadable)}",
+                             hint=f"set each in {FRAGMENT} (=y, or '# CONFIG_... is not set')")
+    for link in ("build", "source"):     # point into the source tree, which goes
+        path = os.path.join(tree, "lib", "modules", kver, link)
+        if os.path.islink(path):
+            os.remove(path)
+    _say(progress, f"guest kernel {kver} built in {time.monotonic() - t0:.0f} s")
+    with open(os.path.join(tree, ".complete"), "w") as f:
+        f.write(f"{SOURCE_PACKAGE}_{version}+vfiotest-{kata_kernel_key(version)} {kver}\n")
+    return tree
