@@ -267,3 +267,15 @@ def test_the_guest_report_gives_the_one_device_model():
     dev = inv.devices["0000:00:03.0"]
     assert dev.vendor_device == "8086:10ca" and dev.driver == "vfio-pci" and inv.groups == {"2": ["0000:00:03.0"]}
     assert inv.vfio == {"2": "char"} and inv.devices["0000:00:00.0"].iommu_group is None
+
+
+def test_the_agents_own_log_lines_are_not_the_commands_output():
+    """kata-agent logs on the console the debug shell shares: a line it writes while a command
+    runs is left out of that command's output (seen in CI inside `cat /proc/1/comm`)."""
+    agent = ('time="2026-12-06T21:11:05.843843933Z" level=info msg="Waiting for stopServer signal..." '
+             'debug_console=true name=kata-agent pid=1 source=agent subsystem=stopserverwatcher\r\n')
+    text = "BEGIN-n1\r\n" + agent + "kata-agent\r\n" + agent + "END-n1 0\r\n"
+    assert parse_transcript(text, "n1") == (0, "kata-agent\n")
+    # a command's own line that merely mentions the agent stays
+    own = 'time="x" level=info msg=hello name=other\nkata-agent is PID 1\n'
+    assert parse_transcript("BEGIN-n1\n" + own + "END-n1 0\n", "n1") == (0, own)

@@ -61,10 +61,17 @@ def wrap(cmd: str, nonce: str) -> str:
             f"printf '%s-%s %s\\n' END {nonce} \"$?\"\n")
 
 
+# A line the agent logged (logrus text format) on the console it shares with the debug shell:
+# kata-agent runs with its stdout on the console, so its lines can land between a command's
+# markers (seen in CI: `Waiting for stopServer signal...` inside `cat /proc/1/comm`).
+AGENT_LOG_LINE = re.compile(r'^time="[^"]*" level=\w+ .*\bname=kata-agent\b.*\n?', re.M)
+
+
 def parse_transcript(text: str, nonce: str) -> tuple[int | None, str | None]:
     """(rc, output) from what the console said, or (None, partial output) when the end
-    marker is not there (yet). None for both when the begin marker is missing."""
-    text = text.replace("\r", "")
+    marker is not there (yet). None for both when the begin marker is missing. The agent's
+    own log lines are not the command's output and are left out."""
+    text = AGENT_LOG_LINE.sub("", text.replace("\r", ""))
     begin = f"BEGIN-{nonce}\n"
     i = text.find(begin)
     if i < 0:

@@ -142,7 +142,18 @@ def config_mismatches(want: dict[str, str], config_text: str) -> list[str]:
 
 
 def source_version() -> str:
-    """The version of Debian's linux-source-6.1 the apt sources offer."""
+    """The version of Debian's linux-source-6.1 the apt sources offer (asked once per process:
+    apt-cache costs seconds on a runner under TCG, where the local lane builds its image)."""
+    global _SOURCE_VERSION
+    if _SOURCE_VERSION is None:
+        _SOURCE_VERSION = _ask_source_version()
+    return _SOURCE_VERSION
+
+
+_SOURCE_VERSION: str | None = None
+
+
+def _ask_source_version() -> str:
     try:
         p = subprocess.run(["apt-cache", "policy", SOURCE_PACKAGE], capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
