@@ -113,31 +113,30 @@ def guest_kernel(progress: Callable[[str], None] | None = None) -> GuestKernel:
     return kata_kernel(progress=progress)
 
 
-def fragment_lines(path: str = FRAGMENT) -> dict[str, str]:
-    """The fragment's settings: CONFIG_X -> value, `# CONFIG_X is not set` as "n"."""
+def parse_config(text: str) -> dict[str, str]:
+    """A kernel configuration's (or fragment's) settings: CONFIG_X -> value, `# CONFIG_X is not
+    set` as "n"."""
     out = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            m = re.match(r"^# (CONFIG_\w+) is not set$", line)
-            if m:
-                out[m.group(1)] = "n"
-            elif line.startswith("CONFIG_"):
-                k, _, v = line.partition("=")
-                out[k] = v
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"^# (CONFIG_\w+) is not set$", line)
+        if m:
+            out[m.group(1)] = "n"
+        elif line.startswith("CONFIG_"):
+            k, _, v = line.partition("=")
+            out[k] = v
     return out
+
+
+def fragment_lines(path: str = FRAGMENT) -> dict[str, str]:
+    """The fragment's settings (parse_config)."""
+    with open(path) as f:
+        return parse_config(f.read())
 
 
 def config_mismatches(want: dict[str, str], config_text: str) -> list[str]:
     """Settings of `want` that a `.config` did not keep (Kconfig drops what it cannot satisfy)."""
-    have: dict[str, str] = {}
-    for line in config_text.splitlines():
-        m = re.match(r"^# (CONFIG_\w+) is not set$", line)
-        if m:
-            have[m.group(1)] = "n"
-        elif line.startswith("CONFIG_"):
-            k, _, v = line.partition("=")
-            have[k] = v
+    have = parse_config(config_text)
     return [f"{k}={v} (got {have.get(k, 'nothing')})" for k, v in want.items() if have.get(k, "n") != v]
 
 
