@@ -1,6 +1,7 @@
 """Building the guest initrd: the VFIO modules, python3, the hook, cached by its inputs.
 
-`build_initrd` runs Debian's dracut directly for Debian's 6.1 kernel (Kata's
+`build_initrd` runs Debian's dracut directly for the guest kernel (vfiotest.kata.kernel: built
+for Kata from Debian's 6.1 source, or Debian's generic 6.1 kernel) (Kata's
 osbuilder is not used, on any runner: dracut from Debian is the one path that is
 built and booted here):
 
@@ -21,7 +22,8 @@ built and booted here):
 The Kata guest image boots a small init (`KATA_INIT_PATH`, given to the kernel
 as `rdinit=` in configuration.toml) instead of dracut's: Kata passes
 `console=hvc0` and virtio_console is a module in Debian's kernel, so the init
-mounts proc/sys/dev, loads the virtio, vsock, 9p and VFIO modules, opens the
+mounts proc/sys/dev, loads the virtio, vsock, 9p and VFIO modules (those the kernel
+has as modules: none with the kernel built for Kata), opens the
 console and execs kata-agent as PID 1. dracut is still what gathers the
 modules with their dependencies, python3 and the libraries.
 
