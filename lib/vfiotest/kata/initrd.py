@@ -331,15 +331,15 @@ def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str,
     for py in _python_files(lib):
         files.append((py, py, "0755" if py.endswith(".so") else "0644"))
     guest_modules = [m for m in KATA_GUEST_MODULES if kernel.has_module(m)] if spec.agent else []
+    # what dracut gathers and the init loads: the modules among them, not what the kernel has built in
+    load = [m for m in guest_modules + list(VFIO_MODULES) + list(spec.extra_drivers)
+            if kernel.has_module(m) and not kernel.module_is_builtin(m)]
     if spec.agent:
         if not os.access(spec.agent, os.X_OK):
             raise ProvisionError(f"the Kata agent {spec.agent} is not an executable file",
                                  hint="give the path of a built kata-agent binary, or leave --agent out")
         files.append((os.path.realpath(spec.agent), GUEST_AGENT_PATH, "0755"))
         init = os.path.join(work, "vfiotest-kata-init")
-        # what the init loads: the modules among them, not what the kernel has built in
-        load = [m for m in guest_modules + list(VFIO_MODULES) + list(spec.extra_drivers)
-                if kernel.has_module(m) and not kernel.module_is_builtin(m)]
         with open(init, "w") as f:
             to_load = " ".join(m.replace("-", "_") for m in load)
             f.write(KATA_INIT.format(load=LOAD_MODULES.format(modules=to_load) if load else NO_MODULES,
@@ -365,12 +365,11 @@ def _build(spec: InitrdSpec, kernel: GuestKernel, key: str, out: str, work: str,
 
     vfio = vfio_modules_for(kernel)
     loadable = [m for m in vfio if not kernel.module_is_builtin(m)]
-    drivers = guest_modules + loadable + [d for d in spec.extra_drivers if kernel.has_module(d)]
     tmp_out = out + f".tmp.{os.getpid()}"
     cmd = ["dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline", "--no-early-microcode",
            "--conf", "/dev/null", "--confdir", confdir, "--tmpdir", work,
            "--kver", kernel.kver, "--kmoddir", kernel.moddir,
-           "-m", "dash base vfiotest", "--drivers", " ".join(drivers),
+           "-m", "dash base vfiotest", "--drivers", " ".join(load),
            "--force-drivers", " ".join(m for m in loadable if m in ("vfio", "vfio_iommu_type1", "vfio-pci")),
            "--install", "/usr/bin/sh", f"--{spec.compress}", tmp_out]
     env = dict(os.environ, dracutbasedir=base)

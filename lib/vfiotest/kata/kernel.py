@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from .. import constants
 from ..errors import ProvisionError
+from ..runner.assets import _run, _say, unpack_package
 
 GUEST_KERNEL_ENV = "VFIOTEST_GUEST_KERNEL"
 GUEST_KERNELS = ("kata", "debian")
@@ -214,46 +215,26 @@ def kata_kernel(progress: Callable[[str], None] | None = None, *, jobs: int | No
                                       f"or set {GUEST_KERNEL_ENV}=debian")
         work = tempfile.mkdtemp(prefix=".build-", dir=base)
         try:
-            tree = _build_kata_kernel(version, work, progress, jobs or os.cpu_count() or 1, timeout)
+            tree = _build_kata_kernel(version, key, work, progress, jobs or os.cpu_count() or 1, timeout)
             os.rename(tree, root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return _from_tree(root)
 
 
-def _say(progress: Callable[[str], None] | None, text: str) -> None:
-    if progress:
-        progress(text)
-
-
-def _run(cmd: list[str], what: str, cwd: str, timeout: float = 600) -> str:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        tail = " | ".join((p.stderr or p.stdout).strip().splitlines()[-6:])
-        raise ProvisionError(f"{what}: `{' '.join(cmd)}` failed (exit {p.returncode}): {tail}",
-                             hint=f"run it by hand in {cwd} to see the whole output")
-    return p.stdout
-
-
-def _build_kata_kernel(version: str, work: str, progress: Callable[[str], None] | None, jobs: int,
+def _build_kata_kernel(version: str, key: str, work: str, progress: Callable[[str], None] | None, jobs: int,
                        timeout: float) -> str:
     _say(progress, f"guest kernel: downloading {SOURCE_PACKAGE} {version} (about 140 MB)")
-    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{SOURCE_PACKAGE}={version}"],
-         f"downloading {SOURCE_PACKAGE}", work)
-    deb = next((n for n in os.listdir(work) if n.endswith(".deb")), None)
-    if deb is None:
-        raise ProvisionError(f"apt-get download {SOURCE_PACKAGE} left no .deb", hint="check the apt sources")
-    _run(["dpkg-deb", "-x", deb, "pkg"], f"unpacking {deb}", work)
-    os.remove(os.path.join(work, deb))
+    unpack_package(SOURCE_PACKAGE, version, work, os.path.join(work, "pkg"), progress, "guest kernel: ")
     tarball = os.path.join(work, "pkg", "usr", "src", f"{SOURCE_PACKAGE}.tar.xz")
     _say(progress, f"guest kernel: unpacking {os.path.basename(tarball)}")
-    _run(["tar", "-xJf", tarball], f"unpacking {tarball}", work)
+    _run(["tar", "-xJf", tarball], f"unpacking {tarball}", cwd=work)
     shutil.rmtree(os.path.join(work, "pkg"))
     src = os.path.join(work, SOURCE_PACKAGE)
     make = ["make", "-s", "ARCH=x86_64"]
-    _run(make + ["allnoconfig"], "configuring the guest kernel (allnoconfig)", src)
-    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", FRAGMENT], "merging the guest kernel's fragment", src)
-    _run(make + ["olddefconfig"], "configuring the guest kernel (olddefconfig)", src)
+    _run(make + ["allnoconfig"], "configuring the guest kernel (allnoconfig)", cwd=src)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", FRAGMENT], "merging the guest kernel's fragment", cwd=src)
+    _run(make + ["olddefconfig"], "configuring the guest kernel (olddefconfig)", cwd=src)
     with open(os.path.join(src, ".config")) as f:
         bad = config_mismatches(fragment_lines(), f.read())
     if bad:
@@ -282,12 +263,12 @@ def _build_kata_kernel(version: str, work: str, progress: Callable[[str], None] 
             tail = " | ".join(f.read().strip().splitlines()[-8:])
         raise ProvisionError(f"building the guest kernel failed (exit {rc}): {tail}",
                              hint=f"{GUEST_KERNEL_ENV}=debian boots Debian's kernel instead")
-    kver = _run(make + ["kernelrelease"], "the guest kernel's release", src).strip()
+    kver = _run(make + ["kernelrelease"], "the guest kernel's release", cwd=src).strip()
     tree = os.path.join(work, "tree")
     os.makedirs(os.path.join(tree, "boot"))
     shutil.copy(os.path.join(src, "arch", "x86", "boot", "bzImage"), os.path.join(tree, "boot", f"vmlinuz-{kver}"))
     shutil.copy(os.path.join(src, ".config"), os.path.join(tree, "boot", f"config-{kver}"))
-    _run(make + [f"INSTALL_MOD_PATH={tree}", "modules_install"], "installing the guest kernel's module lists", src)
+    _run(make + [f"INSTALL_MOD_PATH={tree}", "modules_install"], "installing the guest kernel's module lists", cwd=src)
     with open(os.path.join(tree, "lib", "modules", kver, "modules.order")) as f:
         loadable = [os.path.basename(line.strip()) for line in f if line.strip()]
     if loadable:        # the guest's init loads nothing: a module here would never be loaded
@@ -299,5 +280,5 @@ def _build_kata_kernel(version: str, work: str, progress: Callable[[str], None] 
             os.remove(path)
     _say(progress, f"guest kernel {kver} built in {time.monotonic() - t0:.0f} s")
     with open(os.path.join(tree, ".complete"), "w") as f:
-        f.write(f"{SOURCE_PACKAGE}_{version}+vfiotest-{kata_kernel_key(version)} {kver}\n")
+        f.write(f"{SOURCE_PACKAGE}_{version}+vfiotest-{key} {kver}\n")
     return tree

@@ -155,6 +155,19 @@ def _cache_lock() -> filelock.FileLock:
     return filelock.FileLock(os.path.join(cache_root(), ".lock"), timeout=1800)
 
 
+def unpack_package(pkg: str, ver: str, workdir: str, tree: str,
+                   progress: Callable[[str], None] | None = None, label: str = "") -> None:
+    """`apt-get download PKG=VER` into `workdir`, then `dpkg-deb -x` it into `tree`; the .deb goes."""
+    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{pkg}={ver}"],
+         f"downloading {pkg}", cwd=workdir)
+    debs = [n for n in os.listdir(workdir) if n.endswith(".deb")]
+    if not debs:
+        raise ProvisionError(f"apt-get download {pkg} left no .deb", hint="check the apt sources")
+    _say(progress, f"{label}unpacking {debs[0]}")
+    _run(["dpkg-deb", "-x", os.path.join(workdir, debs[0]), tree], f"unpacking {debs[0]}")
+    os.remove(os.path.join(workdir, debs[0]))
+
+
 def _cached_kernels() -> list[str]:
     d = os.path.join(cache_root(), "kernel")
     if not os.path.isdir(d):
@@ -182,15 +195,8 @@ def ensure_kernel(progress: Callable[[str], None] | None = None) -> Kernel:
         tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(root))
         try:
             _say(progress, f"runner: downloading {pkg} {ver} (about 70 MB)")
-            _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{pkg}={ver}"],
-                 f"downloading the runner kernel {pkg}", cwd=tmp)
-            debs = [n for n in os.listdir(tmp) if n.endswith(".deb")]
-            if not debs:
-                raise ProvisionError(f"apt-get download {pkg} left no .deb", hint="check the apt sources")
-            _say(progress, f"runner: unpacking {debs[0]}")
             tree = os.path.join(tmp, "tree")
-            _run(["dpkg-deb", "-x", os.path.join(tmp, debs[0]), tree], f"unpacking {debs[0]}")
-            os.remove(os.path.join(tmp, debs[0]))
+            unpack_package(pkg, ver, tmp, tree, progress, "runner: ")
             k = Kernel(tree)
             _say(progress, f"runner: indexing modules of {k.kver}")
             _run(["depmod", "-b", tree, k.kver], f"depmod for {k.kver}")
