@@ -1,5 +1,6 @@
 """What several integration tests share about an emulated runner of their own."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,15 +12,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def runner_env(state_dir, *up_args):
     """Yields the environment of a runner booted (`vfiotest runner up UP_ARGS`) in `state_dir`;
-    stops it after."""
+    stops it after, whether the test passed or not."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_"))}
     env.update(VFIOTEST_STATE_DIR=str(state_dir), VFIOTEST_TARGET="virtual")
     up = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "up", *up_args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
-    assert up.returncode == 0, up.stderr[-3000:]
-    yield env
-    subprocess.run([sys.executable, "-m", "vfiotest", "runner", "down"], cwd=ROOT, env=env,
-                   capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield env
+    finally:
+        # also when the test failed inside the loop (the generator is closed, not resumed)
+        subprocess.run([sys.executable, "-m", "vfiotest", "runner", "down"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+
+
+#: runner_env for a test body: `with booted_runner(state_dir) as env:` stops the runner as the
+#: block ends, also when an assertion in it fails (a `for` loop over the generator would leave
+#: the runner up until the failed test's traceback is freed)
+booted_runner = contextlib.contextmanager(runner_env)
 
 
 def no_process_refers_to(state_dir):
@@ -58,3 +68,16 @@ def exercise_podman(host):
     assert not host.exists(sock), "the service socket is left behind"
     res = host.run(["podman", "ps", "-a", "--filter", f"label=vfiotest.owner={client.owner}", "--format", "{{.ID}}"], timeout=60)
     assert res.stdout.strip() == "", f"containers left: {res.stdout}"
+
+
+SUITES = {"host_prereqs", "rebind", "guest_hook", "podman_run"}
+
+
+def junit_verdicts(root):
+    """{test name: passed|failed|skipped} of a JUnit XML tree's test cases (the session's own
+    `vfiotest.session` entries left out), and the suites they belong to."""
+    cases = [c for c in root.iter("testcase") if c.get("classname") != "vfiotest.session"]
+    verdicts = {c.get("name"): ("skipped" if c.find("skipped") is not None else
+                                "failed" if c.find("failure") is not None or c.find("error") is not None
+                                else "passed") for c in cases}
+    return verdicts, {c.get("classname").split(".")[1] for c in cases}

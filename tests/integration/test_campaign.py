@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = {
-    # about 450 s and 500 s here, serially (docs/measurements.md)
+    # about 600 s and 800 s in CI beside the other VM tests (docs/measurements.md)
     "kills": ["unkilled", "kills", "bad-inputs"],
     "faults": ["two-sessions", "runner-killed", "ssh-cut"],
 }
@@ -19,8 +19,8 @@ PARTS = {
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
 
-@pytest.mark.parametrize("part", [pytest.param("kills", marks=pytest.mark.duration(450)),
-                                  pytest.param("faults", marks=pytest.mark.duration(500))])
+@pytest.mark.parametrize("part", [pytest.param("kills", marks=pytest.mark.duration(600)),
+                                  pytest.param("faults", marks=pytest.mark.duration(800))])
 def test_campaign_rows_reach_their_targets(part, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VFIOTEST_SESSION"))}
     only = [a for row in PARTS[part] for a in ("--only", row)]
