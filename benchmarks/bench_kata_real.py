@@ -11,7 +11,7 @@
   memory      the runner's QEMU RSS here, and the Kata VM's QEMU RSS in the runner while a
               container holds a VF
 
-    .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB] [--quiet-guest]
+    .venv/bin/python benchmarks/bench_kata_real.py [--runs 3] [--target virtual] [--memory MB] [--quiet-guest] [--msize-9p BYTES]
 
 Uses the runner that is up (`vfiotest runner up`), else boots one and stops it after.
 Everything it changes on the target (the kata-vfio registration and its configuration.toml,
@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--quiet-guest", action="store_true",
                     help="the hypervisor's enable_debug off: Kata boots the guest kernel with `quiet` instead "
                          "of `debug` (every kernel message on the console)")
+    ap.add_argument("--msize-9p", type=int, default=None, metavar="BYTES",
+                    help="the hypervisor's msize_9p: the largest 9p message the guest mounts the container's "
+                         "rootfs with (Kata's default 8192; the guest kernel caps it at what virtio allows)")
     a = ap.parse_args()
     say = lambda s: print("  ..", s, flush=True)  # noqa: E731
 
@@ -126,13 +129,16 @@ def main():
         journal.record(dropin_record(settings))
         settings.apply()
         provision.register_kata_vfio(host, choice, image, journal, progress=say, memory_mb=a.memory)
-        if a.quiet_guest:
+        edits = [("--quiet-guest", "enable_debug = true", "enable_debug = false")] if a.quiet_guest else []
+        if a.msize_9p:
+            edits.append(("--msize-9p", "#msize_9p = 8192", f"msize_9p = {a.msize_9p}"))
+        for flag, line, replacement in edits:
             path = kata_config.KATA_VFIO_CONFIG
             text = host.read_text(path)
-            if "\nenable_debug = true\n" not in text:
-                print(f"--quiet-guest: no `enable_debug = true` line in {path}")
+            if f"\n{line}\n" not in text:
+                print(f"{flag}: no `{line}` line in {path}")
                 return 2
-            host.write_atomic(path, text.replace("\nenable_debug = true\n", "\nenable_debug = false\n", 1), mode=0o644)
+            host.write_atomic(path, text.replace(f"\n{line}\n", f"\n{replacement}\n", 1), mode=0o644)
         t_reg = time.monotonic() - t
         print(f"provision        Kata {choice.version} ({choice.kind}) {t_choice:.2f} s, guest image "
               f"{image.size / 1e6:.1f} MB {'cached' if image.cached else 'built'} {t_image:.2f} s, "
