@@ -4,7 +4,6 @@ the wrapper podman runs answers as Kata 1.x with the harness's configuration."""
 import json
 
 from vfiotest.fixtures.allure_report import attach_json, attach_text
-from vfiotest.kata import config as kata_config
 from vfiotest.kata import runtime
 
 
@@ -42,8 +41,7 @@ def _real(target_host, path):
 
 def test_the_wrapper_podman_runs_is_kata_1x_with_our_configuration(target_host, kata_runtime, guest_image):
     """Run what podman resolves kata-vfio to: `kata-env` answers from Kata 1.x's kata-runtime,
-    reading OUR configuration.toml (--kata-config), which boots our guest image and shares the
-container's rootfs with 9p messages of MSIZE_9P bytes, not Kata's 8 KiB."""
+    reading OUR configuration.toml (--kata-config), which boots our guest image."""
     wrapper = _resolved_wrapper(target_host)
     res = target_host.run([wrapper, "kata-env", "--json"], timeout=120)
     assert res.ok, f"{wrapper} kata-env failed (exit {res.rc}):\n{res.stdout}{res.stderr}"
@@ -54,4 +52,3 @@ container's rootfs with 9p messages of MSIZE_9P bytes, not Kata's 8 KiB."""
     assert rt["Version"]["Version"]["Major"] == 1 and rt["Version"]["Version"]["Semver"] == kata_runtime.kata.version
     assert _real(target_host, rt["Path"]) == _real(target_host, kata_runtime.kata.path), rt["Path"]
     assert _real(target_host, env["Initrd"]["Path"]) == _real(target_host, guest_image.target_path), env["Initrd"]
-    assert env["Hypervisor"]["Msize9p"] == kata_config.MSIZE_9P, env["Hypervisor"]

@@ -47,16 +47,6 @@ def test_derived_config_has_every_setting_the_seed_needs(kata_text):
     assert config.read_config(out)["proxy"]["kata"]["path"].endswith("kata-proxy")
 
 
-def test_the_kata_guest_reads_the_rootfs_with_large_9p_messages(kata_text):
-    """Kata's 8 KiB default splits every file the container reads over 9p; the guest's
-    settings ask for the largest message Linux's virtio 9p transport takes."""
-    assert config.read_config(kata_text)["hypervisor"]["qemu"].get("msize_9p") is None   # Kata's 8192
-    guest = config.KataVfioSettings.for_kata_guest(kernel="/k", initrd="/i", init=None)
-    qemu = config.read_config(config.derive_config(kata_text, guest, source="x"))["hypervisor"]["qemu"]
-    assert qemu["msize_9p"] == config.MSIZE_9P == 512000
-    assert qemu["shared_fs"] == "virtio-9p" and qemu["disable_block_device_use"] is True
-
-
 def test_every_comment_of_the_original_survives(kata_text):
     out = config.derive_config(kata_text, settings(), source="x")
     kept = set(comments(out))

@@ -13,8 +13,7 @@ init, `rdinit=`), `KataVfioSettings.for_kata_guest()` adds what a VF hot-plugged
 into that guest needs (measured with Kata 1.12.1 in the emulated runner):
 `hotplug_vfio_on_root_bus = true` and `pcie_root_port` (q35 hot-plugs a PCIe
 device on a root port), `use_vsock = true`, `disable_block_device_use = true`
-(the rootfs goes over 9p) with `msize_9p = 512000` (MSIZE_9P), a small `default_memory`
-(a VF pins all guest RAM),
+(the rootfs goes over 9p), a small `default_memory` (a VF pins all guest RAM),
 the QEMU binary (also in `valid_hypervisor_paths`), the shim and proxy of the
 Kata in use, and `[runtime] internetworking_model = "none"`.
 
@@ -55,12 +54,6 @@ MARKER = "vfiotest: derived for the kata-vfio runtime"
 # but a 256 MiB DMA stress in 4 KiB pages is SIGKILLed there; 640 MiB holds it (measured,
 # docs/measurements.md "Kata guest memory").
 KATA_GUEST_MEMORY_MB = 640
-#: the 9p message size the guest mounts the container's rootfs with (`msize_9p`): Kata's default
-#: 8192 splits every read of the probe's Python, DPDK's libraries and the NVMe driver into 8 KiB
-#: round trips; 512000 is the most Linux's virtio 9p transport takes (125 pages). Measured side by
-#: side on one runner: the probe 7.3 s against 9.2-9.7 s, a VF container 33.7 s against 36.6-37.9 s
-#: (docs/measurements.md)
-MSIZE_9P = 512000
 #: the Kata guest's memory in MiB for kata-vfio (default_memory); `vfiotest kata config/register --memory` too
 GUEST_MEMORY_ENV = "VFIOTEST_KATA_MEMORY"
 GUEST_MEMORY_MIN_MB = 128
@@ -110,8 +103,7 @@ class KataVfioSettings:
         return cls(kernel=kernel, initrd=initrd, init=init, hypervisor_path=hypervisor_path, shim_path=shim_path,
                    proxy_path=proxy_path, default_memory=default_memory or guest_memory_mb(),
                    hypervisor_extra=(("hotplug_vfio_on_root_bus", True), ("pcie_root_port", 2),
-                                     ("use_vsock", True), ("disable_block_device_use", True),
-                                     ("msize_9p", MSIZE_9P)),
+                                     ("use_vsock", True), ("disable_block_device_use", True)),
                    runtime_extra=(("internetworking_model", "none"),), **kw)
 
 
