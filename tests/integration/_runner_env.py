@@ -71,6 +71,9 @@ def exercise_podman(host):
 
 
 SUITES = {"host_prereqs", "rebind", "guest_hook", "podman_run"}
+#: the VF's I/O tests (suites/podman_run/test_vf_io.py), by name without their parameters
+IO_TESTS = {"test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads",
+            "test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container"}
 
 
 def junit_verdicts(root):

@@ -13,12 +13,9 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from _runner_env import ROOT, SUITES, booted_runner, junit_verdicts
+from _runner_env import IO_TESTS, ROOT, SUITES, booted_runner, junit_verdicts
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000), pytest.mark.duration(920)]
-
-IO_NVME = "test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads"
-IO_NIC = "test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container"
 
 
 def test_suites_over_ssh_with_the_users_known_hosts_and_key(tmp_path):
@@ -49,6 +46,6 @@ def test_suites_over_ssh_with_the_users_known_hosts_and_key(tmp_path):
         assert verdicts and set(verdicts.values()) == {"passed"}, verdicts
         assert suites == SUITES, suites
         assert verdicts.get("test_pf_with_enabled_vfs_refused_and_keeps_them") == "passed", verdicts
-        assert {IO_NVME, IO_NIC} <= {n.split("[")[0] for n in verdicts}, sorted(verdicts)   # the VF's I/O
+        assert IO_TESTS <= {n.split("[")[0] for n in verdicts}, sorted(verdicts)   # the VF's I/O
         # the target the report names is the ssh:// one
         assert target in (reports / "summary.md").read_text(), (reports / "summary.md").read_text()[:2000]
