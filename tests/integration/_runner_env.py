@@ -76,6 +76,25 @@ IO_TESTS = {"test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads",
             "test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container"}
 
 
+def keep_log(name, text, runner_state=None):
+    """Keeps a lane's output where a failed CI run can still be read after pytest cut its assertion
+    short: `$VFIOTEST_CI_REPORTS/<name>.log` (ci/test sets it: the checkout's reports/), with the
+    tail of the runner's console (`runner_state`/console.log: a guest that lost its timer says so
+    there). Returns the path it wrote, or "" when VFIOTEST_CI_REPORTS is not set."""
+    reports = os.environ.get("VFIOTEST_CI_REPORTS")
+    if not reports:
+        return ""
+    os.makedirs(reports, exist_ok=True)
+    path = os.path.join(reports, f"{name}.log")
+    console = os.path.join(str(runner_state), "console.log") if runner_state else ""
+    with open(path, "w") as f:
+        f.write(text)
+        if console and os.path.exists(console):
+            with open(console, errors="replace") as c:
+                f.write("\n--- the runner's console (last 200 lines) ---\n" + "".join(c.readlines()[-200:]))
+    return path
+
+
 def junit_verdicts(root):
     """{test name: passed|failed|skipped} of a JUnit XML tree's test cases (the session's own
     `vfiotest.session` entries left out), and the suites they belong to."""

@@ -8,6 +8,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
+from _runner_env import IO_TESTS, SUITES, junit_verdicts, keep_log
 
 from vfiotest.report import evidence_of, render_evidence
 
@@ -26,15 +27,15 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
     p = subprocess.run(["ci/main-job", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=2400)
     out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-5000:]
+    kept = keep_log("main-job", out, tmp_path / "state" / "runner")
+    assert p.returncode == 0, f"(whole output: {kept or 'not kept'})\n" + out[-5000:]
     assert "host state guard: runner left as found" in out, out[-3000:]
     junit = ET.parse(os.path.join(reports, "junit.xml")).getroot()
     cases = list(junit.iter("testcase"))
-    ran = {c.get("classname").split(".")[1] for c in cases
-           if c.find("skipped") is None and c.find("failure") is None and c.find("error") is None}
-    assert {"host_prereqs", "rebind", "guest_hook", "podman_run"} <= ran, f"suites that passed tests: {ran}"
-    skipped = [c for c in cases if c.find("skipped") is not None]
-    assert skipped == [], [s.find("skipped").get("message") for s in skipped]
+    verdicts, suites = junit_verdicts(junit)
+    assert verdicts and set(verdicts.values()) == {"passed"}, verdicts     # 0 failed, 0 skipped
+    assert suites == SUITES, suites
+    assert IO_TESTS <= {n.split("[")[0] for n in verdicts}, sorted(verdicts)   # the VF's I/O
     # real Kata is the lane of every Kata test, and the report says so
     lanes = {c.get("name"): {p.get("value") for p in c.iter("property") if p.get("name") == "lane"} for c in cases
              if c.get("classname").split(".")[1] in ("guest_hook", "podman_run")}
