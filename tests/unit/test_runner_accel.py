@@ -61,3 +61,10 @@ def test_the_command_line_follows_the_choice():
     tcg, kvm = qemu.command("/q", **kw), qemu.command("/q", accel="kvm", **kw)
     assert tcg[tcg.index("-accel") + 1].startswith("tcg") and tcg[tcg.index("-cpu") + 1] == "max"
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
+
+
+def test_more_than_one_vcpu_under_tcg_is_warned_about():
+    assert qemu.cpus_warning("tcg", 1) is None
+    assert qemu.cpus_warning("kvm", 4) is None        # not measured under KVM: nothing to warn of
+    w = qemu.cpus_warning("tcg", 2)
+    assert w and "2 vCPUs under TCG" in w and "VFIOTEST_RUNNER_CPUS" in w and "docs/runner.md" in w

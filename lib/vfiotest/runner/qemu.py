@@ -87,6 +87,16 @@ def choose_accel(qemu: str, kernel: str, want: str | None = None,
     return "tcg", f"TCG ({why})"
 
 
+def cpus_warning(accel: str, cpus: int) -> str | None:
+    """What to say when the runner gets more than one vCPU under TCG (VFIOTEST_RUNNER_CPUS), else
+    None. Measured here (QEMU 10.0, 2026-12-07, docs/runner.md): with 2 vCPUs the runner's QEMU
+    exited while the main job's nested Kata VMs ran, twice in two runs (2 and 6 min in)."""
+    if accel != "tcg" or cpus <= 1:
+        return None
+    return (f"runner: {cpus} vCPUs under TCG: with 2, this runner's QEMU exited while nested Kata VMs ran "
+            "(measured with QEMU 10.0; docs/runner.md); unset VFIOTEST_RUNNER_CPUS for 1 if the runner dies")
+
+
 def find_qemu(explicit: str | None = None) -> str:
     import os
 

@@ -530,6 +530,9 @@ class Runner:
                 f.truncate(NVME_IMAGE_BYTES)
         accel, why = qemu.choose_accel(qemu_path, kernel.vmlinuz)
         say(f"runner: {why}")
+        warning = qemu.cpus_warning(accel, self.cpus)
+        if warning:
+            say(warning)
         base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG)
         append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
