@@ -90,7 +90,7 @@ def choose_accel(qemu: str, kernel: str, want: str | None = None,
 def cpus_warning(accel: str, cpus: int) -> str | None:
     """What to say when the runner gets more than one vCPU under TCG (VFIOTEST_RUNNER_CPUS), else
     None. Measured here (QEMU 10.0, 2026-12-07, docs/runner.md): with 2 vCPUs the runner's QEMU
-    exited while the main job's nested Kata VMs ran, twice in two runs (2 and 6 min in)."""
+    exited while the main job's nested Kata VMs ran, in all three runs (2 to 11 min in)."""
     if accel != "tcg" or cpus <= 1:
         return None
     return (f"runner: {cpus} vCPUs under TCG: with 2, this runner's QEMU exited while nested Kata VMs ran "
