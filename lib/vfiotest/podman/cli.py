@@ -14,7 +14,7 @@ def _say(text: str) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import PROFILE_UNUSED, add_target_argument
 
-    img = subparsers.add_parser("image", help="the podman test image (mmdebstrap rootfs + VFIO probe)")
+    img = subparsers.add_parser("image", help="the podman test image (mmdebstrap rootfs + VFIO probe and NVMe driver; DPDK's testpmd too when this machine has it)")
     isub = img.add_subparsers(dest="image_command", metavar="ACTION")
     b = isub.add_parser("build", help="build the rootfs tarball (cached by its inputs) and import it on the target")
     add_target_argument(b, PROFILE_UNUSED)
@@ -40,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_image_show(args: argparse.Namespace) -> int:
-    from .image import ImageRecipe
+    from .image import default_recipe
 
-    r = ImageRecipe()
+    r = default_recipe()
     print(json.dumps({"ref": r.ref, "tarball": str(r.tarball()), "cached": r.tarball().exists(), "inputs": r.inputs()},
                      indent=2))
     return 0
@@ -50,10 +50,10 @@ def cmd_image_show(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .. import targets
-    from .image import ImageRecipe, build_tarball, ensure_image
+    from .image import build_tarball, ensure_image
 
     if args.no_import:
-        path, secs = build_tarball(ImageRecipe(), rebuild=args.rebuild, progress=_say)
+        path, secs = build_tarball(rebuild=args.rebuild, progress=_say)
         print(json.dumps({"tarball": str(path), "build_s": round(secs, 1)}))
         return 0
     host, close = targets.open_host(args.target, progress=_say)

@@ -200,12 +200,21 @@ class Image:
         return ["python3", "-c", boot]
 
 
+def default_recipe() -> ImageRecipe:
+    """Our image when none is named: the probe image, with DPDK's testpmd in it when the controller
+    has it installed (`ImageRecipe(dpdk=True)`, as the NIC VF I/O test's `dpdk_image` asks). One
+    image then serves every suite: each `podman import` into the emulated runner costs about a
+    minute under TCG, at every boot of the runner (its podman storage is a tmpfs), and a session
+    that imported the probe image and then the DPDK image paid twice (docs/measurements.md)."""
+    return ImageRecipe(dpdk=os.path.exists(TESTPMD))
+
+
 def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = None, rebuild: bool = False,
                   progress: Callable[[str], None] | None = None, timeout: float = 900) -> tuple[Path, float]:
     """The cached rootfs tarball for `recipe`, built if missing. Returns (path, seconds spent building or 0)."""
     import filelock
 
-    recipe = recipe or ImageRecipe()
+    recipe = recipe or default_recipe()
     out = recipe.tarball(cache_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(out) + ".lock", timeout=timeout):
@@ -284,7 +293,7 @@ def ensure_image(host: Host, image: str | None = None, recipe: ImageRecipe | Non
             raise ProvisionError(f"image {image!r} (--image) is not in podman's storage on {host.name}",
                                  hint=f"load it there first (`podman load`/`podman pull {image}` on the target), or drop --image to build ours")
         return Image(image, built=False)
-    recipe = recipe or ImageRecipe()
+    recipe = recipe or default_recipe()
     timings = {}
     tar, timings["build_s"] = build_tarball(recipe, cache_dir, rebuild, progress)
     t0 = time.monotonic()
