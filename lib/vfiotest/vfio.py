@@ -72,17 +72,33 @@ def candidates(inv: Inventory, pfs: Sequence[Any], vendor_device: Optional[str] 
 def lease_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[str] = None,
              vendor_device: Optional[str] = None, wait: float = LEASE_WAIT) -> tuple[VfioGroup, Any]:
     """(VfioGroup, Lease): the first VF of `pfs` whose group is free, waiting up to `wait` s.
-    DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken."""
-    def read() -> list[tuple[PciDevice, Any]]:
-        return candidates(read_inventory(host, addresses=[v for pf in pfs for v in pf.vfs]), pfs, vendor_device)
+    DeviceNotFound when the PFs have no such VF; LeaseBusy when every group stayed taken, or when
+    VFs the PFs had stayed gone (another test changing a PF's VF count is waited for)."""
+    wanted = [v for pf in pfs for v in pf.vfs]
 
-    cands = read()
+    def read() -> tuple[list[tuple[PciDevice, Any]], list[str]]:
+        """(candidates, the PFs' VFs that are not there now, or there without an IOMMU group)."""
+        inv = read_inventory(host, addresses=wanted)
+        gone = [v for v in wanted if v not in inv.devices or not inv.devices[v].iommu_group]
+        return candidates(inv, pfs, vendor_device), gone
+
+    cands, gone = read()
+    deadline = time.monotonic() + wait
+    # VFs the PFs had are missing: a test (of this session or another) is changing a PF's VF
+    # count, and puts them back when it is done. Not "no such VF here" (a skip): wait for them.
+    while not cands and gone and time.monotonic() < deadline:
+        time.sleep(POLL)
+        cands, gone = read()
+    if not cands and gone:
+        raise LeaseBusy(f"VFs of the PFs were gone for {wait:.0f} s ({', '.join(gone[:8])}"
+                        f"{' ...' if len(gone) > 8 else ''}): a PF's VF count was changed and not put back",
+                        hint="`vfiotest devices` shows the PFs' VF counts and who holds them; "
+                             "`vfiotest restore` puts back what a crashed session changed")
     if not cands:
         raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
                              f"({', '.join(p.address for p in pfs) or 'none'})",
                              hint="create VFs first (the pytest plugin's sriov layer makes --numvfs of them on each PF), "
                                   "or ask for another vendor:device")
-    deadline = time.monotonic() + wait
     counting: set[str] = set()
     while True:
         counting.clear()
@@ -113,7 +129,7 @@ def lease_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[st
                             hint="`vfiotest devices` shows who holds them; run fewer workers or wait")
         time.sleep(POLL)
         # read them again: a test holding a PF meanwhile may have made its VFs anew, in new groups
-        cands = read()
+        cands, _ = read()
 
 
 @contextlib.contextmanager

@@ -98,3 +98,42 @@ def test_a_waiting_lease_follows_vfs_made_anew_in_other_groups(tmp_path):
         lease.release()
         for h in held:
             h.release()
+
+
+def test_a_lease_waits_for_vfs_another_session_is_making_anew(sim):
+    """Another session's whole-PF test has the PF's VFs at 0 (it holds the PF's lease) when this
+    test asks for a VF: the VFs are not "absent here" (a skip), they are coming back. The lease
+    waits for them and takes one (CI at 5027a6c: the campaign's two sessions skipped
+    test_pf_with_vfs_in_use_keeps_its_vfs with "no VF on the PFs")."""
+    import threading
+
+    from vfiotest.lease import LeasePool as Pool
+    from vfiotest.sriov import pf_lease_name, set_numvfs
+
+    pfs = pfs_of(sim)                       # the VFs as the session's sriov layer saw them
+    other = Pool(sim).acquire(pf_lease_name(PF), test_id="other::whole_pf")
+    set_numvfs(sim, PF, 0)
+
+    def put_back():
+        set_numvfs(sim, PF, 2)
+        other.release()
+
+    timer = threading.Timer(1.0, put_back)
+    timer.start()
+    try:
+        vf, lease = vfio.lease_vf(sim, LeasePool(sim), pfs, owner="t::waits", wait=10)
+        lease.release()
+    finally:
+        timer.join()
+    assert vf.address in pfs[0].vfs and vf.pf == PF
+
+
+def test_vfs_that_stay_gone_fail_the_lease_not_skip_it(sim):
+    from vfiotest.errors import LeaseBusy
+    from vfiotest.sriov import set_numvfs
+
+    pfs = pfs_of(sim)
+    set_numvfs(sim, PF, 0)
+    with pytest.raises(LeaseBusy, match="VFs of the PFs were gone for 1 s") as e:
+        vfio.lease_vf(sim, LeasePool(sim), pfs, owner="t::gone", wait=1)
+    assert pfs[0].vfs[0] in str(e.value) and "vfiotest devices" in e.value.hint
