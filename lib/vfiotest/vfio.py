@@ -84,23 +84,15 @@ def lease_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[st
 
     cands, gone = read()
     deadline = time.monotonic() + wait
-    # VFs the PFs had are missing: a test (of this session or another) is changing a PF's VF
-    # count, and puts them back when it is done. Not "no such VF here" (a skip): wait for them.
-    while not cands and gone and time.monotonic() < deadline:
-        time.sleep(POLL)
-        cands, gone = read()
-    if not cands and gone:
-        raise LeaseBusy(f"VFs of the PFs were gone for {wait:.0f} s ({', '.join(gone[:8])}"
-                        f"{' ...' if len(gone) > 8 else ''}): a PF's VF count was changed and not put back",
-                        hint="`vfiotest devices` shows the PFs' VF counts and who holds them; "
-                             "`vfiotest restore` puts back what a crashed session changed")
-    if not cands:
-        raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
-                             f"({', '.join(p.address for p in pfs) or 'none'})",
-                             hint="create VFs first (the pytest plugin's sriov layer makes --numvfs of them on each PF), "
-                                  "or ask for another vendor:device")
     counting: set[str] = set()
     while True:
+        # VFs the PFs had that are missing are being made anew by a test changing a PF's VF count
+        # (of this session or another), not "no such VF here" (a skip): the loop waits for them
+        if not cands and not gone:
+            raise DeviceNotFound(f"no VF{' ' + vendor_device if vendor_device else ''} on the PFs "
+                                 f"({', '.join(p.address for p in pfs) or 'none'})",
+                                 hint="create VFs first (the pytest plugin's sriov layer makes --numvfs of them on each PF), "
+                                      "or ask for another vendor:device")
         counting.clear()
         for dev, pf in cands:
             if dev.iommu_group is None:      # candidates() keeps devices with a group only
@@ -124,12 +116,17 @@ def lease_vf(host: Host, pool: LeasePool, pfs: Sequence[Any], owner: Optional[st
             return VfioGroup(dev.address, str(dev.iommu_group), dev.vendor_device, pf.address, original_driver=now.driver,
                              members=[], before=group), lease
         if time.monotonic() > deadline:
+            if not cands:
+                raise LeaseBusy(f"VFs of the PFs were gone for {wait:.0f} s ({', '.join(gone[:8])}"
+                                f"{' ...' if len(gone) > 8 else ''}): a PF's VF count was changed and not put back",
+                                hint="`vfiotest devices` shows the PFs' VF counts and who holds them; "
+                                     "`vfiotest restore` puts back what a crashed session changed")
             raise LeaseBusy(f"every VF group of the PFs was leased by others for {wait:.0f} s"
                             + (f" (the VF count of {', '.join(sorted(counting))} held too)" if counting else ""),
                             hint="`vfiotest devices` shows who holds them; run fewer workers or wait")
         time.sleep(POLL)
         # read them again: a test holding a PF meanwhile may have made its VFs anew, in new groups
-        cands, _ = read()
+        cands, gone = read()
 
 
 @contextlib.contextmanager

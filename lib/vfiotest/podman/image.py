@@ -131,7 +131,11 @@ class ImageRecipe:
                 "launchers": [list(x) for x in LAUNCHERS]}
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest()
+        # computed once per recipe: a DPDK recipe's inputs run ldd and dpkg-query on the controller,
+        # and ensure_image asks for the tarball and the ref several times
+        if "_key" not in self.__dict__:
+            object.__setattr__(self, "_key", hashlib.sha256(json.dumps(self.inputs(), sort_keys=True).encode()).hexdigest())
+        return self.__dict__["_key"]
 
     @property
     def tag(self) -> str:
