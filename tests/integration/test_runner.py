@@ -20,7 +20,7 @@ from _runner_env import exercise_podman, no_process_refers_to
 
 from vfiotest.errors import ProvisionError, TargetError
 from vfiotest.podman import PodmanBaseSettings
-from vfiotest.runner import Runner, assets
+from vfiotest.runner import Runner, assets, bootcfg
 from vfiotest.runner import runner as runner_mod
 from vfiotest.sshhost import SshHost
 
@@ -67,7 +67,7 @@ def test_boots_with_both_pfs_and_ssh(booted, vm):
         assert seen[pfs["igb"]] == ["0x8086", "0x10c9", "7", "igb"]
 
 
-def test_vm_environment(vm):
+def test_vm_environment(booted, vm):
     """What the other suites rely on inside the runner."""
     script = textwrap.dedent("""\
         set -e
@@ -82,6 +82,7 @@ def test_vm_environment(vm):
         echo modules $(lsmod | awk '{print $1}' | grep -E '^(vfio_pci|vfio_iommu_type1|igbvf|nvme|kvm_amd|kvm_intel|overlay)$' | sort | tr '\\n' ' ')
         echo modprobe $(modprobe -n -v vfio_pci >/dev/null && echo ok)
         echo python $(python3 -c 'import sys; print(sys.version_info[0])')
+        echo godebug "${GODEBUG:-none}"
         """)
     out = vm.run(script, timeout=120, check=True).stdout
     facts = {}
@@ -99,6 +100,10 @@ def test_vm_environment(vm):
     assert {"vfio_pci", "vfio_iommu_type1", "nvme", "overlay"} <= set(mods), mods
     assert "kvm_amd" in mods or "kvm_intel" in mods
     assert facts["python"] == ["3"]
+    # under TCG the SSH sessions' Go programs (podman) run without the AVX and SHA code paths
+    tcg = booted.status()["accel"] == "tcg"
+    assert facts["godebug"] == ([bootcfg.TCG_GODEBUG] if tcg else ["none"])
+    assert (f"vfiotest.godebug={bootcfg.TCG_GODEBUG}" in cmdline) == tcg
 
 
 def test_controller_files_are_visible_read_only(booted, vm):

@@ -68,3 +68,46 @@ def test_more_than_one_vcpu_under_tcg_is_warned_about():
     assert qemu.cpus_warning("kvm", 4) is None        # not measured under KVM: nothing to warn of
     w = qemu.cpus_warning("tcg", 2)
     assert w and "2 vCPUs under TCG" in w and "VFIOTEST_RUNNER_CPUS" in w and "docs/runner.md" in w
+
+
+def test_the_trial_runs_once_per_boot_of_the_machine_and_again_when_its_key_changes(monkeypatch, tmp_path):
+    monkeypatch.delenv(qemu.ACCEL_ENV, raising=False)
+    cache = str(tmp_path / "runner" / "kvm-trial.json")
+    calls = []
+
+    def broken(q, k):
+        calls.append(q)
+        return False, "a KVM guest did not start: no output"
+
+    key = {"k": "boot-1|/usr/bin/qemu:1|/dev/kvm:2"}
+    monkeypatch.setattr(qemu, "trial_key", lambda q, device=qemu.KVM_DEVICE: key["k"])
+    accel, why = qemu.choose_accel("q", "k", trial=broken, cache=cache)
+    assert (accel, len(calls)) == ("tcg", 1) and "earlier" not in why
+    accel, why = qemu.choose_accel("q", "k", trial=broken, cache=cache)
+    assert (accel, len(calls)) == ("tcg", 1)                          # kept: no second 30 s trial
+    assert "no output" in why and "earlier in this boot" in why      # said as kept
+    monkeypatch.setenv(qemu.ACCEL_ENV, "kvm")                          # kvm asked for: the kept failure refuses it
+    with pytest.raises(ProvisionError, match="no output"):
+        qemu.choose_accel("q", "k", trial=broken, cache=cache)
+    assert len(calls) == 1
+    monkeypatch.delenv(qemu.ACCEL_ENV)
+    key["k"] = "boot-2|/usr/bin/qemu:1|/dev/kvm:2"                    # the machine rebooted (or kvm reloaded)
+    assert qemu.choose_accel("q", "k", trial=lambda q, k: (calls.append(q) or True, ""), cache=cache)[0] == "kvm"
+    assert len(calls) == 2
+    (tmp_path / "runner" / "kvm-trial.json").write_text("{not json")  # a torn file: tried again, not trusted
+    assert qemu.choose_accel("q", "k", trial=broken, cache=cache)[0] == "tcg" and len(calls) == 3
+    assert qemu.choose_accel("q", "k", trial=broken)[0] == "tcg" and len(calls) == 4   # no cache: every time
+
+
+def test_the_trial_key_names_this_boot_the_qemu_binary_and_the_kvm_node(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\n")
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    k1 = qemu.trial_key(str(fake), device=str(dev))
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert k1.startswith(boot) and str(fake) in k1 and str(dev) in k1
+    assert qemu.trial_key(str(fake), device=str(dev)) == k1
+    dev.chmod(0o600)                                                    # permissions changed: a new key
+    assert qemu.trial_key(str(fake), device=str(dev)) != k1
+    assert qemu.trial_key(str(fake), device=str(tmp_path / "none")).endswith(":absent")

@@ -73,3 +73,27 @@ def test_append_puts_the_runner_arguments_first():
 ])
 def test_last_reboot_line_decides_whether_the_supervisor_boots_it_again(console, kind):
     assert bootcfg.last_reboot(console) == kind
+
+
+def test_a_tcg_runner_gets_godebug_for_its_sessions_and_a_bad_value_is_refused():
+    assert bootcfg.runner_args("/s", "/m", "tag")[-1] == "vfiotest.modules=/m"     # none asked: none given
+    assert bootcfg.runner_args("/s", "/m", "tag", godebug="cpu.all=off")[-1] == "vfiotest.godebug=cpu.all=off"
+    with pytest.raises(ValueError, match="GODEBUG"):
+        bootcfg.runner_args("/s", "/m", "tag", godebug="x;reboot")
+
+
+@pytest.mark.parametrize("env, accel, want", [
+    ({}, "tcg", bootcfg.TCG_GODEBUG),            # the default under TCG
+    ({}, "kvm", None),                           # and none under KVM
+    ({bootcfg.GODEBUG_ENV: "none"}, "tcg", None),
+    ({bootcfg.GODEBUG_ENV: ""}, "tcg", None),
+    ({bootcfg.GODEBUG_ENV: " cpu.avx2=off "}, "kvm", "cpu.avx2=off"),
+])
+def test_the_runners_godebug_comes_from_the_environment_else_the_accelerator(env, accel, want):
+    assert bootcfg.runner_godebug(accel, env) == want
+
+
+def test_a_godebug_setting_that_could_reach_a_shell_is_refused_by_name():
+    with pytest.raises(ProvisionError, match=bootcfg.GODEBUG_ENV) as e:
+        bootcfg.runner_godebug("tcg", {bootcfg.GODEBUG_ENV: "x $(reboot)"})
+    assert "unset it" in e.value.hint

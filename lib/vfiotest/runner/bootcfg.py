@@ -12,9 +12,10 @@ Pure functions only: no process is started here.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..errors import ProvisionError
 
@@ -60,10 +61,44 @@ def validate(args: Iterable[str], where: str = "the kernel arguments") -> list[s
 RUNNER_ARG_NAMES = frozenset({"console", "panic", "rdinit", "init", "root"})
 
 
-def runner_args(state_dir: str, modules_dir: str, root_tag: str) -> list[str]:
-    """What the runner itself needs on its command line to boot (not the boot configuration)."""
-    return ["console=ttyS0", "panic=-1", "loglevel=4", "random.trust_cpu=on",
+#: GODEBUG for the Go programs run over SSH in a runner under TCG (podman, and what it starts):
+#: Go's AVX and SHA-NI code paths off, which TCG emulates slowly. Measured 2026-12-07 in the
+#: runner: `podman import` of the 87 MB image 63-71 s, 50-53 s with them off (docs/runner.md); the
+#: podman_run suite's first setup 35-45 s shorter and no test slower (docs/measurements.md).
+TCG_GODEBUG = "cpu.all=off"
+#: what a GODEBUG value may hold where it reaches a kernel line or a shell
+GODEBUG_VALUE = re.compile(r"[A-Za-z0-9_.,=]+")
+#: the runner's GODEBUG instead of the default (TCG_GODEBUG under TCG, none under KVM); "none": none
+GODEBUG_ENV = "VFIOTEST_RUNNER_GODEBUG"
+
+
+def runner_godebug(accel: str, env: Mapping[str, str] | None = None) -> str | None:
+    """GODEBUG for the runner's SSH sessions: GODEBUG_ENV when set ("none" or empty: none),
+    else TCG_GODEBUG under TCG and none under KVM. ProvisionError names the setting when its
+    value could not reach the kernel line safely."""
+    env = os.environ if env is None else env
+    raw = env.get(GODEBUG_ENV)
+    if raw is None:
+        return TCG_GODEBUG if accel == "tcg" else None
+    value = raw.strip()
+    if value in ("", "none"):
+        return None
+    if not GODEBUG_VALUE.fullmatch(value):
+        raise ProvisionError(f"{GODEBUG_ENV}={raw!r} is not a GODEBUG value the runner can take",
+                             hint=f"letters, digits and _ . , = only (e.g. {TCG_GODEBUG}), or none; unset it for the default")
+    return value
+
+
+def runner_args(state_dir: str, modules_dir: str, root_tag: str, godebug: str | None = None) -> list[str]:
+    """What the runner itself needs on its command line to boot (not the boot configuration).
+    `godebug`: GODEBUG for its SSH sessions (vfiotest.godebug=, read by its init), or None."""
+    args = ["console=ttyS0", "panic=-1", "loglevel=4", "random.trust_cpu=on",
             f"vfiotest.tag={root_tag}", f"vfiotest.state={state_dir}", f"vfiotest.modules={modules_dir}"]
+    if godebug:
+        if not GODEBUG_VALUE.fullmatch(godebug):
+            raise ValueError(f"GODEBUG value {godebug!r}: letters, digits and _ . , = only")
+        args.append(f"vfiotest.godebug={godebug}")
+    return args
 
 
 def default_grub(args: Iterable[str] = DEFAULT_KERNEL_ARGS) -> str:

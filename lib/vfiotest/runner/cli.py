@@ -56,6 +56,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st.get("boot_error"):
             print(f"  it rebooted and was not booted again: {st['boot_error']} (see "
                   f"{os.path.join(st['state_dir'], 'supervisor.log')}; fix {st['boot_config']}, then `vfiotest runner up`)")
+        if st.get("qemu_said"):
+            print(f"  QEMU's last words ({st['qemu_log']}):")
+            for line in st["qemu_said"]:
+                print(f"    {line}")
         return 1
     rss = st.get("rss_bytes")
     lines = [
@@ -69,6 +73,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  boots:    {st['boots']}" + (" (rebooting)" if st["rebooting"] else ""),
         f"  grub:     {st['boot_config']}",
         f"  console:  {st['console_log']}",
+        f"  QEMU log: {st['qemu_log']}",
     ]
     print("\n".join(lines))
     return 0

@@ -27,6 +27,7 @@ for a in $(cat /proc/cmdline); do
         vfiotest.modules=*) KMODS="${a#*=}" ;;
         vfiotest.tag=*) TAG="${a#*=}" ;;
         vfiotest.overlay=*) OVSIZE="${a#*=}" ;;
+        vfiotest.godebug=*) GODEBUG_VALUE="${a#*=}" ;;
     esac
 done
 KVER=$(uname -r)
@@ -54,7 +55,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,rw,cache=none vfiotest-etc-default 
 # busybox's reboot/poweroff/halt (the controller's are systemctl links; there is no systemd here)
 mkdir -p $R/usr/local/sbin
 for c in reboot poweroff halt; do ln -sf /run/vfiotest/busybox $R/usr/local/sbin/$c; done
-# a syslog for the programs that log there (Kata's runtime): busybox syslogd's 1 MiB ring, read with logread
+# a syslog for the programs that log there (Kata's runtime): busybox syslogd's 8 MiB ring, read with logread
 ln -sf /run/vfiotest/busybox $R/usr/local/sbin/logread
 mkdir -p $R/usr/lib/modules/$KVER
 mount --bind $R$KMODS $R/usr/lib/modules/$KVER || die "bind the kernel modules from $KMODS"
@@ -70,12 +71,15 @@ cp /lower$STATE/ssh/host_ed25519_key $R/run/vfiotest/ssh/host_ed25519_key || die
 cp /lower$STATE/ssh/client_ed25519_key.pub $R/run/vfiotest/ssh/authorized_keys || die "copy the client key from $STATE/ssh"
 chmod 0600 $R/run/vfiotest/ssh/*
 cp /etc/vfiotest-sshd_config $R/run/vfiotest/sshd_config
+# the SSH sessions' environment (sshd takes the first SetEnv: the only one is here)
+echo "SetEnv PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${GODEBUG_VALUE:+ GODEBUG=$GODEBUG_VALUE}" \
+    >> $R/run/vfiotest/sshd_config
 cp /etc/vfiotest-stage2 $R/run/vfiotest/stage2
 cp /bin/busybox $R/run/vfiotest/busybox
 chmod 0755 $R/run/vfiotest/stage2
 cat > $R/etc/inittab <<'EOF'
 ::sysinit:/run/vfiotest/busybox sh /run/vfiotest/stage2
-::respawn:/run/vfiotest/busybox syslogd -n -C1024
+::respawn:/run/vfiotest/busybox syslogd -n -C8192
 ::respawn:/usr/sbin/sshd -D -e -f /run/vfiotest/sshd_config
 EOF
 
@@ -133,10 +137,11 @@ modprobe -a vfio vfio_pci vfio_iommu_type1 igb igbvf nvme overlay $KVM vhost_vso
     || echo "vfiotest-stage2: some modules failed to load"
 # What a systemd host has and Kata 1.x needs: shared mount propagation (its read-only slave bind
 # of the container rootfs sees nothing under a private /), and a syslog socket (kata-runtime logs
-# there and fails without one). The log is a 2 MiB ring in the runner: `logread` reads it.
+# there and fails without one). The log is an 8 MiB ring in the runner (`logread` reads it): a 2 MiB one had lost a
+# container's first lines after five Kata containers with debug on.
 mount --make-rshared /
 mount --make-rshared /run
-$B syslogd -C2048 || echo "vfiotest-stage2: syslogd did not start: Kata cannot log (Unix syslog delivery error)"
+$B syslogd -C8192 || echo "vfiotest-stage2: syslogd did not start: Kata cannot log (Unix syslog delivery error)"
 echo "vfiotest-stage2: [$(cut -d' ' -f1 /proc/uptime)] ready"
 """
 
@@ -155,7 +160,6 @@ UseDNS no
 StrictModes yes
 MaxSessions 64
 MaxStartups 32:50:100
-SetEnv PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..errors import ProvisionError
 
@@ -68,33 +69,88 @@ def kvm_runs_a_guest(qemu: str, kernel: str, timeout: float = 30.0, device: str 
     return False, f"a KVM guest did not start: {why[:200]}"
 
 
+def trial_key(qemu: str, device: str = KVM_DEVICE) -> str:
+    """What a KVM trial's outcome holds for: this boot of the machine (its boot id), the QEMU binary
+    (path, size, mtime) and the /dev/kvm node (inode, mode, owner, change time: reloading the kvm
+    modules or changing its permissions makes a new key)."""
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("no-boot-id")
+    for path in (os.path.realpath(shutil.which(qemu) or qemu), device):
+        try:
+            st = os.stat(path)
+            parts.append(f"{path}:{st.st_ino}:{st.st_size}:{st.st_mode:o}:{st.st_uid}:{st.st_gid}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+        except OSError:
+            parts.append(f"{path}:absent")
+    return "|".join(parts)
+
+
 def choose_accel(qemu: str, kernel: str, want: str | None = None,
-                 trial: Callable[[str, str], tuple[bool, str]] | None = None) -> tuple[str, str]:
+                 trial: Callable[[str, str], tuple[bool, str]] | None = None,
+                 cache: str | None = None) -> tuple[str, str]:
     """("kvm" or "tcg", why) for the runner: `want` (else VFIOTEST_RUNNER_ACCEL, else auto).
-    auto tries KVM (kvm_runs_a_guest) and falls back to TCG; kvm that does not work is an error."""
+    auto tries KVM (kvm_runs_a_guest) and falls back to TCG; kvm that does not work is an error.
+    `cache`: a JSON file that keeps the trial's outcome for its trial_key, so the trial runs once
+    per boot of this machine (where /dev/kvm does not run a guest, the trial waits out its 30 s:
+    every runner boot paid that before)."""
     want = (want or os.environ.get(ACCEL_ENV) or "auto").strip().lower()
     if want not in ACCELS:
         raise ProvisionError(f"{ACCEL_ENV}={want!r} is not an accelerator",
                              hint=f"use one of {', '.join(ACCELS)} (auto: KVM when it runs a guest here, else TCG)")
     if want == "tcg":
         return "tcg", f"TCG ({ACCEL_ENV}=tcg)"
-    ok, why = (trial or kvm_runs_a_guest)(qemu, kernel)
+    key = trial_key(qemu) if cache else ""
+    kept = _read_trial(cache, key) if cache else None
+    if kept is not None:
+        ok, why = kept
+        when = " (the trial earlier in this boot of the machine)"
+    else:
+        ok, why = (trial or kvm_runs_a_guest)(qemu, kernel)
+        when = ""
+        if cache:
+            _write_trial(cache, key, ok, why)
     if ok:
-        return "kvm", "KVM (a trial guest ran under /dev/kvm; nested virtualisation for the Kata VMs)"
+        return "kvm", "KVM (a trial guest ran under /dev/kvm; nested virtualisation for the Kata VMs)" + when
     if want == "kvm":
-        raise ProvisionError(f"{ACCEL_ENV}=kvm, but {why}",
+        raise ProvisionError(f"{ACCEL_ENV}=kvm, but {why}{when}",
                              hint=f"unset {ACCEL_ENV} (or set it to tcg) to run the runner under TCG")
-    return "tcg", f"TCG ({why})"
+    return "tcg", f"TCG ({why}){when}"
+
+
+def _read_trial(path: str, key: str) -> tuple[bool, str] | None:
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("ok"), bool):
+        return None
+    return kept["ok"], str(kept.get("why") or "")
+
+
+def _write_trial(path: str, key: str, ok: bool, why: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"key": key, "ok": ok, "why": why}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass          # not kept: the next boot tries again
 
 
 def cpus_warning(accel: str, cpus: int) -> str | None:
     """What to say when the runner gets more than one vCPU under TCG (VFIOTEST_RUNNER_CPUS), else
     None. Measured here (QEMU 10.0, 2026-12-07, docs/runner.md): with 2 vCPUs the runner's QEMU
-    exited while the main job's nested Kata VMs ran, in all three runs (2 to 11 min in)."""
+    exited while the main job's nested Kata VMs ran in three of four runs (2 to 11 min in); the
+    fourth passed, no faster than with 1."""
     if accel != "tcg" or cpus <= 1:
         return None
     return (f"runner: {cpus} vCPUs under TCG: with 2, this runner's QEMU exited while nested Kata VMs ran "
-            "(measured with QEMU 10.0; docs/runner.md); unset VFIOTEST_RUNNER_CPUS for 1 if the runner dies")
+            "in 3 of 4 runs, and was no faster when it lived (QEMU 10.0; docs/runner.md); unset VFIOTEST_RUNNER_CPUS for 1 if the runner dies")
 
 
 def find_qemu(explicit: str | None = None) -> str:
@@ -130,12 +186,74 @@ def has_igb(path: str) -> bool:
     return qemu_version(path) >= IGB_MIN_VERSION and "igb" in qemu_devices(path)
 
 
+@functools.lru_cache(maxsize=None)
+def log_items(path: str) -> set[str]:
+    """The names `-d` takes in this QEMU (`-d help`)."""
+    try:
+        out = subprocess.run([path, "-d", "help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(re.findall(r"^(\w+)\s", out, re.M))
+
+
+def keep_stderr_args(qemu: str, log_file: str) -> list[str]:
+    """Arguments that keep what a daemonized QEMU says after it started: a daemon's standard error
+    goes to /dev/null (os-posix.c) unless a log file is open, and then to that file (util/log.c);
+    QEMU opens its `-D` file only for a log item, and `plugin` is one that stays silent without TCG
+    plugins. [] when this QEMU has no such item (what it says later is then lost, as before)."""
+    if "plugin" not in log_items(qemu):
+        return []
+    return ["-D", log_file, "-d", "plugin"]
+
+
+def launch(argv: list[str], stderr_path: str, log_path: str | None = None,
+           timeout: float = 120) -> tuple[int, str]:
+    """Start the daemonizing QEMU `argv` with its standard error appended to `stderr_path` (a file,
+    not a pipe: nothing waits for the daemon to close it). (the starting process's exit status,
+    what it wrote): to `stderr_path`, then to its -D file `log_path`, where the daemonized child
+    writes its errors (a taken forwarding port is said there, after the fork). Raises
+    subprocess.TimeoutExpired as subprocess.run does."""
+    paths = [stderr_path] + ([log_path] if log_path else [])
+    starts = {}
+    for path in paths:
+        try:
+            starts[path] = os.path.getsize(path)
+        except OSError:
+            starts[path] = 0
+    with open(stderr_path, "ab") as f:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, timeout=timeout)
+    said = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(starts[path] if f.tell() >= starts[path] else 0)   # QEMU may have truncated it
+                said.append(f.read().decode("utf-8", "replace"))
+        except OSError:
+            continue
+    return p.returncode, "".join(said)
+
+
+def words(paths: Sequence[str], n: int = 20) -> list[str]:
+    """The last `n` lines of the files QEMU wrote its words to (its start's standard error, then
+    its -D log), those that exist."""
+    lines: list[str] = []
+    for path in paths:
+        try:
+            with open(path, errors="replace") as f:
+                lines += [ln.rstrip("\n") for ln in f if ln.strip()]
+        except OSError:
+            continue
+    return lines[-n:]
+
+
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
             nvme_image: str, memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = 2, igb: bool = True,
             name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False,
-            accel: str = "tcg") -> list[str]:
+            accel: str = "tcg", log_file: str | None = None) -> list[str]:
     """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates.
-    `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write."""
+    `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write.
+    `log_file`: QEMU's log (-D), opened so that the daemon keeps its standard error (keep_stderr_args)."""
     if etc_default and ("," in etc_default or not etc_default.startswith("/")):
         raise ProvisionError(f"the runner's state directory {etc_default!r} cannot be shared over 9p "
                              "(not absolute, or it has a comma, which QEMU's option syntax splits on)",
@@ -149,6 +267,7 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
         "-kernel", kernel, "-initrd", initrd, "-append", append,
         "-serial", f"file:{console_log}", "-no-reboot",
         "-pidfile", pidfile, "-daemonize",
+        *(keep_stderr_args(qemu, log_file) if log_file else []),
         # management: user networking, SSH forwarded from localhost only
         "-netdev", f"user,id=mgmt,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{port}-:22",
         "-device", "virtio-net-pci,netdev=mgmt,addr=0x3",

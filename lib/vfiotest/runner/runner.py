@@ -98,6 +98,10 @@ class Runner:
         self.boot_file = os.path.join(state_dir, "boot.json")
         self.supervisor_pidfile = os.path.join(state_dir, "supervisor.pid")
         self.supervisor_log = os.path.join(state_dir, "supervisor.log")
+        # QEMU's own words: its standard error while it starts, then its -D log, where the daemon's
+        # standard error goes (qemu.keep_stderr_args): why it exited, when it says why
+        self.qemu_stderr = os.path.join(state_dir, "qemu.stderr")
+        self.qemu_log = os.path.join(state_dir, "qemu.log")
 
     @classmethod
     def default(cls, **kw: Any) -> Runner:
@@ -274,6 +278,9 @@ class Runner:
             "ssh_port": st.get("port") if up else None,
             "uptime_s": round(time.time() - st["started"], 1) if up and st.get("started") else None,
             "console_log": self.console_log,
+            "qemu_log": self.qemu_log,
+            # what QEMU said last (why a runner that is down exited, when it said why)
+            "qemu_said": self.qemu_said(5),
             "pfs": st.get("pfs") if up else None,
             "igb": st.get("igb") if up else self.qemu_has_igb,
             "persistent": bool(st.get("persistent")) if up else False,
@@ -501,6 +508,10 @@ class Runner:
             except OSError:
                 pass
 
+    def qemu_said(self, n: int = 20) -> list[str]:
+        """The last `n` lines QEMU wrote about this runner (its start's stderr, then its log)."""
+        return qemu.words((self.qemu_stderr, self.qemu_log), n)
+
     def console_tail(self, n: int = CONSOLE_TAIL) -> list[str]:
         try:
             with open(self.console_log, "rb") as f:
@@ -528,15 +539,18 @@ class Runner:
         if not os.path.exists(self.nvme_image) or os.path.getsize(self.nvme_image) != NVME_IMAGE_BYTES:
             with open(self.nvme_image, "wb") as f:
                 f.truncate(NVME_IMAGE_BYTES)
-        accel, why = qemu.choose_accel(qemu_path, kernel.vmlinuz)
+        accel, why = qemu.choose_accel(qemu_path, kernel.vmlinuz, cache=constants.cache_dir("runner/kvm-trial.json"))
         say(f"runner: {why}")
         warning = qemu.cpus_warning(accel, self.cpus)
         if warning:
             say(warning)
-        base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG)
+        base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG,
+                                   godebug=bootcfg.runner_godebug(accel))
         append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
         last_err = ""
+        for path in (self.qemu_stderr, self.qemu_log):
+            open(path, "w").close()               # this boot's words only
         for _attempt in range(8):
             port = free_port()
             with open(self.known_hosts, "w") as f:
@@ -545,21 +559,21 @@ class Runner:
             argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
                                 console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
                                 memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir,
-                                wire=self.wire, accel=accel)
+                                wire=self.wire, accel=accel, log_file=self.qemu_log)
             say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
             try:
-                p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+                rc, said = qemu.launch(argv, self.qemu_stderr, self.qemu_log)
             except subprocess.TimeoutExpired:
                 self._stop(self.qemu_pids())
                 raise ProvisionError("QEMU did not finish starting in 120 s",
                                      hint="the machine may be overloaded; retry, or look at `ps` for QEMUs") from None
-            if p.returncode == 0:
+            if rc == 0:
                 break
-            last_err = p.stderr.strip()
+            last_err = said.strip()
             if "host forwarding" in last_err or "Address already in use" in last_err:
                 say(f"runner: port {port} is taken, trying another")
                 continue
-            raise ProvisionError(f"QEMU refused to start the runner (exit {p.returncode}): {last_err[-600:]}",
+            raise ProvisionError(f"QEMU refused to start the runner (exit {rc}): {last_err[-600:]}",
                                  hint="run `vfiotest runner up` to see it again; the QEMU command is in "
                                       f"{self.state_dir}/qemu.argv")
         else:
@@ -603,8 +617,10 @@ class Runner:
         next_note = t0 + 10
         while True:
             if not self.qemu_pids():
-                raise ProvisionError("the runner's QEMU exited during boot; last console lines:\n  "
-                                     + "\n  ".join(self.console_tail()),
+                said = self.qemu_said(5)
+                raise ProvisionError("the runner's QEMU exited during boot"
+                                     + (": it said:\n  " + "\n  ".join(said) if said else "")
+                                     + "\nlast console lines:\n  " + "\n  ".join(self.console_tail()),
                                      hint=f"read {self.console_log}; `vfiotest runner up` retries")
             if wait_for_ssh_banner("127.0.0.1", port, timeout=1):
                 h = self.host(register=False)

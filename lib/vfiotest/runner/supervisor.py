@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import filelock
 
 from ..sshhost import wait_for_ssh_banner
-from . import bootcfg
+from . import bootcfg, qemu
 from .runner import Runner, _is_running, _proc_start
 
 POLL = 0.5
@@ -60,10 +59,10 @@ def relaunch(r: Runner, generation: str) -> bool:
     argv[argv.index("-append") + 1] = append
     if os.path.exists(r.console_log):
         shutil.copyfile(r.console_log, r.console_log + ".prev")
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        log(r, f"QEMU refused to start again (exit {p.returncode}): {p.stderr.strip()[-600:]}")
-        r._set_state(boot_error=f"QEMU exit {p.returncode}: {p.stderr.strip()[-300:]}", rebooting=False)
+    rc, said = qemu.launch(argv, r.qemu_stderr, r.qemu_log)
+    if rc != 0:
+        log(r, f"QEMU refused to start again (exit {rc}): {said.strip()[-600:]}")
+        r._set_state(boot_error=f"QEMU exit {rc}: {said.strip()[-300:]}", rebooting=False)
         return False
     pids = r.qemu_pids()
     st = r._read_state()
