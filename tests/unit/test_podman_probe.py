@@ -73,6 +73,8 @@ def test_a_regular_file_is_not_vfio(tmp_path):
     rc, rep, _ = _run("--vfio-dir", str(tmp_path))
     assert (rc, rep["step"], rep["errname"]) == (1, "api-version", "ENOTTY")
     assert rep["steps"] == ["open-container"]
+    # each passed step says how long it took (where a slow probe spends its time)
+    assert list(rep["step_seconds"]) == ["open-container"] and rep["step_seconds"]["open-container"] >= 0
 
 
 def test_bad_dma_size_is_a_usage_error(tmp_path):

@@ -234,30 +234,41 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
     ProbeFailed naming the step.
     `report` (a dict) is filled as steps pass, so a failure still shows what came before.
     `before_close(report)` runs after the last step with the group and device still open."""
+    import time
+
     r = report if report is not None else {}
     r["steps"] = steps = []
+    r["step_seconds"] = timings = {}       # each step's own time: where a slow probe spends it
     fds = []
+    last = [time.monotonic()]
+
+    def done(step: str) -> None:
+        now = time.monotonic()
+        steps.append(step)
+        timings[step] = round(now - last[0], 4)
+        last[0] = now
+
     try:
         cfd = _open("open-container", f"{vfio_dir}/vfio")
         fds.append(cfd)
-        steps.append("open-container")
+        done("open-container")
 
         version = _ioctl("api-version", cfd, VFIO_GET_API_VERSION)
         r["api_version"] = version
         if version != VFIO_API_VERSION:
             raise ProbeFailed("api-version", f"api-version: kernel reports VFIO API {version}, expected {VFIO_API_VERSION}")
-        steps.append("api-version")
+        done("api-version")
 
         if _ioctl("check-extension", cfd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1:
             raise ProbeFailed("check-extension", "check-extension: the kernel does not offer the TYPE1v2 IOMMU (vfio_iommu_type1 not loaded?)")
         r["type1v2"] = True
-        steps.append("check-extension")
+        done("check-extension")
 
         group = str(group) if group is not None else find_group(vfio_dir)
         r["group"] = group
         gfd = _open("open-group", f"{vfio_dir}/{group}")
         fds.append(gfd)
-        steps.append("open-group")
+        done("open-group")
 
         st = encode_group_status()
         _ioctl("group-status", gfd, VFIO_GROUP_GET_STATUS, st)
@@ -265,39 +276,39 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
         r["group_viable"] = bool(flags & VFIO_GROUP_FLAGS_VIABLE)
         if not flags & VFIO_GROUP_FLAGS_VIABLE:
             raise ProbeFailed("group-status", f"group-status: group {group} is not viable: a device in it is not bound to vfio-pci")
-        steps.append("group-status")
+        done("group-status")
 
         _ioctl("set-container", gfd, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", cfd)))
-        steps.append("set-container")
+        done("set-container")
         _ioctl("set-iommu", cfd, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
-        steps.append("set-iommu")
+        done("set-iommu")
 
         info = bytearray(IOMMU_INFO.pack(IOMMU_INFO.size, 0, 0))
         _ioctl("iommu-info", cfd, VFIO_IOMMU_GET_INFO, info)
         r["iova_pgsizes"] = IOMMU_INFO.unpack(info)[2]
-        steps.append("iommu-info")
+        done("iommu-info")
 
         buf, vaddr = aligned_buffer(dma_size)
         _ioctl("map-dma", cfd, VFIO_IOMMU_MAP_DMA, encode_dma_map(vaddr, iova, dma_size))
         r["dma"] = {"iova": iova, "size": dma_size}
-        steps.append("map-dma")
+        done("map-dma")
         um = encode_dma_unmap(iova, dma_size)
         _ioctl("unmap-dma", cfd, VFIO_IOMMU_UNMAP_DMA, um)
         unmapped = DMA_UNMAP.unpack(um)[3]
         if unmapped != dma_size:
             raise ProbeFailed("unmap-dma", f"unmap-dma: {unmapped} bytes unmapped, {dma_size} were mapped")
         del buf
-        steps.append("unmap-dma")
+        done("unmap-dma")
 
         if stress_size:
             r["dma_stress"] = dma_stress(cfd, stress_size, stress_rounds)
-            steps.append("dma-stress")
+            done("dma-stress")
 
         device = device or find_device(group, sysfs)
         r["device"] = device
         dfd = _ioctl("get-device-fd", gfd, VFIO_GROUP_GET_DEVICE_FD, bytearray(device.encode() + b"\0"))
         fds.append(dfd)
-        steps.append("get-device-fd")
+        done("get-device-fd")
 
         di = bytearray(DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0))
         _ioctl("device-info", dfd, VFIO_DEVICE_GET_INFO, di)
@@ -306,7 +317,7 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
         r["pci"] = bool(dflags & VFIO_DEVICE_FLAGS_PCI)
         r["reset"] = bool(dflags & VFIO_DEVICE_FLAGS_RESET)
         r["num_regions"], r["num_irqs"] = nregions, nirqs
-        steps.append("device-info")
+        done("device-info")
 
         regions: list[dict[str, Any]] = []
         for i in range(nregions):
@@ -328,7 +339,7 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
                             "write": bool(rflags & VFIO_REGION_INFO_FLAG_WRITE),
                             "mmap": bool(rflags & VFIO_REGION_INFO_FLAG_MMAP)})
         r["regions"] = regions
-        steps.append("region-info")
+        done("region-info")
 
         cfg = [x for x in regions if x["index"] == VFIO_PCI_CONFIG_REGION_INDEX]
         if not r["pci"] or not cfg or cfg[0]["size"] < 4:
@@ -342,7 +353,7 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
         r["vendor_device"] = f"{vendor:04x}:{dev_id:04x}"
         if vendor in (0xFFFF, 0x0000):
             raise ProbeFailed("read-config", f"read-config: vendor ID {vendor:#06x} means the device did not answer")
-        steps.append("read-config")
+        done("read-config")
 
         irqs = []
         for i in range(nirqs):
@@ -357,17 +368,20 @@ def probe(vfio_dir: str = "/dev/vfio", group: Optional[str] = None, device: Opti
             irqs.append({"index": i, "name": PCI_IRQ_NAMES[i] if r["pci"] and i < len(PCI_IRQ_NAMES) else str(i),
                          "count": count, "flags": iflags})
         r["irqs"] = irqs
-        steps.append("irq-info")
+        done("irq-info")
         r["ok"] = True
         if before_close is not None:
             before_close(r)
         return r
     finally:
+        t_close = time.monotonic()
         for fd in reversed(fds):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        # closing the device resets it (vfio-pci): its time, apart from the steps'
+        r["close_seconds"] = round(time.monotonic() - t_close, 4)
 
 
 def to_json(obj: Any) -> str:
