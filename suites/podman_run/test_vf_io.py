@@ -106,7 +106,7 @@ def test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads(container,
         try:
             rep = res.json()
         except ValueError:
-            pytest.fail(f"the NVMe driver printed no report:\n{res}")
+            pytest.fail(f"the NVMe driver printed no report: {res}")
         attach_json("NVMe Identify (controller, namespace) seen inside the container",
                     {"identify": rep.get("identify"), "namespace": rep.get("namespace"),
                      "controller_regs": rep.get("controller_regs")})

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vfiotest.podman import RuntimeClient, ensure_image
+from vfiotest.podman.client import ContainerError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,6 +63,11 @@ def exercise_podman(host):
         assert nostart.exit_code is None and "no/such/binary" in nostart.stderr
         probe = client.run(img.ref, img.probe_command)
         assert probe.exit_code == 1 and probe.json()["step"] == "open-container"
+        # a container that does not exit in time fails with what it printed, and is removed
+        with pytest.raises(ContainerError, match=r"did not exit within 3 s") as stuck:
+            client.run(img.ref, ["sh", "-c", "echo stuck-here; exec sleep 300"], timeout=3)
+        assert "stuck-here" in str(stuck.value), str(stuck.value)
+        assert client.leftovers() == [], "the container that did not exit is left behind"
         running = client.start(img.ref, ["sleep", "300"])
         assert running.status == "running"
         assert [c.id for c in client.leftovers()] == [running.id]
@@ -76,11 +84,13 @@ IO_TESTS = {"test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads",
             "test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container"}
 
 
-def keep_log(name, text, runner_state=None):
+def keep_log(name, text, runner_state=None, env=None):
     """Keeps a lane's output where a failed CI run can still be read after pytest cut its assertion
     short: `$VFIOTEST_CI_REPORTS/<name>.log` (ci/test sets it: the checkout's reports/), with the
     tail of the runner's console (`runner_state`/console.log: a guest that lost its timer says so
-    there). Returns the path it wrote, or "" when VFIOTEST_CI_REPORTS is not set."""
+    there), what the runner's QEMU said (qemu.stderr, qemu.log: why it exited) and, given the booted
+    runner's `env`, the runner kernel's last 400 lines (`dmesg`: a warning or an oops is logged below
+    the console's level). Returns the path it wrote, or "" when VFIOTEST_CI_REPORTS is not set."""
     reports = os.environ.get("VFIOTEST_CI_REPORTS")
     if not reports:
         return ""
@@ -92,7 +102,30 @@ def keep_log(name, text, runner_state=None):
         if console and os.path.exists(console):
             with open(console, errors="replace") as c:
                 f.write("\n--- the runner's console (last 200 lines) ---\n" + "".join(c.readlines()[-200:]))
+        if runner_state:
+            from vfiotest.runner import qemu
+            said = qemu.words([os.path.join(str(runner_state), n) for n in ("qemu.stderr", "qemu.log")], 50)
+            f.write("\n--- what the runner's QEMU said ---\n" + ("\n".join(said) or "(nothing)") + "\n")
+        if env is not None:
+            try:
+                d = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "ssh", "--", "dmesg | tail -n 400"],
+                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                kern = d.stdout if d.returncode == 0 else f"(exit {d.returncode}: {d.stderr[-500:]})"
+            except subprocess.TimeoutExpired:
+                kern = "(the runner did not answer within 120 s)"
+            f.write("\n--- the runner's kernel log (last 400 lines) ---\n" + kern + "\n")
     return path
+
+
+def lane_failure(out, kept):
+    """A failed lane's assertion message: where its whole output is kept, the head of pytest's
+    FAILURES section (each failure's first lines: podman's error, the runtime's log, the target's
+    kernel lines) and the output's tail (the summary). pytest cuts what it shows of it otherwise."""
+    head = ""
+    at = out.find("= FAILURES =")
+    if at >= 0:
+        head = out[at:at + 8000] + "\n[...]\n"
+    return f"(whole output: {kept or 'not kept'})\n" + head + out[-4000:]
 
 
 def junit_verdicts(root):

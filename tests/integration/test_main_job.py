@@ -8,7 +8,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from _runner_env import IO_TESTS, SUITES, junit_verdicts, keep_log
+from _runner_env import IO_TESTS, SUITES, junit_verdicts, keep_log, lane_failure
 
 from vfiotest.report import evidence_of, render_evidence
 
@@ -28,7 +28,7 @@ def test_main_job_runs_every_suite_for_real(tmp_path):
                        capture_output=True, text=True, timeout=2400)
     out = p.stdout + p.stderr
     kept = keep_log("main-job", out, tmp_path / "state" / "runner")
-    assert p.returncode == 0, f"(whole output: {kept or 'not kept'})\n" + out[-5000:]
+    assert p.returncode == 0, lane_failure(out, kept)
     assert "host state guard: runner left as found" in out, out[-3000:]
     junit = ET.parse(os.path.join(reports, "junit.xml")).getroot()
     cases = list(junit.iter("testcase"))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..constants import VFIO_ANNOTATION
 from ..errors import ENVIRONMENT, PRODUCT, HarnessError
-from .diagnose import start_failure_details
+from .diagnose import guest_view, start_failure_details
 from .service import PodmanService, service_entry, undo_service, wait_for_ping
 
 if TYPE_CHECKING:
@@ -113,6 +113,8 @@ class RunResult:
         raise ValueError(f"container {self.name} printed no JSON on stdout: {self.stdout[-300:]!r} / {self.stderr[-300:]!r}")
 
     def __str__(self) -> str:
+        if self.exit_code is None:   # a start failure: stderr holds podman's error and the target's logs
+            return f"container {self.name} ({self.oci_runtime}) did not start: {self.stderr}"
         return (f"container {self.name} ({self.oci_runtime}) exit {self.exit_code}\n--- stdout\n{self.stdout}"
                 f"--- stderr\n{self.stderr}")
 
@@ -254,12 +256,33 @@ class RuntimeClient:
         """What to say when `c` did not start: the API's words, the service log's tail (the API's
         message is often just "exit status 1"), the runtime's and the kernel's log lines."""
         why = str(getattr(e, "explanation", None) or e)
-        if isinstance(e.__cause__, OSError) and "timed out" in str(e.__cause__).lower():
+        if _timed_out(e):
             why += f" (podman's API did not answer within {API_TIMEOUT} s: {e.__cause__})"
+        return why + self._target_logs(c)
+
+    def _target_logs(self, c: Any, guest: str = "") -> str:
+        """The service log's tail, then `guest` (a section of its own when given), then the
+        runtime's and the kernel's log lines about `c`: what start and wait failures append."""
         tail = self.service.log_tail(8)
-        if tail:
-            why += "\n--- podman service log (tail)\n" + tail
-        return why + start_failure_details(self.service.host, c.id)
+        parts = ["\n--- podman service log (tail)\n" + tail] if tail else []
+        if guest:
+            parts.append("\n--- the Kata guest, over its debug console\n" + guest)
+        return "".join(parts) + start_failure_details(self.service.host, c.id)
+
+    def _stuck_details(self, c: Any) -> str:
+        """What to say about a container that did not exit in time: what it printed so far (both
+        streams, one call), then _target_logs with a Kata guest's own view (memory, processes,
+        kernel; over its debug console). Never raises."""
+        try:
+            printed = _text(c.logs(stdout=True, stderr=True)).strip()
+        except Exception as e:  # noqa: BLE001 - the details must not hide the failure they explain
+            printed = f"(could not be read: {e})"
+        try:
+            guest = guest_view(self.service.host, c.id)
+        except Exception as e:  # noqa: BLE001 - the details must not hide the failure they explain
+            guest = f"(its debug console did not answer: {e})"
+        head = "\n--- its output so far (tail)\n" + "\n".join(printed.splitlines()[-15:]) if printed else ""
+        return head + self._target_logs(c, guest)
 
     def _started(self, image: str, command: list[str], kw: dict[str, Any]) -> tuple[Any, str | None]:
         """Create and start a container: (container, None), or (container, why) when it did not
@@ -310,6 +333,12 @@ class RuntimeClient:
                 try:
                     exit_code = c.wait(condition=["exited", "stopped"], timeout=timeout)
                 except APIError as e:
+                    if _timed_out(e):
+                        raise ContainerError(
+                            f"container {c.name} did not exit within {timeout:g} s on runtime {self.runtime} "
+                            f"(it is removed now){self._stuck_details(c)}",
+                            hint="a container stuck in a Kata guest: the runtime's and the kernel's lines are above; "
+                                 "run the same command with `podman --runtime ... run` on the target to watch it") from e
                     raise ContainerError(f"waiting for container {c.name} failed: {e}", hint="see the target's podman service log") from e
             elapsed = time.monotonic() - t0
             if isinstance(exit_code, dict):  # some podman-py versions return the whole body
@@ -385,6 +414,17 @@ class RuntimeClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether an API error is the client's own timeout (podman-py wraps the transport's
+    exception, requests' ReadTimeout over http+unix and ssh alike, as an APIError's cause)."""
+    import socket
+
+    from requests.exceptions import Timeout
+
+    cause = e.__cause__
+    return isinstance(cause, (Timeout, socket.timeout)) or "timed out" in str(cause or "").lower()
 
 
 def _text(out: str | bytes | bytearray | Iterable[bytes | str] | None) -> str:
