@@ -84,13 +84,23 @@ IO_TESTS = {"test_nvme_vf_writes_blocks_in_the_container_that_the_runner_reads",
             "test_nic_vfs_echo_frames_from_the_runner_through_dpdk_in_the_container"}
 
 
-def keep_log(name, text, runner_state=None, env=None):
+def runner_dmesg(env):
+    """The booted runner's (its `env`) kernel log, last 400 lines: a warning or an oops is logged
+    below its console's level, so only dmesg has it. A line saying why when it cannot be read."""
+    try:
+        d = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "ssh", "--", "dmesg | tail -n 400"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "(the runner did not answer within 120 s)"
+    return d.stdout if d.returncode == 0 else f"(exit {d.returncode}: {d.stderr[-500:]})"
+
+
+def keep_log(name, text, runner_state=None, kernel=""):
     """Keeps a lane's output where a failed CI run can still be read after pytest cut its assertion
     short: `$VFIOTEST_CI_REPORTS/<name>.log` (ci/test sets it: the checkout's reports/), with the
     tail of the runner's console (`runner_state`/console.log: a guest that lost its timer says so
-    there), what the runner's QEMU said (qemu.stderr, qemu.log: why it exited) and, given the booted
-    runner's `env`, the runner kernel's last 400 lines (`dmesg`: a warning or an oops is logged below
-    the console's level). Returns the path it wrote, or "" when VFIOTEST_CI_REPORTS is not set."""
+    there), what the runner's QEMU said (qemu.stderr, qemu.log: why it exited) and `kernel`
+    (runner_dmesg). Returns the path it wrote, or "" when VFIOTEST_CI_REPORTS is not set."""
     reports = os.environ.get("VFIOTEST_CI_REPORTS")
     if not reports:
         return ""
@@ -106,26 +116,26 @@ def keep_log(name, text, runner_state=None, env=None):
             from vfiotest.runner import qemu
             said = qemu.words([os.path.join(str(runner_state), n) for n in ("qemu.stderr", "qemu.log")], 50)
             f.write("\n--- what the runner's QEMU said ---\n" + ("\n".join(said) or "(nothing)") + "\n")
-        if env is not None:
-            try:
-                d = subprocess.run([sys.executable, "-m", "vfiotest", "runner", "ssh", "--", "dmesg | tail -n 400"],
-                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-                kern = d.stdout if d.returncode == 0 else f"(exit {d.returncode}: {d.stderr[-500:]})"
-            except subprocess.TimeoutExpired:
-                kern = "(the runner did not answer within 120 s)"
-            f.write("\n--- the runner's kernel log (last 400 lines) ---\n" + kern + "\n")
+        if kernel:
+            f.write("\n--- the runner's kernel log (last 400 lines) ---\n" + kernel + "\n")
     return path
 
 
-def lane_failure(out, kept):
+def lane_failure(out, kept, kernel=""):
     """A failed lane's assertion message: where its whole output is kept, the head of pytest's
-    FAILURES section (each failure's first lines: podman's error, the runtime's log, the target's
-    kernel lines) and the output's tail (the summary). pytest cuts what it shows of it otherwise."""
-    head = ""
+    FAILURES section (the first failure's first lines: podman's error, the runtime's log, the
+    target's kernel lines), the runner kernel's warning, oops and KVM/VFIO lines from `kernel`
+    (runner_dmesg), and the output's tail (the summary). pytest cuts what it shows otherwise."""
+    from vfiotest.podman.diagnose import kernel_lines
+
+    parts = [f"(whole output: {kept or 'not kept'})"]
     at = out.find("= FAILURES =")
     if at >= 0:
-        head = out[at:at + 8000] + "\n[...]\n"
-    return f"(whole output: {kept or 'not kept'})\n" + head + out[-4000:]
+        parts.append(out[at:at + 5000] + "\n[...]")
+    if kernel:
+        parts.append("--- the runner's kernel (warnings, oopses, KVM/VFIO lines; last 20)\n" + kernel_lines(kernel))
+    parts.append(out[-2500:])
+    return "\n".join(parts)
 
 
 def junit_verdicts(root):

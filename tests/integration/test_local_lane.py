@@ -10,7 +10,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from _runner_env import IO_TESTS, ROOT, SUITES, booted_runner, junit_verdicts, keep_log, lane_failure
+from _runner_env import IO_TESTS, ROOT, SUITES, booted_runner, junit_verdicts, keep_log, lane_failure, runner_dmesg
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600), pytest.mark.duration(1100)]
 REPORTS = "/tmp/vfiotest-local-reports"     # in the runner (its /tmp)
@@ -38,8 +38,9 @@ def test_suites_with_target_local_inside_the_runner(tmp_path):
                f"ci/main-job --target local --vfio-profile emulated -p no:cacheprovider")
         p = in_runner(env, cmd, timeout=3300)
         out = p.stdout + p.stderr
-        kept = keep_log("local-lane", out, tmp_path / "state" / "runner", env)
-        assert p.returncode == 0, lane_failure(out, kept)
+        kern = runner_dmesg(env)
+        kept = keep_log("local-lane", out, tmp_path / "state" / "runner", kern)
+        assert p.returncode == 0, lane_failure(out, kept, kern)
         assert "host state guard: " in out and "left as found" in out, out[-3000:]
         junit = in_runner(env, f"cat {REPORTS}/junit.xml", timeout=120)
         assert junit.returncode == 0, junit.stderr

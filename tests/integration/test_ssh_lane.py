@@ -13,7 +13,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
-from _runner_env import IO_TESTS, ROOT, SUITES, booted_runner, junit_verdicts, keep_log, lane_failure
+from _runner_env import IO_TESTS, ROOT, SUITES, booted_runner, junit_verdicts, keep_log, lane_failure, runner_dmesg
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3000), pytest.mark.duration(920)]
 
@@ -40,8 +40,9 @@ def test_suites_over_ssh_with_the_users_known_hosts_and_key(tmp_path):
         p = subprocess.run(["ci/main-job", "--target", target, "--vfio-profile", "emulated", "-p", "no:cacheprovider"],
                            cwd=ROOT, env=user_env, capture_output=True, text=True, timeout=2900)
         out = p.stdout + p.stderr
-        kept = keep_log("ssh-lane", out, runner, env)
-        assert p.returncode == 0, lane_failure(out, kept)
+        kern = runner_dmesg(env)
+        kept = keep_log("ssh-lane", out, runner, kern)
+        assert p.returncode == 0, lane_failure(out, kept, kern)
         assert "host state guard: " in out and "left as found" in out, out[-3000:]
         verdicts, suites = junit_verdicts(ET.parse(reports / "junit.xml").getroot())
         assert verdicts and set(verdicts.values()) == {"passed"}, verdicts
