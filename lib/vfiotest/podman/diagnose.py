@@ -20,8 +20,9 @@ _ID = re.compile(r"^[0-9a-f]{12,64}$")
 # kernel lines worth showing after a VM ended: memory, KVM/VFIO, a dead process, and a kernel
 # warning's or oops's own lines (what warned, where: "WARNING: CPU: 0 PID: 889 at <file>", "RIP:",
 # "BUG: soft lockup ...", "Modules linked in")
-_KERNEL = (r"oom|out of memory|killed process|kvm|vfio|dmar|segfault|hung task|blocked for more"
-           r"|warning: cpu|bug:|oops|rip: |general protection|soft lockup|rcu.*stall|modules linked in")
+_KERNEL = re.compile(r"oom|out of memory|killed process|kvm|vfio|dmar|segfault|hung task|blocked for more"
+                     r"|warning: cpu|bug:|oops|rip: |general protection|soft lockup|rcu.*stall|modules linked in",
+                     re.IGNORECASE)
 KERNEL_LINES = 20
 
 
@@ -43,8 +44,7 @@ def runtime_log(host: Host, container_id: str, lines: int = 40) -> str:
 def kernel_lines(dmesg: str, lines: int = KERNEL_LINES) -> str:
     """The last `lines` lines of `dmesg` text about memory, KVM, VFIO, killed processes, or a
     kernel warning, oops or lockup."""
-    pick = re.compile(_KERNEL, re.IGNORECASE)
-    return "\n".join([ln for ln in dmesg.splitlines() if pick.search(ln)][-lines:])
+    return "\n".join([ln for ln in dmesg.splitlines() if _KERNEL.search(ln)][-lines:])
 
 
 def kernel_log(host: Host, lines: int = KERNEL_LINES) -> str:
