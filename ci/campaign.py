@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 from vfiotest import constants
 from vfiotest.host import wait_for
+from vfiotest.runner import bootcfg
 
 SUBJECT = "ci/campaign_subject.py"
 MARK = "campaign phase: "
@@ -616,6 +617,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         only.discard("rebind")
     state = args.state_dir or tempfile.mkdtemp(prefix="vfiotest-campaign-")
     c = Campaign(root, state, args.seed, args.quick)
+    if "unkilled" in only or "kills" in only:
+        # the image import phase must be a real `podman import`, killed and undone: a runner
+        # booted with the test image in its read-only store would have nothing to import
+        c.env[bootcfg.IMAGE_STORE_ENV] = "0"
     if "rebind" in only and runs == 0:
         runs = 2
     print(f"campaign: seed {args.seed}, {per_phase} kill(s) per phase, "

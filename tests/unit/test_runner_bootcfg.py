@@ -97,3 +97,44 @@ def test_a_godebug_setting_that_could_reach_a_shell_is_refused_by_name():
     with pytest.raises(ProvisionError, match=bootcfg.GODEBUG_ENV) as e:
         bootcfg.runner_godebug("tcg", {bootcfg.GODEBUG_ENV: "x $(reboot)"})
     assert "unset it" in e.value.hint
+
+
+def test_the_image_store_reaches_the_kernel_line_only_as_a_plain_absolute_path():
+    store = "/var/cache/vfiotest/images/vfiotest-dpdk-99f01662dfc3.store"
+    assert bootcfg.runner_args("/s", "/m", "tag", image_store=store)[-1] == f"vfiotest.images={store}"
+    assert not any(a.startswith("vfiotest.images=") for a in bootcfg.runner_args("/s", "/m", "tag"))
+    for bad in ("relative/store", "/a b", "/x;reboot", "/x$(id)"):
+        with pytest.raises(ValueError, match="image store"):
+            bootcfg.runner_args("/s", "/m", "tag", image_store=bad)
+
+
+@pytest.mark.parametrize("env, want", [({}, True), ({bootcfg.IMAGE_STORE_ENV: "0"}, False),
+                                       ({bootcfg.IMAGE_STORE_ENV: " off "}, False), ({bootcfg.IMAGE_STORE_ENV: "1"}, True)])
+def test_the_image_store_is_on_unless_the_environment_turns_it_off(env, want):
+    assert bootcfg.image_store_wanted(env) is want
+
+
+def test_storage_conf_without_one_names_the_driver_and_the_store():
+    import tomllib
+
+    conf = tomllib.loads(bootcfg.storage_conf("/c/images/x.store"))
+    # containers/storage passes an additional store to the driver as "<driver>.imagestore=": no
+    # driver named, no store used
+    assert conf["storage"]["driver"] == "overlay"
+    assert conf["storage"]["graphroot"] == "/var/lib/containers/storage"
+    assert conf["storage"]["options"]["additionalimagestores"] == ["/c/images/x.store"]
+
+
+def test_storage_conf_keeps_the_controllers_settings_comments_and_stores():
+    import tomllib
+
+    existing = ('# site settings\n[storage]\ndriver = "overlay"\ngraphroot = "/srv/containers"  # big disk\n\n'
+                '[storage.options]\nadditionalimagestores = ["/srv/ro"]\n\n[storage.options.overlay]\nmountopt = "nodev"\n')
+    text = bootcfg.storage_conf("/c/x.store", existing)
+    assert "# site settings" in text and "# big disk" in text
+    conf = tomllib.loads(text)
+    assert conf["storage"]["graphroot"] == "/srv/containers"
+    assert conf["storage"]["options"]["additionalimagestores"] == ["/srv/ro", "/c/x.store"]
+    assert conf["storage"]["options"]["overlay"]["mountopt"] == "nodev"
+    assert tomllib.loads(bootcfg.storage_conf("/c/x.store", text))["storage"]["options"]["additionalimagestores"] == \
+        ["/srv/ro", "/c/x.store"]                    # named once however often it is added

@@ -11,7 +11,12 @@ The tarball is cached under /var/cache/vfiotest/images by a hash of its inputs
 
 On the target it is loaded with `podman import`. The emulated runner sees the
 controller's root read-only at the same paths, so the tarball is imported in
-place; another target gets it over SFTP first.
+place; another target gets it over SFTP first. The emulated runner's podman storage is a tmpfs,
+so that import came at every boot (about 90 s under TCG): `ensure_store` imports the tarball once
+on the controller into a read-only podman image store (1-2 s there), which the runner boots with
+as an additional image store (runner/bootcfg.storage_conf), and the image is then there without
+an import. `VFIOTEST_RUNNER_IMAGE_STORE=0` boots without it (the reliability campaign's kill rows
+do, so that their image import phase is a real import).
 
 The DPDK variant (`ImageRecipe(dpdk=True)`, the NIC VF I/O test's) adds DPDK's testpmd from
 the controller's own Debian packages (dpdk-dev, installed by ci/setup): the binary, the
@@ -149,6 +154,10 @@ class ImageRecipe:
         name = "vfiotest-dpdk" if self.dpdk else "vfiotest-probe"
         return Path(cache_dir or _cache_dir(CACHE_SUBDIR)) / f"{name}-{self.tag}.tar"
 
+    def store(self, cache_dir: str | None = None) -> Path:
+        """The read-only podman image store holding this image (`ensure_store`): a podman graph root."""
+        return self.tarball(cache_dir).with_suffix(".store")
+
     def mmdebstrap_command(self, out: str | Path) -> list[str]:
         cmd = ["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.include)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in self.exclude_paths]
@@ -247,6 +256,66 @@ def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = Non
         return out, time.monotonic() - t0
 
 
+def _import_args(tarball: str, ref: str) -> list[str]:
+    return ["import", "--change", f'CMD ["{PROBE_IN_IMAGE}"]', "--message", "vfiotest probe image", tarball, ref]
+
+
+def ensure_store(recipe: ImageRecipe | None = None, cache_dir: str | None = None,
+                 progress: Callable[[str], None] | None = None, timeout: float = 300) -> tuple[Path, float]:
+    """The read-only image store holding `recipe`'s image, made if missing: the cached tarball (built
+    if missing) imported by the controller's own podman into a graph root of its own (overlay
+    driver, as the runner's podman uses), under a temporary name then renamed, so that a store
+    that exists is whole. The controller's podman storage and events are not touched (`--root`,
+    `--runroot`, `--events-backend none`). Returns (the store's graph root, seconds spent making it or 0)."""
+    import filelock
+
+    recipe = recipe or default_recipe()
+    tar, _ = build_tarball(recipe, cache_dir, progress=progress)
+    store = recipe.store(cache_dir)
+    with filelock.FileLock(str(store) + ".lock", timeout=timeout):
+        if (store / "overlay-images" / "images.json").exists():
+            return store, 0.0
+        t0 = time.monotonic()
+        tmp = store.with_name(f"{store.name}.tmp{os.getpid()}")
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        if progress:
+            progress(f"importing {recipe.ref} into a read-only image store for the runner ({store})")
+        import tempfile
+
+        run = tempfile.mkdtemp(prefix="vfiotest-store-")   # podman wants a run root of 50 characters at most
+        argv = ["podman", "--root", str(tmp / "root"), "--runroot", run, "--storage-driver", "overlay",
+                "--events-backend", "none", *_import_args(str(tar), recipe.ref)]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            raise ProvisionError("podman is not installed on the controller (it makes the runner's image store)",
+                                 hint="apt-get install podman (ci/setup installs it)") from None
+        except subprocess.TimeoutExpired:
+            p = subprocess.CompletedProcess(argv, -1, "", f"did not finish in {timeout} s")
+        # podman leaves its overlay directory bind-mounted on itself when an import fails
+        unmount_under(str(tmp))
+        subprocess.run(["rm", "-rf", run], check=False)
+        if p.returncode != 0:
+            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+            raise ProvisionError(f"podman import into the image store {tmp} failed (exit {p.returncode}): "
+                                 f"{p.stderr.strip()[-500:]}", hint=f"run it by hand to see more: {shlex.join(argv)}")
+        # the graph root alone is the store; the run root and podman's own database are this import's
+        subprocess.run(["rm", "-rf", str(tmp / "root" / "libpod")], check=False)
+        subprocess.run(["rm", "-rf", str(store)], check=False)   # a store left without its images.json
+        os.replace(tmp / "root", store)
+        os.rmdir(tmp)
+        return store, time.monotonic() - t0
+
+
+def unmount_under(path: str) -> None:
+    """Unmount what is mounted at or under `path` on the controller (deepest first)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    for point in sorted((m for m in points if m == path or m.startswith(path + "/")), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
+
+
 def image_exists(host: Host, ref: str, timeout: float = 60) -> bool:
     # CLI: a single round trip before any API service exists (the image is shared by all of them)
     return host.run(["podman", "image", "exists", ref], timeout=timeout).rc == 0
@@ -265,8 +334,7 @@ def import_tarball(host: Host, tarball: str | Path, ref: str, timeout: float = 6
         _upload(host, tarball, remote)
         uploaded = True
     try:
-        res = host.run(["podman", "import", "--change", f'CMD ["{PROBE_IN_IMAGE}"]',
-                        "--message", "vfiotest probe image", remote, ref], timeout=timeout)
+        res = host.run(["podman", *_import_args(remote, ref)], timeout=timeout)
         if res.rc != 0:
             raise ProvisionError(f"podman import of {remote} as {ref} failed on {host.name}: {res.stderr.strip()[-500:]}",
                                  hint="check free space for podman's storage on the target (`podman info`)")
@@ -305,5 +373,7 @@ def ensure_image(host: Host, image: str | None = None, recipe: ImageRecipe | Non
         if progress:
             progress(f"importing {recipe.ref} on {host.name}")
         import_tarball(host, tar, recipe.ref)
+    elif progress:
+        progress(f"{recipe.ref} is already in podman's storage on {host.name} (no import)")
     timings["import_s"] = time.monotonic() - t0
     return Image(recipe.ref, built=True, tarball=str(tar), timings=timings)

@@ -89,16 +89,57 @@ def runner_godebug(accel: str, env: Mapping[str, str] | None = None) -> str | No
     return value
 
 
-def runner_args(state_dir: str, modules_dir: str, root_tag: str, godebug: str | None = None) -> list[str]:
+def runner_args(state_dir: str, modules_dir: str, root_tag: str, godebug: str | None = None,
+                image_store: str | None = None) -> list[str]:
     """What the runner itself needs on its command line to boot (not the boot configuration).
-    `godebug`: GODEBUG for its SSH sessions (vfiotest.godebug=, read by its init), or None."""
+    `godebug`: GODEBUG for its SSH sessions (vfiotest.godebug=, read by its init), or None.
+    `image_store`: a read-only podman image store on the controller (podman.image.ensure_store)
+    that the init mounts at the same path and names in the runner's storage.conf
+    (`<state_dir>/storage.conf`, storage_conf), or None."""
     args = ["console=ttyS0", "panic=-1", "loglevel=4", "random.trust_cpu=on",
             f"vfiotest.tag={root_tag}", f"vfiotest.state={state_dir}", f"vfiotest.modules={modules_dir}"]
     if godebug:
         if not GODEBUG_VALUE.fullmatch(godebug):
             raise ValueError(f"GODEBUG value {godebug!r}: letters, digits and _ . , = only")
         args.append(f"vfiotest.godebug={godebug}")
+    if image_store:
+        if not STORE_PATH.fullmatch(image_store):
+            raise ValueError(f"image store path {image_store!r}: an absolute path of letters, digits and _ . - / only")
+        args.append(f"vfiotest.images={image_store}")
     return args
+
+
+#: what an image store's path may hold where it reaches the kernel line and the init's shell
+STORE_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
+#: "0" (or false/no/off) boots the runner without the read-only image store
+IMAGE_STORE_ENV = "VFIOTEST_RUNNER_IMAGE_STORE"
+#: where podman looks for its storage configuration, on the controller and so in the runner
+STORAGE_CONF_PATHS = ("/etc/containers/storage.conf", "/usr/share/containers/storage.conf")
+
+
+def image_store_wanted(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get(IMAGE_STORE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def storage_conf(store: str, existing: str | None = None) -> str:
+    """The runner's /etc/containers/storage.conf: `existing` (the controller's, which the runner
+    would otherwise read; comments kept) or podman's defaults, with `store` added to
+    `additionalimagestores`. The driver is named ("overlay" unless one is set): containers/storage
+    hands an additional store to the driver as `<driver>.imagestore=`, which needs the name."""
+    import tomlkit
+
+    doc = tomlkit.parse(existing) if existing else tomlkit.document()
+    storage = doc.setdefault("storage", tomlkit.table())
+    if not storage.get("driver"):
+        storage["driver"] = "overlay"
+    storage.setdefault("runroot", "/run/containers/storage")
+    storage.setdefault("graphroot", "/var/lib/containers/storage")
+    options = storage.setdefault("options", tomlkit.table())
+    stores = options.setdefault("additionalimagestores", tomlkit.array())
+    if store not in [str(x) for x in stores]:
+        stores.append(store)
+    return tomlkit.dumps(doc)
 
 
 def default_grub(args: Iterable[str] = DEFAULT_KERNEL_ARGS) -> str:
@@ -192,4 +233,5 @@ def last_reboot(console_text: str) -> str | None:
 
 
 __all__ = ["CGROUP_ARGS", "DEFAULT_KERNEL_ARGS", "GRUB_FILE", "append", "default_grub",
-           "edit", "grub_args", "last_reboot", "linux_args", "runner_args", "set_grub_args", "validate"]
+           "edit", "grub_args", "last_reboot", "linux_args", "runner_args", "set_grub_args", "validate",
+           "IMAGE_STORE_ENV", "STORAGE_CONF_PATHS", "image_store_wanted", "storage_conf"]

@@ -28,6 +28,7 @@ for a in $(cat /proc/cmdline); do
         vfiotest.tag=*) TAG="${a#*=}" ;;
         vfiotest.overlay=*) OVSIZE="${a#*=}" ;;
         vfiotest.godebug=*) GODEBUG_VALUE="${a#*=}" ;;
+        vfiotest.images=*) IMAGES="${a#*=}" ;;
     esac
 done
 KVER=$(uname -r)
@@ -49,6 +50,18 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp
 for d in /var/lib/containers /var/lib/vfiotest /var/log/vfiotest; do
     mkdir -p $R$d && mount -t tmpfs -o mode=0755 vfiotest-rw $R$d || die "tmpfs on $d"
 done
+# The test image's read-only podman store (podman.image.ensure_store), straight from the 9p root
+# (a container's overlay on it is then one level deep, not two), and the storage.conf naming it
+# (gone from the controller's cache since the boot that named it: booted without, and said)
+if [ -n "$IMAGES" ]; then
+    if [ -d "/lower$IMAGES/overlay-images" ] && [ -f "/lower$STATE/storage.conf" ] \
+        && mount --bind "/lower$IMAGES" "$R$IMAGES"; then
+        mkdir -p $R/etc/containers && cp "/lower$STATE/storage.conf" $R/etc/containers/storage.conf
+        say "image store $IMAGES"
+    else
+        say "no image store at $IMAGES: podman starts with its own storage only"
+    fi
+fi
 # The runner's boot configuration (its GRUB defaults), kept on the controller across reboots
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,cache=none vfiotest-etc-default $R/etc/default \
     || die "mount the runner's /etc/default (9p tag vfiotest-etc-default, $STATE/etc-default)"

@@ -71,8 +71,12 @@ class Runner:
     """The runner VM that lives in `state_dir`."""
 
     def __init__(self, state_dir: str, *, memory_mb: int | None = None, cpus: int | None = None,
-                 boot_timeout: float | None = None, qemu_path: str | None = None, wire: bool | None = None) -> None:
+                 boot_timeout: float | None = None, qemu_path: str | None = None, wire: bool | None = None,
+                 image_store: bool | None = None) -> None:
         self.state_dir = state_dir
+        #: boot with the test image in a read-only podman image store (podman.image.ensure_store):
+        #: its podman storage is a tmpfs, and an import at every boot took about 90 s under TCG
+        self.image_store = image_store if image_store is not None else bootcfg.image_store_wanted()
         #: the igb PF's wire ends in a NIC of the runner, and its RAM stays below 4 GiB, so that its
         #: VFs pass traffic (qemu.WIRE_ENV; docs/nic-traffic.md)
         self.wire = wire if wire is not None else os.environ.get(qemu.WIRE_ENV, "1").lower() not in ("0", "false", "no", "off")
@@ -102,6 +106,8 @@ class Runner:
         # standard error goes (qemu.keep_stderr_args): why it exited, when it says why
         self.qemu_stderr = os.path.join(state_dir, "qemu.stderr")
         self.qemu_log = os.path.join(state_dir, "qemu.log")
+        #: the runner's /etc/containers/storage.conf when it boots with the image store
+        self.storage_conf = os.path.join(state_dir, "storage.conf")
 
     @classmethod
     def default(cls, **kw: Any) -> Runner:
@@ -289,6 +295,7 @@ class Runner:
             "cmdline": st.get("cmdline") if up else None,
             "boots": st.get("boots") if up else None,
             "accel": st.get("accel") if up else None,
+            "image_store": st.get("image_store") if up else None,
             "rebooting": bool(st.get("rebooting")) if up else False,
             "supervisor": self.supervisor_pid(),
             "boot_config": self.grub_path,
@@ -544,8 +551,9 @@ class Runner:
         warning = qemu.cpus_warning(accel, self.cpus)
         if warning:
             say(warning)
+        store = self._image_store(say) if self.image_store else None
         base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG,
-                                   godebug=bootcfg.runner_godebug(accel))
+                                   godebug=bootcfg.runner_godebug(accel), image_store=store)
         append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
         last_err = ""
@@ -586,7 +594,8 @@ class Runner:
         generation = uuid.uuid4().hex
         st: dict[str, Any] = {"port": port, "pid": pids[0] if pids else None, "started": time.time(), "persistent": bool(persistent),
               "igb": igb, "kernel": kernel.package, "initrd": os.path.basename(initrd), "owner": list(me),
-              "generation": generation, "cmdline": append, "boots": 1, "accel": accel, "accel_why": why}
+              "generation": generation, "cmdline": append, "boots": 1, "accel": accel, "accel_why": why,
+              "image_store": store}
         self._write_state(st)
         self._add_user(me)
         with open(self.boot_file, "w") as f:
@@ -602,6 +611,27 @@ class Runner:
         if not igb:
             say("runner: up with the NVMe PF only (no igb in this QEMU)")
         say(f"runner: up in {time.time() - st['started']:.1f} s, PFs {st['pfs']}")
+
+    def _image_store(self, say: Callable[[str], None]) -> str | None:
+        """The read-only image store to boot with (its path), with the runner's storage.conf naming
+        it written to the state directory; None, said, when it cannot be made (the sessions then
+        import the image, as without it)."""
+        from ..podman.image import default_recipe, ensure_store
+
+        try:
+            recipe = default_recipe()
+            path, made_s = ensure_store(recipe, progress=say)
+            existing = next((open(p).read() for p in bootcfg.STORAGE_CONF_PATHS if os.path.exists(p)), None)
+            text = bootcfg.storage_conf(str(path), existing)
+            bootcfg.runner_args(self.state_dir, "/m", "t", image_store=str(path))   # the path is one the init can take
+        except (ProvisionError, ValueError, OSError) as e:
+            say(f"runner: booting without the read-only image store ({e}); each session imports the test image")
+            return None
+        with open(self.storage_conf, "w") as f:
+            f.write(text)
+        say(f"runner: {recipe.ref} in a read-only image store ({'made in %.1f s' % made_s if made_s else 'cached'}): "
+            f"podman in the runner has it without an import ({bootcfg.IMAGE_STORE_ENV}=0 to import it instead)")
+        return str(path)
 
     def _start_supervisor(self, generation: str) -> None:
         """The detached process that boots the runner again after a guest reboot (supervisor.py)."""

@@ -1,0 +1,68 @@
+"""The read-only image store the emulated runner boots with (podman.image.ensure_store), made by
+the controller's real podman from a small rootfs tarball in a cache directory of the test's own."""
+
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+import pytest
+
+from vfiotest.errors import ProvisionError
+from vfiotest.podman.image import ImageRecipe, ensure_store, unmount_under
+
+pytestmark = pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (ci/setup installs it)")
+
+
+def _tarball(path, payload=b"hello\n"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = path.parent / "src.txt"
+    src.write_bytes(payload)
+    with tarfile.open(path, "w") as t:
+        t.add(src, arcname="etc/hello")
+
+
+def _images(store):
+    run = tempfile.mkdtemp(prefix="vfiotest-store-")
+    try:
+        out = subprocess.run(["podman", "--root", str(store), "--runroot", run, "--storage-driver", "overlay",
+                              "--events-backend", "none", "images", "--format", "json"],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        unmount_under(str(store))
+        unmount_under(run)
+        shutil.rmtree(run, ignore_errors=True)
+    return json.loads(out)
+
+
+def _mounts_under(path):
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(str(path))]
+
+
+def test_the_store_holds_the_image_is_made_once_and_leaves_the_controllers_podman_alone(tmp_path):
+    recipe = ImageRecipe(dpdk=False)
+    _tarball(recipe.tarball(str(tmp_path)))
+    before = subprocess.run(["podman", "images", "-q"], capture_output=True, text=True).stdout
+    store, made_s = ensure_store(recipe, cache_dir=str(tmp_path))
+    assert store == recipe.store(str(tmp_path)) and made_s > 0
+    assert not (store / "libpod").exists()          # the graph root alone, not podman's database
+    assert not list(tmp_path.glob("*.tmp*"))        # nothing half made left beside it
+    assert not _mounts_under(tmp_path)
+    names = [n for img in _images(store) for n in img.get("Names", [])]
+    assert recipe.ref in names, names
+    assert ensure_store(recipe, cache_dir=str(tmp_path)) == (store, 0.0)
+    assert subprocess.run(["podman", "images", "-q"], capture_output=True, text=True).stdout == before
+
+
+def test_a_tarball_podman_refuses_leaves_no_store_and_says_what_to_run(tmp_path):
+    recipe = ImageRecipe(dpdk=False)
+    bad = recipe.tarball(str(tmp_path))
+    bad.write_bytes(b"this is not a tar archive" * 100)
+    with pytest.raises(ProvisionError, match="podman import into the image store") as e:
+        ensure_store(recipe, cache_dir=str(tmp_path))
+    assert "podman --root" in e.value.hint
+    assert not recipe.store(str(tmp_path)).exists()
+    assert not list(tmp_path.glob("*.tmp*"))
+    assert not _mounts_under(tmp_path)
