@@ -68,26 +68,26 @@ def test_boots_with_both_pfs_and_ssh(booted, vm):
 
 
 def test_the_test_image_is_in_podmans_storage_at_boot_from_the_read_only_store(booted, vm):
-    """The runner boots with the test image in a read-only image store: the sessions find it
-    there and import nothing (about 90 s a boot under TCG); a container layer goes to the runner's
-    own storage, the store stays as the controller made it."""
+    """The runner boots with the test image in a read-only image store (a disk made on the
+    controller): the sessions find it there and import nothing (about 90 s a boot under TCG); a
+    container layer goes to the runner's own storage, the store stays as the controller made it."""
     from vfiotest.podman.image import default_recipe
+    from vfiotest.runner import bootcfg
 
     recipe = default_recipe()
-    store = str(recipe.store())
-    assert booted.status()["image_store"] == store
+    assert booted.status()["image_store"] == str(recipe.store())
     assert any("in a read-only image store" in line for line in booted.boot_lines), booted.boot_lines
     out = vm.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}} {{.ReadOnly}}"], timeout=120, check=True).stdout
     assert f"{recipe.ref} true" in out.split("\n"), out
     # a container of it writes to a layer of the runner's own storage
     cid = vm.run(["podman", "create", recipe.ref, "true"], timeout=120, check=True).stdout.strip()
     try:
-        driver = vm.run(["podman", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", cid], timeout=60, check=True).stdout
-        assert driver.startswith("/var/lib/containers/storage/"), driver
+        upper = vm.run(["podman", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", cid], timeout=60, check=True).stdout
+        assert upper.startswith("/var/lib/containers/storage/"), upper
     finally:
         vm.run(["podman", "rm", "-f", cid], timeout=120)
     # and the store is read-only in the runner: nothing there changes it
-    res = vm.run(["touch", f"{store}/overlay-images/x"], timeout=30)
+    res = vm.run(["touch", f"{bootcfg.IMAGE_STORE_MOUNT}/overlay-images/x"], timeout=30)
     assert res.rc != 0, "the image store is writable in the runner"
 
 

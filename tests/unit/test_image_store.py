@@ -5,12 +5,11 @@ import json
 import shutil
 import subprocess
 import tarfile
-import tempfile
 
 import pytest
 
 from vfiotest.errors import ProvisionError
-from vfiotest.podman.image import ImageRecipe, ensure_store, unmount_under
+from vfiotest.podman.image import ImageRecipe, ensure_store
 
 pytestmark = pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (ci/setup installs it)")
 
@@ -23,17 +22,9 @@ def _tarball(path, payload=b"hello\n"):
         t.add(src, arcname="etc/hello")
 
 
-def _images(store):
-    run = tempfile.mkdtemp(prefix="vfiotest-store-")
-    try:
-        out = subprocess.run(["podman", "--root", str(store), "--runroot", run, "--storage-driver", "overlay",
-                              "--events-backend", "none", "images", "--format", "json"],
-                             capture_output=True, text=True, check=True).stdout
-    finally:
-        unmount_under(str(store))
-        unmount_under(run)
-        shutil.rmtree(run, ignore_errors=True)
-    return json.loads(out)
+def _read(img, path):
+    """A file of the ext4 image, read with debugfs (e2fsprogs): no mount."""
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(img)], capture_output=True, text=True, check=True).stdout
 
 
 def _mounts_under(path):
@@ -47,11 +38,18 @@ def test_the_store_holds_the_image_is_made_once_and_leaves_the_controllers_podma
     before = subprocess.run(["podman", "images", "-q"], capture_output=True, text=True).stdout
     store, made_s = ensure_store(recipe, cache_dir=str(tmp_path))
     assert store == recipe.store(str(tmp_path)) and made_s > 0
-    assert not (store / "libpod").exists()          # the graph root alone, not podman's database
     assert not list(tmp_path.glob("*.tmp*"))        # nothing half made left beside it
     assert not _mounts_under(tmp_path)
-    names = [n for img in _images(store) for n in img.get("Names", [])]
-    assert recipe.ref in names, names
+    # an ext4 filesystem holding a podman graph root (overlay driver) with the image in it, named
+    assert "filesystem volume name:   vfiotest-images" in subprocess.run(
+        ["dumpe2fs", "-h", str(store)], capture_output=True, text=True, check=True).stdout.lower()
+    images = json.loads(_read(store, "/overlay-images/images.json"))
+    assert [n for img in images for n in img.get("names", [])] == [recipe.ref], images
+    layer = images[0]["layer"]
+    assert _read(store, f"/overlay/{layer}/diff/etc/hello") == "hello\n"   # the tarball's file, in its layer
+    top = subprocess.run(["debugfs", "-R", "ls -p /", str(store)], capture_output=True, text=True, check=True).stdout
+    names = {line.split("/")[5] for line in top.splitlines() if line.count("/") >= 6}
+    assert {"overlay", "overlay-images", "overlay-layers"} <= names and "libpod" not in names, names   # not podman's database
     assert ensure_store(recipe, cache_dir=str(tmp_path)) == (store, 0.0)
     assert subprocess.run(["podman", "images", "-q"], capture_output=True, text=True).stdout == before
 

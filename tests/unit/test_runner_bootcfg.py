@@ -100,7 +100,7 @@ def test_a_godebug_setting_that_could_reach_a_shell_is_refused_by_name():
 
 
 def test_the_image_store_reaches_the_kernel_line_only_as_a_plain_absolute_path():
-    store = "/var/cache/vfiotest/images/vfiotest-dpdk-99f01662dfc3.store"
+    store = bootcfg.IMAGE_STORE_MOUNT
     assert bootcfg.runner_args("/s", "/m", "tag", image_store=store)[-1] == f"vfiotest.images={store}"
     assert not any(a.startswith("vfiotest.images=") for a in bootcfg.runner_args("/s", "/m", "tag"))
     for bad in ("relative/store", "/a b", "/x;reboot", "/x$(id)"):

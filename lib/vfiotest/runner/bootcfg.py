@@ -93,9 +93,9 @@ def runner_args(state_dir: str, modules_dir: str, root_tag: str, godebug: str | 
                 image_store: str | None = None) -> list[str]:
     """What the runner itself needs on its command line to boot (not the boot configuration).
     `godebug`: GODEBUG for its SSH sessions (vfiotest.godebug=, read by its init), or None.
-    `image_store`: a read-only podman image store on the controller (podman.image.ensure_store)
-    that the init mounts at the same path and names in the runner's storage.conf
-    (`<state_dir>/storage.conf`, storage_conf), or None."""
+    `image_store`: where the init mounts the read-only disk holding the test image's store
+    (podman.image.ensure_store; IMAGE_STORE_MOUNT) and which the runner's storage.conf
+    (`<state_dir>/storage.conf`, storage_conf) names, or None."""
     args = ["console=ttyS0", "panic=-1", "loglevel=4", "random.trust_cpu=on",
             f"vfiotest.tag={root_tag}", f"vfiotest.state={state_dir}", f"vfiotest.modules={modules_dir}"]
     if godebug:
@@ -109,6 +109,8 @@ def runner_args(state_dir: str, modules_dir: str, root_tag: str, godebug: str | 
     return args
 
 
+#: where the runner mounts the test image's store (its disk)
+IMAGE_STORE_MOUNT = "/var/lib/vfiotest-images"
 #: what an image store's path may hold where it reaches the kernel line and the init's shell
 STORE_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
 #: "0" (or false/no/off) boots the runner without the read-only image store
@@ -234,4 +236,4 @@ def last_reboot(console_text: str) -> str | None:
 
 __all__ = ["CGROUP_ARGS", "DEFAULT_KERNEL_ARGS", "GRUB_FILE", "append", "default_grub",
            "edit", "grub_args", "last_reboot", "linux_args", "runner_args", "set_grub_args", "validate",
-           "IMAGE_STORE_ENV", "STORAGE_CONF_PATHS", "image_store_wanted", "storage_conf"]
+           "IMAGE_STORE_ENV", "IMAGE_STORE_MOUNT", "STORAGE_CONF_PATHS", "image_store_wanted", "storage_conf"]

@@ -50,16 +50,15 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp
 for d in /var/lib/containers /var/lib/vfiotest /var/log/vfiotest; do
     mkdir -p $R$d && mount -t tmpfs -o mode=0755 vfiotest-rw $R$d || die "tmpfs on $d"
 done
-# The test image's read-only podman store (podman.image.ensure_store), straight from the 9p root
-# (a container's overlay on it is then one level deep, not two), and the storage.conf naming it
-# (gone from the controller's cache since the boot that named it: booted without, and said)
+# The test image's read-only podman store (podman.image.ensure_store): an ext4 disk, the only
+# virtio disk (/dev/vda), mounted read-only, and the storage.conf naming it
 if [ -n "$IMAGES" ]; then
-    if [ -d "/lower$IMAGES/overlay-images" ] && [ -f "/lower$STATE/storage.conf" ] \
-        && mount --bind "/lower$IMAGES" "$R$IMAGES"; then
+    mkdir -p "$R$IMAGES"
+    if [ -b /dev/vda ] && [ -f "/lower$STATE/storage.conf" ] && mount -t ext4 -o ro /dev/vda "$R$IMAGES"; then
         mkdir -p $R/etc/containers && cp "/lower$STATE/storage.conf" $R/etc/containers/storage.conf
-        say "image store $IMAGES"
+        say "image store on /dev/vda at $IMAGES"
     else
-        say "no image store at $IMAGES: podman starts with its own storage only"
+        say "no image store (no /dev/vda, or no $STATE/storage.conf): podman starts with its own storage only"
     fi
 fi
 # The runner's boot configuration (its GRUB defaults), kept on the controller across reboots
@@ -177,4 +176,4 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 """
 
 # Modules the initramfs loads before the root is mounted (dependencies are added).
-INITRAMFS_MODULES = ["virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay", "virtio_rng"]
+INITRAMFS_MODULES = ["virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay", "virtio_rng", "virtio_blk", "crc32c_generic", "ext4"]

@@ -247,13 +247,23 @@ def words(paths: Sequence[str], n: int = 20) -> list[str]:
     return lines[-n:]
 
 
+#: the PCI slot of the read-only disk holding the test image's store
+IMAGE_DISK_SLOT = 0x7
+
+
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
             nvme_image: str, memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = 2, igb: bool = True,
             name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False,
-            accel: str = "tcg", log_file: str | None = None) -> list[str]:
+            accel: str = "tcg", log_file: str | None = None,
+            image_disk: str | None = None) -> list[str]:
     """The QEMU argv. Device order matters: intel-iommu comes before the devices it translates.
     `etc_default`: the runner's persistent /etc/default (its GRUB defaults), shared read-write.
-    `log_file`: QEMU's log (-D), opened so that the daemon keeps its standard error (keep_stderr_args)."""
+    `log_file`: QEMU's log (-D), opened so that the daemon keeps its standard error (keep_stderr_args).
+    `image_disk`: the test image's read-only store (podman.image.ensure_store), a read-only
+    virtio disk at IMAGE_DISK_SLOT (the runner's /dev/vda)."""
+    if image_disk and ("," in image_disk or not image_disk.startswith("/")):
+        raise ProvisionError(f"the image store {image_disk!r} cannot be given to QEMU (not absolute, or it has a comma)",
+                             hint="set VFIOTEST_CACHE_DIR to an absolute path without commas, or VFIOTEST_RUNNER_IMAGE_STORE=0")
     if etc_default and ("," in etc_default or not etc_default.startswith("/")):
         raise ProvisionError(f"the runner's state directory {etc_default!r} cannot be shared over 9p "
                              "(not absolute, or it has a comma, which QEMU's option syntax splits on)",
@@ -273,6 +283,8 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
         "-device", "virtio-net-pci,netdev=mgmt,addr=0x3",
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-rng-pci,addr=0x5",
+        *(["-drive", f"file={image_disk},if=none,id=images,format=raw,readonly=on",
+           "-device", f"virtio-blk-pci,drive=images,addr={IMAGE_DISK_SLOT:#x}"] if image_disk else []),
         *(["-virtfs", f"local,path={etc_default},mount_tag={ETC_DEFAULT_TAG},security_model=none"]
           if etc_default else []),
         # SR-IOV PFs, each behind its own root port (its own IOMMU group)

@@ -552,8 +552,8 @@ class Runner:
         if warning:
             say(warning)
         store = self._image_store(say) if self.image_store else None
-        base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG,
-                                   godebug=bootcfg.runner_godebug(accel), image_store=store)
+        base = bootcfg.runner_args(self.state_dir, kernel.modules, qemu.ROOT_TAG, godebug=bootcfg.runner_godebug(accel),
+                                   image_store=bootcfg.IMAGE_STORE_MOUNT if store else None)
         append = bootcfg.append(base, self.ensure_boot_config(), self.grub_path)
         host_pub = assets.public_key(keys["host"])
         last_err = ""
@@ -567,7 +567,8 @@ class Runner:
             argv = qemu.command(qemu_path, kernel=kernel.vmlinuz, initrd=initrd, append=append, port=port,
                                 console_log=self.console_log, pidfile=self.pidfile, nvme_image=self.nvme_image,
                                 memory_mb=self.memory_mb, cpus=self.cpus, igb=igb, etc_default=self.etc_default_dir,
-                                wire=self.wire, accel=accel, log_file=self.qemu_log)
+                                wire=self.wire, accel=accel, log_file=self.qemu_log,
+                                image_disk=store)
             say(f"runner: starting QEMU (ssh on 127.0.0.1:{port}, console {self.console_log})")
             try:
                 rc, said = qemu.launch(argv, self.qemu_stderr, self.qemu_log)
@@ -613,24 +614,26 @@ class Runner:
         say(f"runner: up in {time.time() - st['started']:.1f} s, PFs {st['pfs']}")
 
     def _image_store(self, say: Callable[[str], None]) -> str | None:
-        """The read-only image store to boot with (its path), with the runner's storage.conf naming
-        it written to the state directory; None, said, when it cannot be made (the sessions then
-        import the image, as without it)."""
+        """The disk holding the test image's read-only store to boot with (its path), with the
+        runner's storage.conf naming its mount point written to the state directory; None, said,
+        when it cannot be made (the sessions then import the image, as without it)."""
         from ..podman.image import default_recipe, ensure_store
 
         try:
             recipe = default_recipe()
             path, made_s = ensure_store(recipe, progress=say)
             existing = next((open(p).read() for p in bootcfg.STORAGE_CONF_PATHS if os.path.exists(p)), None)
-            text = bootcfg.storage_conf(str(path), existing)
-            bootcfg.runner_args(self.state_dir, "/m", "t", image_store=str(path))   # the path is one the init can take
+            text = bootcfg.storage_conf(bootcfg.IMAGE_STORE_MOUNT, existing)
+            qemu.command("qemu", kernel="k", initrd="i", append="", port=0, console_log="c", pidfile="p",
+                         nvme_image="n", image_disk=str(path))     # a path QEMU can take
         except (ProvisionError, ValueError, OSError) as e:
             say(f"runner: booting without the read-only image store ({e}); each session imports the test image")
             return None
         with open(self.storage_conf, "w") as f:
             f.write(text)
-        say(f"runner: {recipe.ref} in a read-only image store ({'made in %.1f s' % made_s if made_s else 'cached'}): "
-            f"podman in the runner has it without an import ({bootcfg.IMAGE_STORE_ENV}=0 to import it instead)")
+        say(f"runner: {recipe.ref} in a read-only image store, {path} ({'made in %.1f s' % made_s if made_s else 'cached'}), "
+            f"at {bootcfg.IMAGE_STORE_MOUNT} in the runner: podman there has it without an import "
+            f"({bootcfg.IMAGE_STORE_ENV}=0 to import it instead)")
         return str(path)
 
     def _start_supervisor(self, generation: str) -> None:
