@@ -22,7 +22,9 @@ Rows:
 leaves out the rebind xN row: CI runs the rebind suite four times elsewhere (the main job, the
 two sessions here), each ended by the host state guard; `--rebind-runs N` puts it back. The
 long mode kills 8 times per phase (56) and runs the rebind suite 100 times. `--seed` makes the
-kill delays reproducible. The integration tests leave to this campaign the proofs it makes
+kill delays reproducible. When the unkilled or kill rows run, the runner boots without the
+read-only image store (VFIOTEST_RUNNER_IMAGE_STORE=0), so that the image import phase is a real
+`podman import`. The integration tests leave to this campaign the proofs it makes
 (kill -9 at any moment then restore; two sessions, and workers, never holding one group).
 """
 
