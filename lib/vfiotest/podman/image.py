@@ -240,14 +240,10 @@ def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = Non
             progress(f"building the test image rootfs with mmdebstrap ({recipe.variant} + {', '.join(recipe.include)}"
                      f"{' + testpmd from the controller' if recipe.dpdk else ''}, ~15 s)")
         t0 = time.monotonic()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            raise ProvisionError("mmdebstrap is not installed on the controller",
-                                 hint="apt-get install mmdebstrap (ci/setup installs it)") from None
-        except subprocess.TimeoutExpired:
+        p = _run_tool(cmd, timeout, "apt-get install mmdebstrap (ci/setup installs it)")
+        if p.returncode == _TIMED_OUT:
             tmp.unlink(missing_ok=True)
-            raise ProvisionError(f"mmdebstrap did not finish in {timeout} s", hint="check the apt mirror is reachable") from None
+            raise ProvisionError(f"mmdebstrap did not finish in {timeout} s", hint="check the apt mirror is reachable")
         if p.returncode != 0:
             tmp.unlink(missing_ok=True)
             raise ProvisionError(f"mmdebstrap failed (exit {p.returncode}): {p.stderr.strip()[-800:]}",
@@ -255,6 +251,22 @@ def build_tarball(recipe: ImageRecipe | None = None, cache_dir: str | None = Non
         (out.with_suffix(".json")).write_text(json.dumps(recipe.inputs(), indent=2, sort_keys=True))
         os.replace(tmp, out)
         return out, time.monotonic() - t0
+
+
+#: _run_tool's return code for a tool that did not finish in its time
+_TIMED_OUT = -1000
+
+
+def _run_tool(argv: list[str], timeout: float, install_hint: str) -> subprocess.CompletedProcess:
+    """`argv` run on the controller, its output captured. A ProvisionError naming the tool when it
+    is not installed (`install_hint`: how to install it); return code _TIMED_OUT when it did not
+    finish in `timeout` s."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ProvisionError(f"{argv[0]} is not installed on the controller", hint=install_hint) from None
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, _TIMED_OUT, "", f"did not finish in {timeout} s")
 
 
 def _import_args(tarball: str, ref: str) -> list[str]:
@@ -293,12 +305,7 @@ def ensure_store(recipe: ImageRecipe | None = None, cache_dir: str | None = None
                 "--events-backend", "none", *_import_args(str(tar), recipe.ref)]
         try:
             try:
-                p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-            except FileNotFoundError:
-                raise ProvisionError("podman is not installed on the controller (it makes the runner's image store)",
-                                     hint="apt-get install podman (ci/setup installs it)") from None
-            except subprocess.TimeoutExpired:
-                p = subprocess.CompletedProcess(argv, -1, "", f"did not finish in {timeout} s")
+                p = _run_tool(argv, timeout, "apt-get install podman (ci/setup installs it)")
             finally:
                 # podman leaves its overlay directory bind-mounted on itself
                 unmount_under(str(tmp))
@@ -308,18 +315,15 @@ def ensure_store(recipe: ImageRecipe | None = None, cache_dir: str | None = None
                                      f"{p.stderr.strip()[-500:]}", hint=f"run it by hand to see more: {shlex.join(argv)}")
             # the graph root alone is the store; podman's own database is this import's
             subprocess.run(["rm", "-rf", str(root / "libpod")], check=False)
-            used = int(subprocess.run(["du", "-sb", str(root)], capture_output=True, text=True, check=True).stdout.split()[0])
-            files = int(subprocess.run(f"find {shlex.quote(str(root))} | wc -l", shell=True, capture_output=True,
-                                       text=True, check=True).stdout)
+            used, files = 0, 0
+            for d, dirs, names in os.walk(root):
+                files += len(dirs) + len(names)
+                used += sum(os.lstat(os.path.join(d, n)).st_size for n in names)
             size_mb = used * 5 // 4 // 2**20 + 32
             img = tmp / "store.ext4"
             mkfs = ["mkfs.ext4", "-q", "-F", "-d", str(root), "-L", "vfiotest-images", "-O", "^has_journal", "-m", "0",
                     "-N", str(files * 2 + 1024), "-E", "root_owner=0:0", str(img), f"{size_mb}M"]
-            try:
-                m = subprocess.run(mkfs, capture_output=True, text=True, timeout=timeout)
-            except FileNotFoundError:
-                raise ProvisionError("mkfs.ext4 is not installed on the controller (it makes the runner's image store)",
-                                     hint="apt-get install e2fsprogs") from None
+            m = _run_tool(mkfs, timeout, "apt-get install e2fsprogs (ci/setup installs it)")
             if m.returncode != 0:
                 raise ProvisionError(f"mkfs.ext4 of the image store failed (exit {m.returncode}): {m.stderr.strip()[-500:]}",
                                      hint=f"run it by hand to see more: {shlex.join(mkfs)}")
