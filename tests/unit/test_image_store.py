@@ -64,3 +64,13 @@ def test_a_tarball_podman_refuses_leaves_no_store_and_says_what_to_run(tmp_path)
     assert not recipe.store(str(tmp_path)).exists()
     assert not list(tmp_path.glob("*.tmp*"))
     assert not _mounts_under(tmp_path)
+
+
+def test_a_tool_that_is_missing_is_named_and_one_that_hangs_is_stopped():
+    from vfiotest.podman import image
+
+    with pytest.raises(ProvisionError, match="no-such-mkfs is not installed on the controller") as e:
+        image._run_tool(["no-such-mkfs", "-d", "x"], 5, "apt-get install e2fsprogs")
+    assert e.value.hint == "apt-get install e2fsprogs"
+    hung = image._run_tool(["sleep", "30"], 0.3, "")
+    assert hung.returncode == image._TIMED_OUT and "did not finish in 0.3 s" in hung.stderr
