@@ -68,6 +68,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  PFs:      {json.dumps(st['pfs'])}" + ("" if st["igb"] else "  (no igb: QEMU older than 8.0)"),
         f"  kept by:  {_kept_by(st)}",
         f"  memory:   {rss / 2**20:.0f} MiB RSS" if rss else "  memory:   ?",
+        f"  accel:    {st.get('accel') or '?'}",
+        "  images:   " + (f"the test image's read-only store {st['image_store']}, at {bootcfg.IMAGE_STORE_MOUNT}"
+                           if st.get("image_store") else f"no read-only store: sessions import the test image "
+                                                          f"({bootcfg.IMAGE_STORE_ENV})"),
         f"  kernel:   {st['kernel']}",
         f"  cmdline:  {st['cmdline']}",
         f"  boots:    {st['boots']}" + (" (rebooting)" if st["rebooting"] else ""),
@@ -138,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rb.add_argument("--timeout", type=float, default=None, help="seconds to wait for SSH (default 240)")
     rb.set_defaults(func=cmd_reboot)
     sub.add_parser("down", help="stop the runner (also one left by a killed session)").set_defaults(func=cmd_down)
-    st = sub.add_parser("status", help="is it up: pid, ssh port, uptime, PFs, memory")
+    st = sub.add_parser("status", help="is it up: pid, ssh port, uptime, PFs, memory, accelerator, image store")
     st.add_argument("--json", action="store_true", help="machine-readable")
     st.set_defaults(func=cmd_status)
     ssh = sub.add_parser("ssh", help="a shell (or a command) in the runner")
