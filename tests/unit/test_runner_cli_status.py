@@ -9,7 +9,7 @@ from vfiotest.runner import cli
 BASE = {"running": True, "pid": 42, "uptime_s": 12.0, "ssh_port": 2222, "ssh_ready": True, "pfs": {"nvme": "0000:02:00.0"},
         "igb": True, "persistent": True, "users": [], "rss_bytes": 2**30, "kernel": "linux-image-6.1", "cmdline": "x",
         "boots": 1, "rebooting": False, "boot_config": "/s/grub", "console_log": "/s/console.log", "qemu_log": "/s/qemu.log",
-        "state_dir": "/s", "accel": "tcg"}
+        "state_dir": "/s", "accel": "tcg", "accel_why": "TCG (a KVM guest did not start)"}
 
 
 @pytest.mark.parametrize("store, said", [
@@ -29,4 +29,4 @@ def test_status_names_the_accelerator_and_the_image_store(monkeypatch, capsys, s
     assert cli.cmd_status(argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert said in out, out
-    assert "accel:    tcg" in out, out
+    assert "accel:    tcg (TCG (a KVM guest did not start))" in out, out

@@ -68,7 +68,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  PFs:      {json.dumps(st['pfs'])}" + ("" if st["igb"] else "  (no igb: QEMU older than 8.0)"),
         f"  kept by:  {_kept_by(st)}",
         f"  memory:   {rss / 2**20:.0f} MiB RSS" if rss else "  memory:   ?",
-        f"  accel:    {st.get('accel') or '?'}",
+        f"  accel:    {st.get('accel') or '?'}" + (f" ({st['accel_why']})" if st.get("accel_why") else ""),
         "  images:   " + (f"the test image's read-only store {st['image_store']}, at {bootcfg.IMAGE_STORE_MOUNT}"
                            if st.get("image_store") else f"no read-only store: sessions import the test image "
                                                           f"({bootcfg.IMAGE_STORE_ENV})"),

@@ -295,6 +295,7 @@ class Runner:
             "cmdline": st.get("cmdline") if up else None,
             "boots": st.get("boots") if up else None,
             "accel": st.get("accel") if up else None,
+            "accel_why": st.get("accel_why") if up else None,
             "image_store": st.get("image_store") if up else None,
             "rebooting": bool(st.get("rebooting")) if up else False,
             "supervisor": self.supervisor_pid(),
