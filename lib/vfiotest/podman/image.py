@@ -218,8 +218,9 @@ def default_recipe() -> ImageRecipe:
     """Our image when none is named: the probe image, with DPDK's testpmd in it when the controller
     has it installed (`ImageRecipe(dpdk=True)`, as the NIC VF I/O test's `dpdk_image` asks). One
     image then serves every suite: each `podman import` into the emulated runner costs about a
-    minute under TCG, at every boot of the runner (its podman storage is a tmpfs), and a session
-    that imported the probe image and then the DPDK image paid twice (docs/measurements.md)."""
+    minute under TCG (its podman storage is a tmpfs: an import at every boot, unless the runner
+    boots with the image's read-only store, `ensure_store`), and a session that imported the probe
+    image and then the DPDK image paid twice (docs/measurements.md)."""
     return ImageRecipe(dpdk=os.path.exists(TESTPMD))
 
 
