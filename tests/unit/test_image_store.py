@@ -2,6 +2,7 @@
 the controller's real podman from a small rootfs tarball in a cache directory of the test's own."""
 
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -51,6 +52,11 @@ def test_the_store_holds_the_image_is_made_once_and_leaves_the_controllers_podma
     names = {line.split("/")[5] for line in top.splitlines() if line.count("/") >= 6}
     assert {"overlay", "overlay-images", "overlay-layers"} <= names and "libpod" not in names, names   # not podman's database
     assert ensure_store(recipe, cache_dir=str(tmp_path)) == (store, 0.0)
+    # a tarball made anew (`vfiotest image build --rebuild`) makes the store anew
+    tar = recipe.tarball(str(tmp_path))
+    os.utime(store, (tar.stat().st_mtime - 10, tar.stat().st_mtime - 10))     # the store older than the tarball
+    again, made_s = ensure_store(recipe, cache_dir=str(tmp_path))
+    assert again == store and made_s > 0 and store.stat().st_mtime >= tar.stat().st_mtime
     assert subprocess.run(["podman", "images", "-q"], capture_output=True, text=True).stdout == before
 
 

@@ -13,10 +13,11 @@ On the target it is loaded with `podman import`. The emulated runner sees the
 controller's root read-only at the same paths, so the tarball is imported in
 place; another target gets it over SFTP first. The emulated runner's podman storage is a tmpfs,
 so that import came at every boot (about 90 s under TCG): `ensure_store` imports the tarball once
-on the controller into a podman graph root of its own and makes it an ext4 disk image (2-3 s there),
-which the runner boots with, read-only, as an additional image store (runner/bootcfg.storage_conf),
-and the image is then there without an import. `VFIOTEST_RUNNER_IMAGE_STORE=0` boots without it (the reliability campaign's kill rows
-do, so that their image import phase is a real import).
+on the controller into a podman graph root of its own and makes it an ext4 disk image (2-5 s
+there), which the runner boots with, read-only, as an additional image store
+(runner/bootcfg.storage_conf), and the image is then there without an import.
+`VFIOTEST_RUNNER_IMAGE_STORE=0` boots without it (the reliability campaign's kill rows do, so
+that their image import phase is a real import).
 
 The DPDK variant (`ImageRecipe(dpdk=True)`, the NIC VF I/O test's) adds DPDK's testpmd from
 the controller's own Debian packages (dpdk-dev, installed by ci/setup): the binary, the
@@ -291,7 +292,8 @@ def ensure_store(recipe: ImageRecipe | None = None, cache_dir: str | None = None
     tar, _ = build_tarball(recipe, cache_dir, progress=progress)
     store = recipe.store(cache_dir)
     with filelock.FileLock(str(store) + ".lock", timeout=timeout):
-        if store.exists():
+        # made from this tarball, or a later one (`image build --rebuild` makes the tarball anew)
+        if store.exists() and store.stat().st_mtime >= tar.stat().st_mtime:
             return store, 0.0
         t0 = time.monotonic()
         tmp = store.with_name(f"{store.name}.tmp{os.getpid()}")
