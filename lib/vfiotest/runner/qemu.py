@@ -251,6 +251,18 @@ def words(paths: Sequence[str], n: int = 20) -> list[str]:
 IMAGE_DISK_SLOT = 0x7
 
 
+def _option_path(path: str) -> bool:
+    """Whether `path` can go into a QEMU option's value: absolute, and no comma (QEMU splits on it)."""
+    return path.startswith("/") and "," not in path
+
+
+def check_image_disk(path: str) -> None:
+    """ProvisionError when the image store's disk `path` cannot be given to QEMU."""
+    if not _option_path(path):
+        raise ProvisionError(f"the image store {path!r} cannot be given to QEMU (not absolute, or it has a comma)",
+                             hint="set VFIOTEST_CACHE_DIR to an absolute path without commas, or VFIOTEST_RUNNER_IMAGE_STORE=0")
+
+
 def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, console_log: str, pidfile: str,
             nvme_image: str, memory_mb: int = DEFAULT_MEMORY_MB, cpus: int = 2, igb: bool = True,
             name: str = "vfiotest-runner", etc_default: str | None = None, wire: bool = False,
@@ -261,10 +273,9 @@ def command(qemu: str, *, kernel: str, initrd: str, append: str, port: int, cons
     `log_file`: QEMU's log (-D), opened so that the daemon keeps its standard error (keep_stderr_args).
     `image_disk`: the test image's read-only store (podman.image.ensure_store), a read-only
     virtio disk at IMAGE_DISK_SLOT (the runner's /dev/vda)."""
-    if image_disk and ("," in image_disk or not image_disk.startswith("/")):
-        raise ProvisionError(f"the image store {image_disk!r} cannot be given to QEMU (not absolute, or it has a comma)",
-                             hint="set VFIOTEST_CACHE_DIR to an absolute path without commas, or VFIOTEST_RUNNER_IMAGE_STORE=0")
-    if etc_default and ("," in etc_default or not etc_default.startswith("/")):
+    if image_disk:
+        check_image_disk(image_disk)
+    if etc_default and not _option_path(etc_default):
         raise ProvisionError(f"the runner's state directory {etc_default!r} cannot be shared over 9p "
                              "(not absolute, or it has a comma, which QEMU's option syntax splits on)",
                              hint="set VFIOTEST_STATE_DIR to an absolute path without commas")

@@ -625,9 +625,8 @@ class Runner:
             path, made_s = ensure_store(recipe, progress=say)
             existing = next((open(p).read() for p in bootcfg.STORAGE_CONF_PATHS if os.path.exists(p)), None)
             text = bootcfg.storage_conf(bootcfg.IMAGE_STORE_MOUNT, existing)
-            qemu.command("qemu", kernel="k", initrd="i", append="", port=0, console_log="c", pidfile="p",
-                         nvme_image="n", image_disk=str(path))     # a path QEMU can take
-        except (ProvisionError, ValueError, OSError) as e:
+            qemu.check_image_disk(str(path))
+        except (ProvisionError, ValueError, OSError) as e:    # ValueError: a storage.conf tomlkit cannot read
             say(f"runner: booting without the read-only image store ({e}); each session imports the test image")
             return None
         with open(self.storage_conf, "w") as f:
