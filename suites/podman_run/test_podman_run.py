@@ -11,7 +11,7 @@ import contextlib
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import pytest
@@ -36,30 +36,63 @@ def _report(res):
 
 
 NODES_END = "--- end of /dev/vfio ---"
+STRESS_BEGIN = "--- the DMA stress ---"
+STRESS_EXIT = "--- the DMA stress exited: "
+
+#: the DMA stress a DPDK or SPDK process puts on VFIO: 256 MiB mapped one 4 KiB page per
+#: VFIO_IOMMU_MAP_DMA (65,535 maps, the type1 driver's default dma_entry_limit), then unmapped
+DMA_STRESS_BYTES = 256 << 20
+DMA_STRESS_ROUNDS = 1
+STRESS_TEST = "test_dma_stress_256mib_in_4k_pages_at_the_default_guest_memory"
+
+
+def _selected(request, name):
+    """Whether the test `name` of this module runs in this session (not deselected by -k or -m)."""
+    return any(item.name == name and item.module is request.module for item in request.session.items)
 
 
 @dataclass
 class VfRun:
     vf: Any                      # the VfioGroup (vfiotest.vfio), re-read after it was put back
-    res: Any                     # the container's RunResult
+    res: Any                     # the container's RunResult, its output up to the DMA stress
     during: Any                  # the target's inventory while the group was bound, before the container
     leftovers: Any               # podman_client.leftovers() after the container was removed
     restore_error: Optional[BaseException] = None   # putting the group back failed
+    stress: Any = None           # the DMA stress's own RunResult view (its output and exit), if it ran
+
+
+def _split_stress(res):
+    """(the run up to the DMA stress, the DMA stress's own view of it): one container ran both,
+    each view keeps its own output and exit status (the container's is the first probe's)."""
+    if STRESS_BEGIN not in res.stdout:
+        return res, None
+    head, tail = res.stdout.split(STRESS_BEGIN, 1)
+    out, sep, rest = tail.partition(STRESS_EXIT)
+    rc = int(rest.split()[0]) if sep and rest.split() and rest.split()[0].isdigit() else None
+    return replace(res, stdout=head), replace(res, stdout=out, exit_code=rc)
 
 
 @pytest.fixture(scope="module")
 def vf_run(request, target_host, vf_leaser, container_factory, podman_client):
-    """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe;
-    then the container is removed and the VF's group put back on its driver. The tests below read
-    this one run instead of booting a Kata VM each (about 30-40 s apiece); each still checks its
-    own thing, the last one the host's driver state after the teardown."""
+    """One container with a VF (the seed's recipe on Kata) that lists /dev/vfio, then runs the probe
+    (and, when the DMA stress test is selected, the probe's DMA stress after it, in the same
+    container); then the container is removed and the VF's group put back on its driver. The tests
+    below read this one run instead of booting a Kata VM each (about 30-40 s apiece); each still
+    checks its own thing, the last one the host's driver state after the teardown."""
     factory = container_factory(kata=True)
+    stress = _selected(request, STRESS_TEST)
     with contextlib.ExitStack() as stack:
         vf = stack.enter_context(vf_leaser.vfio(request.node.nodeid))
         during = read_inventory(target_host)
         script = (f"for f in /dev/vfio/*; do stat -c '%F %n' \"$f\"; done; echo {shlex.quote(NODES_END)}; "
-                  f"exec {shlex.join(factory.probe_command())}")
-        res = factory.run(["sh", "-c", script], vfio=vf, ipc_lock=True)
+                  f"{shlex.join(factory.probe_command())}; rc=$?; ")
+        if stress:
+            # the stress's own exit status is printed: an OOM kill (137) is its verdict, not the probe's
+            script += (f"echo {shlex.quote(STRESS_BEGIN)}; "
+                       f"{shlex.join(factory.probe_command('--dma-stress', DMA_STRESS_BYTES, '--dma-rounds', DMA_STRESS_ROUNDS))}; "
+                       f"echo {shlex.quote(STRESS_EXIT)}$?; ")
+        script += "exit $rc"
+        res = factory.run(["sh", "-c", script], vfio=vf, ipc_lock=True, timeout=780 if stress else 180)
         podman_client.cleanup()
         put_back = stack.pop_all()     # closed below, outside: its failure is one test's verdict
     restore_error = None
@@ -67,7 +100,8 @@ def vf_run(request, target_host, vf_leaser, container_factory, podman_client):
         put_back.close()
     except Exception as e:  # noqa: BLE001 -- test_host_driver_state_after_teardown_equals_start raises it
         restore_error = e
-    yield VfRun(vf, res, during, podman_client.leftovers(), restore_error)
+    res, stress_res = _split_stress(res)
+    yield VfRun(vf, res, during, podman_client.leftovers(), restore_error, stress_res)
 
 
 def test_container_runs_on_the_kata_vfio_runtime(vf_run):
@@ -113,16 +147,12 @@ def test_dma_map_fails_without_cap_ipc_lock_and_small_memlock(container, vfio_gr
     assert rep["steps"][-1] == "iommu-info"
 
 
-#: the DMA stress a DPDK or SPDK process puts on VFIO: 256 MiB mapped one 4 KiB page per
-#: VFIO_IOMMU_MAP_DMA (65,535 maps, the type1 driver's default dma_entry_limit), then unmapped
-DMA_STRESS_BYTES = 256 << 20
-DMA_STRESS_ROUNDS = 1
-
-
-def test_dma_stress_256mib_in_4k_pages_at_the_default_guest_memory(container, vfio_group):
+def test_dma_stress_256mib_in_4k_pages_at_the_default_guest_memory(vf_run):
     """A container made as the suites make them (Kata's default guest memory, no --memory) maps
-    256 MiB page by page through VFIO and unmaps it; the guest must hold it (it pins it all)."""
-    res = container.probe(vfio_group, "--dma-stress", DMA_STRESS_BYTES, "--dma-rounds", DMA_STRESS_ROUNDS, timeout=600)
+    256 MiB page by page through VFIO and unmaps it; the guest must hold it (it pins it all).
+    It runs in vf_run's container, after the probe there (one Kata VM fewer)."""
+    res = vf_run.stress
+    assert res is not None, f"the DMA stress did not run in the module's container:\n{vf_run.res}"
     rep = _report(res)
     attach_json("DMA stress inside the container", rep.get("dma_stress") or rep)
     assert res.exit_code == 0 and rep.get("ok"), (
@@ -160,50 +190,126 @@ def _wait_for_log(ctr, text, timeout=180.0):
     return False
 
 
-def test_second_container_cannot_take_a_held_group(container, vfio_group, podman_client, target_host):
-    holder = container.start(container.probe_command("--hold", 600), vfio=vfio_group, ipc_lock=True)
-    assert _wait_for_log(holder, '"ok": true'), f"the first container did not get the group: {_logs(holder)}"
-    res = container.probe(vfio_group)
-    assert res.exit_code != 0, f"a second container used group {vfio_group.group} while another held it:\n{res}"
+HELD_TEST = "test_second_container_cannot_take_a_held_group"
+CRASH_TEST = "test_crashing_container_leaves_no_lease_and_no_container"
+
+
+@dataclass
+class Scenario:
+    """What one run of a shared scenario saw, step by step. A step that raised stops it: a test
+    that needs a fact recorded after that step fails with the step's error (never skips)."""
+    facts: dict = field(default_factory=dict)
+    failed: Optional[tuple] = None          # (the step, its exception)
+
+    def need(self, key):
+        if key in self.facts:
+            return self.facts[key]
+        if self.failed is not None:
+            where, e = self.failed
+            raise AssertionError(f"the module's held-then-crashed container stopped at {where}, "
+                                 f"before {key}: {type(e).__name__}: {e}") from e
+        raise AssertionError(f"the module's held-then-crashed container never got to {key}: {self.facts}")
+
+
+@pytest.fixture(scope="module")
+def held_then_crashed(request, target_host, vf_leaser, lease_pool, container_factory, podman_client):
+    """One holder for the two tests below, three Kata VMs in all instead of five: a container
+    holds the VF's group (the probe with --hold, a child of sh); a second container asks for the
+    group (when the held-group test runs); then the holder's probe is killed by SIGSEGV; once it
+    is gone a third container probes the group; the lease is released and the group put back."""
+    sc = Scenario()
+    sc.facts["owner"] = owner = f"{request.node.nodeid}::held_then_crashed"
+    try:
+        _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, container_factory(),
+                           podman_client, owner)
+    except Exception as e:  # noqa: BLE001 -- each test that needs what came after fails with it
+        sc.failed = (sc.facts.get("step", "leasing and binding a VF"), e)
+    yield sc
+
+
+def _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, factory, podman_client, owner):
+    def step(name):
+        sc.facts["step"] = name
+
+    # leased and bound here (not by the vfio_group fixture), so the crash test checks what is
+    # left once everything is given back: vf.before and vf.after are the group's inventory
+    with vf_leaser.vfio(owner) as vf:
+        sc.facts["vf"] = vf
+        try:
+            step("starting the holder")
+            # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
+            holder = factory.start(["sh", "-c", shlex.join(factory.probe_command("--hold", 600))
+                                    + " & echo $! > /tmp/probe.pid; wait $!"], vfio=vf, ipc_lock=True)
+            sc.facts["holder_has_group"] = _wait_for_log(holder, '"ok": true')
+            sc.facts["holder_logs"] = _logs(holder)
+            if not sc.facts["holder_has_group"]:
+                return
+            if _selected(request, HELD_TEST):
+                step("the second container")
+                second = factory.probe(vf)
+                sc.facts["second"] = second
+                sc.facts["second_kata_left"] = kata_leftovers(target_host, second.id) if second.exit_code is None else None
+                holder.reload()
+                sc.facts["holder_status_after_second"] = holder.status
+            step("crashing the holder")
+            podman_client.exec(holder, ["sh", "-c", "kill -SEGV $(cat /tmp/probe.pid)"])
+            rc = holder.wait(condition=["exited", "stopped"], timeout=120)
+            sc.facts["crash_exit"] = rc.get("StatusCode") if isinstance(rc, dict) else rc
+            podman_client.cleanup()
+            sc.facts["left_after_crash"] = [c.name for c in podman_client.leftovers()]
+            # no Kata VM (QEMU), no sandbox state left in the runner
+            sc.facts["kata_left_after_crash"] = kata_leftovers(target_host, holder.id)
+            step("the container after the crash")
+            # the crashed process holds nothing: the group opens again at once
+            sc.facts["again"] = factory.probe(vf)
+            sc.facts["group"] = vf.group
+        finally:
+            podman_client.cleanup()
+        step("releasing the lease and putting the group back")
+    # (another test, of this session or another, may have leased the group since: that is its own)
+    sc.facts["lease_after"] = lease_pool.held().get(vf.group) or {}
+    sc.facts["changes"] = vf.changes()
+
+
+def test_second_container_cannot_take_a_held_group(held_then_crashed, target_host):
+    """A holder keeps the group; a second container fails to start with the reason and leaves no
+    Kata state; the holder keeps running; once the holder is gone (the module's crash) the group
+    works again."""
+    sc = held_then_crashed
+    assert sc.need("holder_has_group"), f"the first container did not get the group: {sc.facts['holder_logs']}"
+    vf, res = sc.need("vf"), sc.need("second")
+    attach_text("the holder's output", sc.facts["holder_logs"])
+    attach_text("the second container (same group)", str(res))
+    assert res.exit_code != 0, f"a second container used group {vf.group} while another held it:\n{res}"
     # the second VM cannot take the group its sibling's QEMU holds; the start fails, with the reason
     assert res.exit_code is None, f"the second Kata container started:\n{res}"
     assert "vfio" in res.stderr.lower() and res.stderr.strip(), res.stderr
-    assert kata_leftovers(target_host, res.id) == [], "the failed start left Kata state behind"
-    holder.reload()
-    assert holder.status == "running", "the first container was disturbed by the second"
+    assert sc.need("second_kata_left") == [], "the failed start left Kata state behind"
+    assert sc.need("holder_status_after_second") == "running", "the first container was disturbed by the second"
     # once the holder is gone, the group is usable again
-    podman_client.remove(holder.id)
-    again = container.probe(vfio_group)
-    assert again.exit_code == 0, f"group {vfio_group.group} still busy after its holder was removed:\n{again}"
+    again = sc.need("again")
+    attach_text("the container after the holder was gone", str(again))
+    assert again.exit_code == 0, f"group {vf.group} still busy after its holder was gone:\n{again}"
 
 
-def test_crashing_container_leaves_no_lease_and_no_container(request, target_host, vf_leaser, lease_pool,
-                                                            podman_client, container):
-    # leased and bound here (not by the vfio_group fixture), so the test itself checks what is
-    # left once everything is given back: vf.before and vf.after are the group's inventory
-    with vf_leaser.vfio(request.node.nodeid) as vf:
-        # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
-        ctr = container.start(["sh", "-c", shlex.join(container.probe_command("--hold", 600)) + " & echo $! > /tmp/probe.pid; wait $!"],
-                              vfio=vf, ipc_lock=True)
-        assert _wait_for_log(ctr, '"ok": true'), f"the container did not get the group: {_logs(ctr)}"
-        podman_client.exec(ctr, ["sh", "-c", "kill -SEGV $(cat /tmp/probe.pid)"])
-        rc = ctr.wait(condition=["exited", "stopped"], timeout=120)
-        rc = rc.get("StatusCode") if isinstance(rc, dict) else rc
-        assert rc == 128 + 11, f"the container did not crash with SIGSEGV (exit {rc})"
-        podman_client.cleanup()
-        left = [c.name for c in podman_client.leftovers()]
-        assert not left, f"containers left after a crash: {left}"
-        # no Kata VM (QEMU), no sandbox state left in the runner
-        assert kata_leftovers(target_host, ctr.id) == [], "Kata left state behind after the crash"
-        # the crashed process holds nothing: the group opens again at once
-        again = container.probe(vf)
-        assert again.exit_code == 0, f"group {vf.group} unusable after the crash:\n{again}"
-        group = vf.group
-    # (another test, of this session or another, may have leased the group since: that is its own)
-    left = lease_pool.held().get(group) or {}
-    assert (left.get("pid"), left.get("test")) != (os.getpid(), request.node.nodeid), \
-        f"this test's lease on group {group} was left behind: {left}"
-    assert vf.changes() == [], "the VF's group is not as it was before the container"
+def test_crashing_container_leaves_no_lease_and_no_container(held_then_crashed):
+    sc = held_then_crashed
+    assert sc.need("holder_has_group"), f"the container did not get the group: {sc.facts['holder_logs']}"
+    rc = sc.need("crash_exit")
+    attach_json("after the holder's probe was killed by SIGSEGV", {
+        k: sc.facts.get(k) for k in ("crash_exit", "left_after_crash", "kata_left_after_crash", "lease_after", "owner")})
+    assert rc == 128 + 11, f"the container did not crash with SIGSEGV (exit {rc})"
+    left = sc.need("left_after_crash")
+    assert not left, f"containers left after a crash: {left}"
+    assert sc.need("kata_left_after_crash") == [], "Kata left state behind after the crash"
+    again, group = sc.need("again"), sc.need("group")
+    attach_text("the container after the crash", str(again))
+    assert again.exit_code == 0, f"group {group} unusable after the crash:\n{again}"
+    held = sc.need("lease_after")
+    assert (held.get("pid"), held.get("test")) != (os.getpid(), sc.facts["owner"]), \
+        f"the lease on group {group} was left behind: {held}"
+    attach_vfio_group(sc.need("vf"))
+    assert sc.need("changes") == [], "the VF's group is not as it was before the container"
 
 
 def test_host_driver_state_after_teardown_equals_start(vf_run):
