@@ -67,8 +67,9 @@ def _split_stress(res):
     if STRESS_BEGIN not in res.stdout:
         return res, None
     head, tail = res.stdout.split(STRESS_BEGIN, 1)
-    out, sep, rest = tail.partition(STRESS_EXIT)
-    rc = int(rest.split()[0]) if sep and rest.split() and rest.split()[0].isdigit() else None
+    out, _, rest = tail.partition(STRESS_EXIT)
+    word = (rest.split() or [""])[0]
+    rc = int(word) if word.isdigit() else None
     return replace(res, stdout=head), replace(res, stdout=out, exit_code=rc)
 
 
@@ -191,7 +192,6 @@ def _wait_for_log(ctr, text, timeout=180.0):
 
 
 HELD_TEST = "test_second_container_cannot_take_a_held_group"
-CRASH_TEST = "test_crashing_container_leaves_no_lease_and_no_container"
 
 
 @dataclass
@@ -199,6 +199,7 @@ class Scenario:
     """What one run of a shared scenario saw, step by step. A step that raised stops it: a test
     that needs a fact recorded after that step fails with the step's error (never skips)."""
     facts: dict = field(default_factory=dict)
+    step: str = "leasing and binding a VF"  # the step under way
     failed: Optional[tuple] = None          # (the step, its exception)
 
     def need(self, key):
@@ -223,20 +224,17 @@ def held_then_crashed(request, target_host, vf_leaser, lease_pool, container_fac
         _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, container_factory(),
                            podman_client, owner)
     except Exception as e:  # noqa: BLE001 -- each test that needs what came after fails with it
-        sc.failed = (sc.facts.get("step", "leasing and binding a VF"), e)
+        sc.failed = (sc.step, e)
     yield sc
 
 
 def _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, factory, podman_client, owner):
-    def step(name):
-        sc.facts["step"] = name
-
     # leased and bound here (not by the vfio_group fixture), so the crash test checks what is
     # left once everything is given back: vf.before and vf.after are the group's inventory
     with vf_leaser.vfio(owner) as vf:
         sc.facts["vf"] = vf
         try:
-            step("starting the holder")
+            sc.step = "starting the holder"
             # the probe runs as a child of sh: PID 1 of a container ignores signals it has no handler for
             holder = factory.start(["sh", "-c", shlex.join(factory.probe_command("--hold", 600))
                                     + " & echo $! > /tmp/probe.pid; wait $!"], vfio=vf, ipc_lock=True)
@@ -245,13 +243,13 @@ def _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, factory,
             if not sc.facts["holder_has_group"]:
                 return
             if _selected(request, HELD_TEST):
-                step("the second container")
+                sc.step = "the second container"
                 second = factory.probe(vf)
                 sc.facts["second"] = second
                 sc.facts["second_kata_left"] = kata_leftovers(target_host, second.id) if second.exit_code is None else None
                 holder.reload()
                 sc.facts["holder_status_after_second"] = holder.status
-            step("crashing the holder")
+            sc.step = "crashing the holder"
             podman_client.exec(holder, ["sh", "-c", "kill -SEGV $(cat /tmp/probe.pid)"])
             rc = holder.wait(condition=["exited", "stopped"], timeout=120)
             sc.facts["crash_exit"] = rc.get("StatusCode") if isinstance(rc, dict) else rc
@@ -259,13 +257,13 @@ def _held_then_crashed(sc, request, target_host, vf_leaser, lease_pool, factory,
             sc.facts["left_after_crash"] = [c.name for c in podman_client.leftovers()]
             # no Kata VM (QEMU), no sandbox state left in the runner
             sc.facts["kata_left_after_crash"] = kata_leftovers(target_host, holder.id)
-            step("the container after the crash")
+            sc.step = "the container after the crash"
             # the crashed process holds nothing: the group opens again at once
             sc.facts["again"] = factory.probe(vf)
             sc.facts["group"] = vf.group
         finally:
             podman_client.cleanup()
-        step("releasing the lease and putting the group back")
+        sc.step = "releasing the lease and putting the group back"
     # (another test, of this session or another, may have leased the group since: that is its own)
     sc.facts["lease_after"] = lease_pool.held().get(vf.group) or {}
     sc.facts["changes"] = vf.changes()
